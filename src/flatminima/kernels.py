@@ -1,0 +1,169 @@
+"""List-of-tensors arithmetic used by every method.
+
+Each primitive has two paths that compute the same thing:
+
+* a plain per-tensor loop, the readable oracle, and
+* a ``torch._foreach_*`` path, the fast default, which launches one kernel per list instead of
+  one per tensor.
+
+Norms are accumulated in float32 at least (float64 for float64 tensors), per (device, dtype)
+group, so that half-precision gradients neither overflow nor lose the small entries.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+TensorList = Sequence[Tensor]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a norm of ``dtype`` tensors is accumulated in: float32 or better."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def group_by_device_and_dtype(tensors: TensorList) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), in their original order."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for index, tensor in enumerate(tensors):
+        groups[(tensor.device, tensor.dtype)].append(index)
+    return dict(groups)
+
+
+def squared_norm(tensors: TensorList, *, foreach: bool) -> Tensor:
+    """Σ‖t‖² over all tensors, as a 0-d float64 tensor on the first tensor's device.
+
+    Summing in float64 costs nothing here (one scalar per group) and makes the result exact
+    enough for float64 parameters.
+    """
+    if len(tensors) == 0:
+        return torch.zeros((), dtype=torch.float64)
+    result_device = tensors[0].device
+    total = torch.zeros((), dtype=torch.float64, device=result_device)
+    for (_, dtype), indices in group_by_device_and_dtype(tensors).items():
+        members = [tensors[i] for i in indices]
+        acc = accumulation_dtype(dtype)
+        if foreach:
+            norms = torch._foreach_norm(members, 2, dtype=acc)
+        else:
+            norms = [torch.linalg.vector_norm(t, 2, dtype=acc) for t in members]
+        group_norm = torch.linalg.vector_norm(torch.stack(norms), 2)
+        total = total + group_norm.to(device=result_device, dtype=torch.float64).square()
+    return total
+
+
+def global_norm(tensors: TensorList, *, foreach: bool) -> float:
+    """The Euclidean norm of all tensors seen as one vector, as a Python float.
+
+    Returning a float makes the caller's zero / non-finite guard a plain ``if`` and costs one
+    device synchronisation per call, which is negligible next to a forward/backward pass.
+    """
+    return float(squared_norm(tensors, foreach=foreach).sqrt())
+
+
+def scale_(tensors: TensorList, factor: float, *, foreach: bool) -> None:
+    """t ← factor · t for every tensor."""
+    if not tensors:
+        return
+    if foreach:
+        torch._foreach_mul_(list(tensors), factor)
+    else:
+        for t in tensors:
+            t.mul_(factor)
+
+
+def add_(targets: TensorList, sources: TensorList, *, alpha: float = 1.0, foreach: bool) -> None:
+    """target ← target + alpha · source, pairwise."""
+    if not targets:
+        return
+    if foreach:
+        torch._foreach_add_(list(targets), list(sources), alpha=alpha)
+    else:
+        for t, s in zip(targets, sources, strict=True):
+            t.add_(s, alpha=alpha)
+
+
+def add_scalar_(tensors: TensorList, value: float, *, foreach: bool) -> None:
+    """t ← t + value for every tensor."""
+    if not tensors:
+        return
+    if foreach:
+        torch._foreach_add_(list(tensors), value)
+    else:
+        for t in tensors:
+            t.add_(value)
+
+
+def mul_(targets: TensorList, factors: TensorList, *, foreach: bool) -> None:
+    """target ← target ⊙ factor, pairwise."""
+    if not targets:
+        return
+    if foreach:
+        torch._foreach_mul_(list(targets), list(factors))
+    else:
+        for t, f in zip(targets, factors, strict=True):
+            t.mul_(f)
+
+
+def div_(targets: TensorList, divisors: TensorList, *, foreach: bool) -> None:
+    """target ← target ⊘ divisor, pairwise."""
+    if not targets:
+        return
+    if foreach:
+        torch._foreach_div_(list(targets), list(divisors))
+    else:
+        for t, d in zip(targets, divisors, strict=True):
+            t.div_(d)
+
+
+def copy_(targets: TensorList, sources: TensorList, *, foreach: bool) -> None:
+    """target ← source, pairwise, bit for bit."""
+    if not targets:
+        return
+    if foreach:
+        torch._foreach_copy_(list(targets), list(sources))
+    else:
+        for t, s in zip(targets, sources, strict=True):
+            t.copy_(s)
+
+
+def abs_(tensors: TensorList, *, foreach: bool) -> None:
+    """t ← |t| for every tensor."""
+    if not tensors:
+        return
+    if foreach:
+        torch._foreach_abs_(list(tensors))
+    else:
+        for t in tensors:
+            t.abs_()
+
+
+def sqrt_(tensors: TensorList, *, foreach: bool) -> None:
+    """t ← √t for every tensor."""
+    if not tensors:
+        return
+    if foreach:
+        torch._foreach_sqrt_(list(tensors))
+    else:
+        for t in tensors:
+            t.sqrt_()
+
+
+def zero_(tensors: TensorList, *, foreach: bool) -> None:
+    """t ← 0 for every tensor (also clears inf and NaN, which multiplying by 0 would not)."""
+    if not tensors:
+        return
+    if foreach:
+        torch._foreach_zero_(list(tensors))
+    else:
+        for t in tensors:
+            t.zero_()
+
+
+def empty_like(tensors: TensorList) -> list[Tensor]:
+    """Uninitialised buffers shaped like ``tensors`` (one extra parameter copy of memory)."""
+    return [torch.empty_like(t, memory_format=torch.preserve_format) for t in tensors]

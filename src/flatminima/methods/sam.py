@@ -1,0 +1,75 @@
+"""SAM: Sharpness-Aware Minimization (Foret, Kleiner, Mobahi, Neyshabur; ICLR 2021)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from flatminima import validation
+from flatminima.directions import GradientDirection
+from flatminima.engine import SharpnessAwareOptimizer
+from flatminima.neighborhoods import EuclideanBall
+
+
+class SAM(SharpnessAwareOptimizer):
+    """Sharpness-Aware Minimization: descend with the gradient at w + ρ·g/‖g‖.
+
+    Minimises max_{‖ε‖₂ ≤ ρ} L(w + ε) (paper eq. 1) with the first-order maximiser
+    ε̂ = ρ·g/‖g‖ (eq. 2, p = 2) and the gradient approximation ∇L(w)|_{w+ε̂} (eq. 3).
+    ‖g‖ is global over all parameter groups; ξ = 1e-12 is added to it as in the PyTorch codes,
+    and a zero or non-finite ‖g‖ gives ε = 0. Two forward/backward passes per step, one extra
+    parameter copy (the weights' backup, freed after the step).
+
+    ======  ==========  =============================================================
+    paper   argument    meaning
+    ======  ==========  =============================================================
+    ρ       ``rho``     radius of the Euclidean ball; default 0.05, the CIFAR-10 value
+                        of google-research/sam's README (0.1 for CIFAR-100)
+    ======  ==========  =============================================================
+
+    Args:
+        base_optimizer: the optimizer *instance* that takes the descent step (SGD, AdamW...).
+        rho: radius ρ ≥ 0 (per group via ``{"params": ..., "rho": ...}``).
+        model: the model; when given, BatchNorm running statistics are left untouched by the
+            perturbed pass and, under DistributedDataParallel, the first pass runs in
+            ``no_sync()`` so each process perturbs with its own gradient.
+        foreach: use ``torch._foreach_*`` kernels (default) or a per-tensor loop.
+
+    Example:
+        >>> import torch, flatminima
+        >>> model = torch.nn.Linear(3, 1)
+        >>> base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> optimizer = flatminima.SAM(base, rho=0.05, model=model)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> def closure():
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> loss = optimizer.step(closure)
+    """
+
+    hyperparameter_defaults: ClassVar[dict[str, Any]] = {"rho": 0.05}
+
+    def __init__(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        *,
+        rho: float = 0.05,
+        model: nn.Module | None = None,
+        foreach: bool | None = None,
+    ) -> None:
+        super().__init__(
+            base_optimizer,
+            hyperparameters={"rho": rho},
+            direction=GradientDirection(),
+            neighborhood=EuclideanBall(),
+            model=model,
+            foreach=foreach,
+        )
+
+    @classmethod
+    def _check_hyperparameters(cls, values: Mapping[str, Any]) -> None:
+        validation.non_negative("rho", values["rho"])

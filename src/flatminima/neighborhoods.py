@@ -1,0 +1,137 @@
+"""Neighbourhoods: which ε of "size ρ" in a given metric maximises the first-order loss.
+
+Each neighbourhood overwrites the ascent direction d (held in the gradients) with ε, in place.
+All of them share two guards: a zero or non-finite normaliser gives ε = 0, so the step
+degenerates to the base optimizer instead of writing NaN into the weights (PITFALLS P7), and
+the normaliser is taken *before* any in-place change of the direction (P16).
+
+The maximiser of dᵀε over {ε : εᵀMε ≤ ρ²} is ε = ρ·M⁻¹d / √(dᵀM⁻¹d); every class below is this
+formula for one metric M, computed without forming M.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+from flatminima import kernels
+from flatminima.groups import GroupView, all_grads
+
+GRADIENT_NORM_EPSILON = 1e-12
+"""ξ added to the normaliser, as in the authors' PyTorch codes (davda54/sam, F-SAM, TSAM)."""
+
+ASAM_NORM_EPSILON = 1e-16
+"""ξ of SamsungLabs/ASAM (``asam.py``)."""
+
+
+class Neighborhood(Protocol):
+    """Turns the ascent direction (held in ``view.grads``) into the perturbation ε, in place."""
+
+    def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None: ...
+
+
+def _usable(normaliser: float) -> bool:
+    return math.isfinite(normaliser) and normaliser > 0.0
+
+
+def _zero_all(views: list[GroupView], *, foreach: bool) -> None:
+    kernels.zero_(all_grads(views), foreach=foreach)
+
+
+class EuclideanBall:
+    """ε = ρ·d / (‖d‖ + ξ): SAM's ball, M = I (Foret et al. 2021, eq. 2).
+
+    ‖d‖ is global over every parameter with a gradient in every group; ``rho`` is read per
+    group, so a group with its own ρ gets that multiple of the shared unit direction.
+    """
+
+    def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
+        norm = kernels.global_norm(all_grads(views), foreach=foreach)
+        if not _usable(norm):
+            _zero_all(views, foreach=foreach)
+            return
+        for view in views:
+            scale = float(view.hyperparameters["rho"]) / (norm + GRADIENT_NORM_EPSILON)
+            kernels.scale_(view.grads, scale, foreach=foreach)
+
+
+class MongeBall:
+    """ε = ρ·d / (‖d‖·√(1 + ‖d‖²)): the ball of the Monge metric M = I + ddᵀ.
+
+    Jacobsen & Arvanitidis (2025): embedding the loss surface as the graph θ ↦ (θ, ℓ(θ)) pulls
+    the Euclidean metric back to G = I + ggᵀ. By Sherman–Morrison G⁻¹g = g/(1 + ‖g‖²), so the
+    maximiser has SAM's direction and the adaptive radius ρ/√(1 + ‖g‖²): SAM where the gradient
+    is small, plain gradient descent where it is large. ξ is added to ‖d‖ as for SAM.
+    """
+
+    def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
+        norm = kernels.global_norm(all_grads(views), foreach=foreach)
+        if not _usable(norm):
+            _zero_all(views, foreach=foreach)
+            return
+        shrink = math.sqrt(1.0 + norm * norm)
+        for view in views:
+            scale = float(view.hyperparameters["rho"]) / ((norm + GRADIENT_NORM_EPSILON) * shrink)
+            kernels.scale_(view.grads, scale, foreach=foreach)
+
+
+class AdaptiveEllipsoid:
+    """ε = ρ·T²d / (‖T d‖ + ξ) with T = |w| + η (ASAM, Kwon et al. 2021, eq. 11).
+
+    The ball ‖T⁻¹ε‖ ≤ ρ, i.e. M = T⁻². T is applied to every parameter, biases included
+    (η = 0 is exactly the popular port's ``adaptive=True``; η > 0 lets zero weights move).
+    ``rho`` and ``eta`` are read per group. T is built in the scratch buffer, which the engine
+    then reuses for the weights' backup.
+    """
+
+    def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
+        scales = []
+        for view in views:
+            scale = view.scratch_or_new()
+            kernels.copy_(scale, view.params, foreach=foreach)
+            kernels.abs_(scale, foreach=foreach)
+            kernels.add_scalar_(scale, float(view.hyperparameters["eta"]), foreach=foreach)
+            kernels.mul_(view.grads, scale, foreach=foreach)  # T d
+            scales.append(scale)
+        norm = kernels.global_norm(all_grads(views), foreach=foreach)
+        if not _usable(norm):
+            _zero_all(views, foreach=foreach)
+            return
+        for view, scale in zip(views, scales, strict=True):
+            kernels.mul_(view.grads, scale, foreach=foreach)  # T² d
+            kernels.scale_(
+                view.grads, float(view.hyperparameters["rho"]) / (norm + ASAM_NORM_EPSILON),
+                foreach=foreach,
+            )
+
+
+class FisherEllipsoid:
+    """ε = ρ·F⁻¹d / (√(dᵀF⁻¹d) + ξ) with the diagonal Fisher F = 1 + η·g⊙g (Kim et al. 2022).
+
+    The radius the paper calls γ is ``rho``; ``eta`` scales the empirical Fisher of the current
+    minibatch gradient. Computed as u = d/√f, D = ‖u‖, ε = ρ·(u/√f)/D, which needs only √f
+    (built in the scratch buffer). Not invariant to the loss scale: unscale AMP gradients
+    before the first step.
+    """
+
+    def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
+        roots = []
+        for view in views:
+            root = view.scratch_or_new()
+            kernels.copy_(root, view.grads, foreach=foreach)
+            kernels.mul_(root, view.grads, foreach=foreach)  # g²
+            kernels.scale_(root, float(view.hyperparameters["eta"]), foreach=foreach)
+            kernels.add_scalar_(root, 1.0, foreach=foreach)  # f = 1 + η g²
+            kernels.sqrt_(root, foreach=foreach)
+            kernels.div_(view.grads, root, foreach=foreach)  # g/√f
+            roots.append(root)
+        norm = kernels.global_norm(all_grads(views), foreach=foreach)  # √(gᵀF⁻¹g)
+        if not _usable(norm):
+            _zero_all(views, foreach=foreach)
+            return
+        for view, root in zip(views, roots, strict=True):
+            kernels.div_(view.grads, root, foreach=foreach)  # u = g/f
+            kernels.scale_(
+                view.grads, float(view.hyperparameters["rho"]) / (norm + GRADIENT_NORM_EPSILON),
+                foreach=foreach,
+            )

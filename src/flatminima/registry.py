@@ -1,0 +1,96 @@
+"""One table of every method the command line and the runner can build, by name.
+
+The runner, the report and the benchmarks never branch on a method's name: what they need to
+know (its hyperparameters and their defaults, how many forward/backward passes a step costs,
+how to build it around a base optimizer) lives in its :class:`MethodSpec`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flatminima import methods
+
+Hyperparameters = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How to build one method and what it costs."""
+
+    name: str
+    summary: str
+    hyperparameters: Mapping[str, Any] = field(default_factory=dict)
+    """Accepted hyperparameters and their defaults (the authors' published defaults)."""
+    build_fn: Callable[..., torch.optim.Optimizer] | None = None
+    passes_fn: Callable[[Hyperparameters], int] | None = None
+
+    def resolved(self, overrides: Hyperparameters | None = None) -> dict[str, Any]:
+        """Defaults updated with ``overrides``; an unknown name raises ``ValueError``."""
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(self.hyperparameters))
+        if unknown:
+            accepted = ", ".join(sorted(self.hyperparameters)) or "none"
+            raise ValueError(
+                f"method {self.name!r} does not take hyperparameter(s) {', '.join(unknown)}; "
+                f"accepted: {accepted}"
+            )
+        return {**self.hyperparameters, **overrides}
+
+    def passes_per_step(self, overrides: Hyperparameters | None = None) -> int:
+        """Forward/backward passes one optimizer step costs with these hyperparameters."""
+        if self.passes_fn is None:
+            return 1
+        return self.passes_fn(self.resolved(overrides))
+
+    def build(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        model: torch.nn.Module | None = None,
+        **overrides: Any,
+    ) -> torch.optim.Optimizer:
+        """The method wrapped around ``base_optimizer`` (the base optimizer itself for ``sgd``)."""
+        hyperparameters = self.resolved(overrides)
+        if self.build_fn is None:
+            return base_optimizer
+        return self.build_fn(base_optimizer, model=model, **hyperparameters)
+
+
+def _spec_for(name: str, cls: type) -> MethodSpec:
+    return MethodSpec(
+        name=name,
+        summary=(cls.__doc__ or "").strip().splitlines()[0],
+        hyperparameters=dict(cls.hyperparameter_defaults),
+        build_fn=cls,
+        passes_fn=cls.passes_per_step,
+    )
+
+
+BASE_OPTIMIZER = "sgd"
+"""The name of the baseline: the base optimizer alone (SGD with momentum or AdamW)."""
+
+METHODS: dict[str, MethodSpec] = {
+    BASE_OPTIMIZER: MethodSpec(
+        name=BASE_OPTIMIZER, summary="The base optimizer alone, without any perturbation."
+    ),
+    **{name: _spec_for(name, cls) for name, cls in methods.BY_NAME.items()},
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec registered under ``name``; ``ValueError`` lists the accepted names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown method {name!r}; accepted: {', '.join(METHODS)}"
+        ) from None
+
+
+def method_names() -> list[str]:
+    """Every registered name, the base optimizer first."""
+    return list(METHODS)
