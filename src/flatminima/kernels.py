@@ -26,7 +26,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def group_by_device_and_dtype(tensors: TensorList) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+def group_by_device_and_dtype(
+    tensors: TensorList,
+) -> dict[tuple[torch.device, torch.dtype], list[int]]:
     """Indices of ``tensors`` grouped by (device, dtype), in their original order."""
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for index, tensor in enumerate(tensors):

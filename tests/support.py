@@ -1,0 +1,90 @@
+"""Small models, data and loops shared by the optimizer tests."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def tiny_mlp(*, dtype: torch.dtype = torch.float64, seed: int = 0, batchnorm: bool = False) -> nn.Module:
+    """A 4 → 6 → 3 network; with ``batchnorm`` a BatchNorm1d sits after the first layer."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(4, 6)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(6))
+    layers += [nn.Tanh(), nn.Linear(6, 3)]
+    return nn.Sequential(*layers).to(dtype)
+
+
+def batches(count: int, *, dtype: torch.dtype = torch.float64, seed: int = 1, size: int = 16) -> list[Batch]:
+    """``count`` classification batches of ``size`` examples, fixed by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(size, 4, generator=generator, dtype=dtype),
+            torch.randint(0, 3, (size,), generator=generator),
+        )
+        for _ in range(count)
+    ]
+
+
+def make_base(kind: str, params: Any, lr: float = 0.1) -> torch.optim.Optimizer:
+    """The two base optimizers the conformance suite runs every method over."""
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr * 0.1, weight_decay=1e-2)
+    raise ValueError(kind)
+
+
+def closure_for(model: nn.Module, batch: Batch, calls: list[int] | None = None) -> Callable[[], torch.Tensor]:
+    """Forward + backward on ``batch``; counts its calls in ``calls`` when given."""
+    x, y = batch
+
+    def closure() -> torch.Tensor:
+        if calls is not None:
+            calls.append(1)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def run(optimizer: torch.optim.Optimizer, model: nn.Module, data: list[Batch]) -> list[float]:
+    """One closure step per batch; the losses the optimizer returned."""
+    return [float(optimizer.step(closure_for(model, batch)).detach()) for batch in data]
+
+
+def run_base(optimizer: torch.optim.Optimizer, model: nn.Module, data: list[Batch]) -> None:
+    """The bare base optimizer on the same batches (it does not zero gradients itself)."""
+    for batch in data:
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.step(closure_for(model, batch))
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer."""
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), f"{name} differs: max {(a[name] - b[name]).abs().max()}"
+
+
+def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[n].double() - b[n].double()).abs().max()) for n in a)
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
