@@ -376,7 +376,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self.base_optimizer.step()
             objective = combiner.objective()
             result.loss = (
-                start_losses[0] if objective is None else torch.tensor(objective)
+                start_losses[0] if objective is None else torch.tensor(objective, dtype=torch.float64)
             )
         finally:
             if moved:
