@@ -1,0 +1,128 @@
+"""Deliberately plain reference implementations, transcribed from the equations.
+
+One parameter at a time, sums written out, no foreach, no engine, no shared helpers with the
+library, and SGD with momentum and weight decay written out too. They exist to be obviously
+right; the real optimizers must follow them step by step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+GradFn = Callable[[list[Tensor]], tuple[float, list[Tensor]]]
+"""Weights → (loss, gradients) on the current batch."""
+
+XI = 1e-12
+
+
+def norm(vectors: list[Tensor]) -> float:
+    total = 0.0
+    for v in vectors:
+        total += float((v * v).sum())
+    return math.sqrt(total)
+
+
+class ReferenceSGD:
+    """buf ← μ·buf + (g + wd·w) (buf ← g + wd·w on the first step); w ← w − lr·buf."""
+
+    def __init__(self, lr: float, momentum: float, weight_decay: float) -> None:
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.buffers: list[Tensor] | None = None
+
+    def step(self, weights: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        steps = [g + self.weight_decay * w for w, g in zip(weights, grads, strict=True)]
+        if self.buffers is None:
+            self.buffers = [s.clone() for s in steps]
+        else:
+            self.buffers = [self.momentum * b + s for b, s in zip(self.buffers, steps, strict=True)]
+        return [w - self.lr * b for w, b in zip(weights, self.buffers, strict=True)]
+
+
+def sam_step(weights, grad_fn: GradFn, base: ReferenceSGD, *, rho):
+    """ε = ρ g/(‖g‖+ξ); descend with ∇L(w+ε)."""
+    _, g = grad_fn(weights)
+    n = norm(g)
+    eps = [rho * gi / (n + XI) for gi in g]
+    _, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
+    return base.step(weights, g_tilde)
+
+
+def asam_step(weights, grad_fn: GradFn, base: ReferenceSGD, *, rho, eta):
+    """T = |w|+η; ε = ρ T²g/(‖Tg‖+1e-16)."""
+    _, g = grad_fn(weights)
+    t = [w.abs() + eta for w in weights]
+    n = norm([ti * gi for ti, gi in zip(t, g, strict=True)])
+    eps = [rho * ti * ti * gi / (n + 1e-16) for ti, gi in zip(t, g, strict=True)]
+    _, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
+    return base.step(weights, g_tilde)
+
+
+def fisher_sam_step(weights, grad_fn: GradFn, base: ReferenceSGD, *, rho, eta):
+    """f = 1+ηg²; u = g/f; ε = γ u/(√(Σ g·u)+ξ)."""
+    _, g = grad_fn(weights)
+    u = [gi / (1 + eta * gi * gi) for gi in g]
+    denominator = math.sqrt(sum(float((gi * ui).sum()) for gi, ui in zip(g, u, strict=True)))
+    eps = [rho * ui / (denominator + XI) for ui in u]
+    _, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
+    return base.step(weights, g_tilde)
+
+
+def monge_sam_step(weights, grad_fn: GradFn, base: ReferenceSGD, *, rho):
+    """δ = ρ·G⁻¹g/√(gᵀG⁻¹g) with G = I + ggᵀ, written with G⁻¹ = I − ggᵀ/(1+‖g‖²)."""
+    _, g = grad_fn(weights)
+    n2 = norm(g) ** 2
+    g_inv_g = [gi - gi * n2 / (1 + n2) for gi in g]  # G⁻¹g
+    quadratic = sum(float((gi * hi).sum()) for gi, hi in zip(g, g_inv_g, strict=True))
+    # √(gᵀG⁻¹g) = ‖g‖/√(1+‖g‖²); the library adds ξ to ‖g‖ as SAM does.
+    scale = rho / ((math.sqrt(n2) + XI) / math.sqrt(1 + n2)) if quadratic > 0 else 0.0
+    eps = [scale * hi for hi in g_inv_g]
+    _, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
+    return base.step(weights, g_tilde)
+
+
+class FriendlyState:
+    def __init__(self) -> None:
+        self.m: list[Tensor] | None = None
+
+
+def friendly_sam_step(weights, grad_fn: GradFn, base: ReferenceSGD, state: FriendlyState, *, rho, sigma, lmbda):
+    """nblt/F-SAM: d = g − σ m_{t−1}; m_t = λ m_{t−1} + (1−λ) g (raw g); m_1 = g_1, d_1 = g_1."""
+    _, g = grad_fn(weights)
+    if state.m is None:
+        state.m = [gi.clone() for gi in g]
+        d = [gi.clone() for gi in g]
+    else:
+        d = [gi - sigma * mi for gi, mi in zip(g, state.m, strict=True)]
+        state.m = [lmbda * mi + (1 - lmbda) * gi for mi, gi in zip(state.m, g, strict=True)]
+    n = norm(d)
+    eps = [rho * di / (n + XI) for di in d]
+    _, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
+    return base.step(weights, g_tilde)
+
+
+def tilted_sam_step(
+    weights, grad_fn: GradFn, base: ReferenceSGD, generator: torch.Generator,
+    *, rho, tilt, num_samples, radius, noise_scale,
+):
+    """litian96/TSAM "random1": for each sample, ζ = n·min(‖n‖,r)/‖n‖ with n ~ s·N(0,I);
+    ε = ζ + ρ ĝ/(‖ĝ‖+ξ) with ĝ = ∇L(θ+ζ); weights softmax(t·L_j); descend with Σ w_j ∇L(θ+ε_j)."""
+    losses, grads = [], []
+    for _ in range(num_samples):
+        noise = [noise_scale * torch.randn(w.shape, generator=generator, dtype=w.dtype) for w in weights]
+        nu = norm(noise)
+        zeta = [n * (min(nu, radius) / nu) for n in noise]
+        _, g_hat = grad_fn([w + z for w, z in zip(weights, zeta, strict=True)])
+        n_hat = norm(g_hat)
+        eps = [z + rho * gh / (n_hat + XI) for z, gh in zip(zeta, g_hat, strict=True)]
+        loss, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
+        losses.append(loss)
+        grads.append(g_tilde)
+    softmax = torch.softmax(tilt * torch.tensor(losses, dtype=torch.float64), 0)
+    combined = [
+        sum(float(softmax[j]) * grads[j][i] for j in range(num_samples)) for i in range(len(weights))
+    ]
+    return base.step(weights, combined)
