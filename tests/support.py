@@ -13,7 +13,9 @@ from torch.nn import functional as F
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def tiny_mlp(*, dtype: torch.dtype = torch.float64, seed: int = 0, batchnorm: bool = False) -> nn.Module:
+def tiny_mlp(
+    *, dtype: torch.dtype = torch.float64, seed: int = 0, batchnorm: bool = False
+) -> nn.Module:
     """A 4 → 6 → 3 network; with ``batchnorm`` a BatchNorm1d sits after the first layer."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = [nn.Linear(4, 6)]
@@ -23,7 +25,9 @@ def tiny_mlp(*, dtype: torch.dtype = torch.float64, seed: int = 0, batchnorm: bo
     return nn.Sequential(*layers).to(dtype)
 
 
-def batches(count: int, *, dtype: torch.dtype = torch.float64, seed: int = 1, size: int = 16) -> list[Batch]:
+def batches(
+    count: int, *, dtype: torch.dtype = torch.float64, seed: int = 1, size: int = 16
+) -> list[Batch]:
     """``count`` classification batches of ``size`` examples, fixed by ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     return [
@@ -44,7 +48,9 @@ def make_base(kind: str, params: Any, lr: float = 0.1) -> torch.optim.Optimizer:
     raise ValueError(kind)
 
 
-def closure_for(model: nn.Module, batch: Batch, calls: list[int] | None = None) -> Callable[[], torch.Tensor]:
+def closure_for(
+    model: nn.Module, batch: Batch, calls: list[int] | None = None
+) -> Callable[[], torch.Tensor]:
     """Forward + backward on ``batch``; counts its calls in ``calls`` when given."""
     x, y = batch
 
@@ -79,7 +85,9 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].dtype == b[name].dtype, name
-        assert torch.equal(a[name], b[name]), f"{name} differs: max {(a[name] - b[name]).abs().max()}"
+        assert torch.equal(a[name], b[name]), (
+            f"{name} differs: max {(a[name] - b[name]).abs().max()}"
+        )
 
 
 def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+
 from records import RECORDS, MethodRecord
 from support import (
     assert_bitwise_equal,
@@ -32,7 +33,9 @@ by_foreach = pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "
 
 def build(record: MethodRecord, model, base: str, foreach: bool = True, **overrides):
     hyperparameters = {**record.typical, **overrides}
-    return record.cls(make_base(base, model.parameters()), model=model, foreach=foreach, **hyperparameters)
+    return record.cls(
+        make_base(base, model.parameters()), model=model, foreach=foreach, **hyperparameters
+    )
 
 
 @by_record
@@ -229,7 +232,9 @@ def test_bad_hyperparameters_raise_naming_the_argument(record):
         with pytest.raises(ValueError, match=name):
             record.cls(make_base("sgd", model.parameters()), **{**record.typical, **kwargs})
     with pytest.raises(ValueError, match="rho"):
-        build(record, model, "sgd").add_param_group({"params": [torch.zeros(2, requires_grad=True)], "rho": -1.0})
+        build(record, model, "sgd").add_param_group(
+            {"params": [torch.zeros(2, requires_grad=True)], "rho": -1.0}
+        )
 
 
 @by_record

@@ -10,16 +10,14 @@ from __future__ import annotations
 import os
 import sys
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from support import batches, tiny_mlp  # noqa: E402
-
-import flatminima  # noqa: E402
+import flatminima
+from support import batches, tiny_mlp
 
 WORLD_SIZE = 2
 RHO, LR = 0.1, 0.1
@@ -27,7 +25,9 @@ RHO, LR = 0.1, 0.1
 
 def _worker(rank: int, init_file: str, out_dir: str, method: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE
+    )
     try:
         model = tiny_mlp()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -44,7 +44,11 @@ def _worker(rank: int, init_file: str, out_dir: str, method: str) -> None:
             optimizer = flatminima.SAM(base, rho=RHO, model=ddp)
         else:
             optimizer = flatminima.TiltedSAM(
-                base, rho=RHO, num_samples=2, radius=0.05, model=ddp,
+                base,
+                rho=RHO,
+                num_samples=2,
+                radius=0.05,
+                model=ddp,
                 generator=torch.Generator().manual_seed(rank),
             )
         x, y = batches(WORLD_SIZE, seed=3)[rank]
@@ -56,7 +60,10 @@ def _worker(rank: int, init_file: str, out_dir: str, method: str) -> None:
 
         optimizer.step(closure)
         torch.save(
-            {"params": [p.detach().clone() for p in model.parameters()], "hook_calls": calls["count"]},
+            {
+                "params": [p.detach().clone() for p in model.parameters()],
+                "hook_calls": calls["count"],
+            },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -65,8 +72,11 @@ def _worker(rank: int, init_file: str, out_dir: str, method: str) -> None:
 
 def _run(tmp_path, method: str) -> list[dict]:
     mp.start_processes(
-        _worker, args=(str(tmp_path / "init"), str(tmp_path), method), nprocs=WORLD_SIZE,
-        join=True, start_method="spawn",
+        _worker,
+        args=(str(tmp_path / "init"), str(tmp_path), method),
+        nprocs=WORLD_SIZE,
+        join=True,
+        start_method="spawn",
     )
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
@@ -78,6 +88,7 @@ def _expected_sam_weights() -> list[torch.Tensor]:
     names = [n for n, _ in model.named_parameters()]
     perturbed_grads = []
     for x, y in batches(WORLD_SIZE, seed=3):
+
         def grads_at(ws, x=x, y=y):
             leaves = [w.clone().requires_grad_(True) for w in ws]
             out = torch.func.functional_call(model, dict(zip(names, leaves, strict=True)), (x,))
@@ -85,7 +96,9 @@ def _expected_sam_weights() -> list[torch.Tensor]:
 
         g = grads_at(weights)
         norm = torch.sqrt(sum((gi * gi).sum() for gi in g))
-        perturbed_grads.append(grads_at([w + RHO * gi / (norm + 1e-12) for w, gi in zip(weights, g, strict=True)]))
+        perturbed_grads.append(
+            grads_at([w + RHO * gi / (norm + 1e-12) for w, gi in zip(weights, g, strict=True)])
+        )
     mean = [sum(gs) / WORLD_SIZE for gs in zip(*perturbed_grads, strict=True)]
     return [w - LR * g for w, g in zip(weights, mean, strict=True)]
 

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
-from records import RECORDS
-from support import assert_bitwise_equal, batches, make_base, max_abs_difference, run, snapshot, tiny_mlp
 
 import flatminima
 from flatminima.combiners import TiltedAverage
+from records import RECORDS
+from support import (
+    assert_bitwise_equal,
+    batches,
+    make_base,
+    max_abs_difference,
+    run,
+    snapshot,
+    tiny_mlp,
+)
 
 XI = 1e-12
 
@@ -84,15 +93,24 @@ def test_sam_norm_is_global_and_rho_is_per_group():
 def relu_net_and_rescaled(seed: int = 0):
     """A 1-hidden-layer ReLU network and a copy rescaled per hidden unit (same function)."""
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).double()
-    scaled = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).double()
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)
+    ).double()
+    scaled = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)
+    ).double()
     scaled.load_state_dict(net.state_dict())
     factors = torch.tensor([0.5, 2.0, 3.0, 0.25, 1.5], dtype=torch.float64)
     with torch.no_grad():
         scaled[0].weight.mul_(factors[:, None])
         scaled[0].bias.mul_(factors)
         scaled[2].weight.div_(factors[None, :])
-    scaling = [factors[:, None].expand(5, 4), factors, 1 / factors[None, :].expand(3, 5), torch.ones(3, dtype=torch.float64)]
+    scaling = [
+        factors[:, None].expand(5, 4),
+        factors,
+        1 / factors[None, :].expand(3, 5),
+        torch.ones(3, dtype=torch.float64),
+    ]
     return net, scaled, scaling
 
 
@@ -119,7 +137,9 @@ def test_asam_with_eta_zero_is_invariant_to_relu_rescaling_and_sam_is_not():
 
     sam, _ = perturbation_of(flatminima.SAM, net, x, y, rho=0.5)
     sam_scaled, _ = perturbation_of(flatminima.SAM, scaled, x, y, rho=0.5)
-    error = max(float((s - a * e).abs().max()) for s, e, a in zip(sam_scaled, sam, scaling, strict=True))
+    error = max(
+        float((s - a * e).abs().max()) for s, e, a in zip(sam_scaled, sam, scaling, strict=True)
+    )
     assert error > 1e-3
 
 
@@ -155,18 +175,25 @@ def test_fisher_sam_metric_radius_and_euclidean_bound():
 
 def test_fisher_sam_with_eta_zero_is_sam_and_constant_fisher_shrinks_the_radius():
     params, _, _, loss_fn = quadratic_problem()
-    _, eps_fisher, _ = capture(flatminima.FisherSAM(frozen(params), rho=0.2, eta=0.0), params, loss_fn)
+    _, eps_fisher, _ = capture(
+        flatminima.FisherSAM(frozen(params), rho=0.2, eta=0.0), params, loss_fn
+    )
     _, eps_sam, _ = capture(flatminima.SAM(frozen(params), rho=0.2), params, loss_fn)
     assert torch.allclose(eps_fisher, eps_sam, rtol=1e-12, atol=1e-15)
 
     signs = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
     k, eta, rho = 1.5, 0.4, 0.2
-    weights = [torch.zeros(3, dtype=torch.float64, requires_grad=True), torch.zeros(5, dtype=torch.float64, requires_grad=True)]
+    weights = [
+        torch.zeros(3, dtype=torch.float64, requires_grad=True),
+        torch.zeros(5, dtype=torch.float64, requires_grad=True),
+    ]
 
     def linear_loss():
         return k * signs @ torch.cat(weights)
 
-    g, eps, _ = capture(flatminima.FisherSAM(frozen(weights), rho=rho, eta=eta), weights, linear_loss)
+    g, eps, _ = capture(
+        flatminima.FisherSAM(frozen(weights), rho=rho, eta=eta), weights, linear_loss
+    )
     c = 1 + eta * k * k
     assert torch.allclose(eps, rho / math.sqrt(c) * g / g.norm(), rtol=1e-12, atol=1e-15)
 
@@ -174,8 +201,10 @@ def test_fisher_sam_with_eta_zero_is_sam_and_constant_fisher_shrinks_the_radius(
 def test_fisher_sam_damps_large_gradient_coordinates():
     weights = [torch.zeros(2, dtype=torch.float64, requires_grad=True)]
     scales = torch.tensor([1.0, 10.0], dtype=torch.float64)
-    g, eps, _ = capture(
-        flatminima.FisherSAM(frozen(weights), rho=0.1, eta=1.0), weights, lambda: scales @ weights[0]
+    _g, eps, _ = capture(
+        flatminima.FisherSAM(frozen(weights), rho=0.1, eta=1.0),
+        weights,
+        lambda: scales @ weights[0],
     )
     # ε_i ∝ g_i / (1 + η g_i²): the coordinate with the 10× gradient moves less.
     assert float(eps[1]) < float(eps[0])
@@ -189,7 +218,9 @@ def test_fisher_sam_damps_large_gradient_coordinates():
 def test_monge_sam_metric_radius_adaptive_norm_and_sam_direction(loss_scale):
     params, _, _, loss_fn = quadratic_problem()
     rho = 0.3
-    g, eps, _ = capture(flatminima.MongeSAM(frozen(params), rho=rho), params, loss_fn, scale=loss_scale)
+    g, eps, _ = capture(
+        flatminima.MongeSAM(frozen(params), rho=rho), params, loss_fn, scale=loss_scale
+    )
     n = float(g.norm())
     metric = eps @ eps + (g @ eps) ** 2
     assert float(metric) == pytest.approx(rho**2 * (n / (n + XI)) ** 2, rel=1e-11)
@@ -209,7 +240,9 @@ def test_monge_sam_limits():
 # -- loss-scale (in)variance (row 8) ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("record", [r for r in RECORDS if r.cls.passes_per_step(r.typical) == 2], ids=lambda r: r.id)
+@pytest.mark.parametrize(
+    "record", [r for r in RECORDS if r.cls.passes_per_step(r.typical) == 2], ids=lambda r: r.id
+)
 def test_loss_scale_changes_epsilon_only_for_metric_methods(record):
     perturbations = []
     for scale in (1.0, 50.0):
@@ -231,14 +264,22 @@ def test_sam_equivalent_setting_follows_sams_trajectory(record):
     model, reference = tiny_mlp(), tiny_mlp()
     hyperparameters = {**record.typical, **record.sam_equivalent}
     run(record.cls(make_base("sgd", model.parameters()), **hyperparameters), model, data)
-    run(flatminima.SAM(make_base("sgd", reference.parameters()), rho=hyperparameters["rho"]), reference, data)
+    run(
+        flatminima.SAM(make_base("sgd", reference.parameters()), rho=hyperparameters["rho"]),
+        reference,
+        data,
+    )
     assert max_abs_difference(snapshot(model), snapshot(reference)) < 1e-12
 
 
 def test_friendly_sam_first_step_is_sam():
     data = batches(1)
     model, reference = tiny_mlp(), tiny_mlp()
-    run(flatminima.FriendlySAM(make_base("sgd", model.parameters()), rho=0.1, sigma=1.0, lmbda=0.6), model, data)
+    run(
+        flatminima.FriendlySAM(make_base("sgd", model.parameters()), rho=0.1, sigma=1.0, lmbda=0.6),
+        model,
+        data,
+    )
     run(flatminima.SAM(make_base("sgd", reference.parameters()), rho=0.1), reference, data)
     assert_bitwise_equal(snapshot(model), snapshot(reference))
 
@@ -308,7 +349,7 @@ def test_tilted_objective_is_monotone_in_tilt():
     losses = [0.3, 1.2, 0.7, 1.1]
     grads = [torch.ones(1, dtype=torch.float64)] * 4
     objectives = [tilted_combination(losses, grads, t)[1] for t in (0.0, 0.1, 1.0, 10.0, 100.0)]
-    assert all(a <= b + 1e-12 for a, b in zip(objectives, objectives[1:], strict=False))
+    assert all(a <= b + 1e-12 for a, b in itertools.pairwise(objectives))
     assert objectives[-1] == pytest.approx(max(losses), abs=0.02)
 
 
@@ -317,7 +358,11 @@ def test_tilted_sam_draws_its_start_noise_per_parameter_in_order():
     theta = [p.detach().clone() for p in model.parameters()]
     radius, scale = 0.05, 2.0
     optimizer = flatminima.TiltedSAM(
-        make_base("sgd", model.parameters()), rho=0.05, num_samples=1, radius=radius, noise_scale=scale
+        make_base("sgd", model.parameters()),
+        rho=0.05,
+        num_samples=1,
+        radius=radius,
+        noise_scale=scale,
     )
     torch.manual_seed(123)
     x, y = batches(1)[0]
@@ -343,7 +388,9 @@ def test_tilted_sam_generator_argument_makes_runs_reproducible():
         model = tiny_mlp()
         torch.manual_seed(global_seed)
         optimizer = flatminima.TiltedSAM(
-            make_base("sgd", model.parameters()), radius=0.1, generator=torch.Generator().manual_seed(9)
+            make_base("sgd", model.parameters()),
+            radius=0.1,
+            generator=torch.Generator().manual_seed(9),
         )
         run(optimizer, model, data)
         results.append(snapshot(model))
@@ -353,7 +400,9 @@ def test_tilted_sam_generator_argument_makes_runs_reproducible():
 def test_tilted_sam_returns_the_tilted_loss():
     model = tiny_mlp()
     x, y = batches(1)[0]
-    optimizer = flatminima.TiltedSAM(frozen(model.parameters()), tilt=2.0, num_samples=3, radius=0.1)
+    optimizer = flatminima.TiltedSAM(
+        frozen(model.parameters()), tilt=2.0, num_samples=3, radius=0.1
+    )
     losses = []
     with optimizer.evaluations() as evaluations:
         for evaluation in evaluations:
@@ -368,7 +417,9 @@ def test_tilted_sam_returns_the_tilted_loss():
 
 def test_tilted_sam_step_level_hyperparameters_must_agree_across_groups():
     model = tiny_mlp()
-    base = torch.optim.SGD([{"params": model[0].parameters(), "tilt": 5.0}, {"params": model[2].parameters()}], lr=0.1)
+    base = torch.optim.SGD(
+        [{"params": model[0].parameters(), "tilt": 5.0}, {"params": model[2].parameters()}], lr=0.1
+    )
     optimizer = flatminima.TiltedSAM(base, tilt=1.0)
     with pytest.raises(ValueError, match="tilt"):
         run(optimizer, model, batches(1))

@@ -89,7 +89,9 @@ class FriendlyState:
         self.m: list[Tensor] | None = None
 
 
-def friendly_sam_step(weights, grad_fn: GradFn, base: ReferenceSGD, state: FriendlyState, *, rho, sigma, lmbda):
+def friendly_sam_step(
+    weights, grad_fn: GradFn, base: ReferenceSGD, state: FriendlyState, *, rho, sigma, lmbda
+):
     """nblt/F-SAM: d = g − σ m_{t−1}; m_t = λ m_{t−1} + (1−λ) g (raw g); m_1 = g_1, d_1 = g_1."""
     _, g = grad_fn(weights)
     if state.m is None:
@@ -105,14 +107,24 @@ def friendly_sam_step(weights, grad_fn: GradFn, base: ReferenceSGD, state: Frien
 
 
 def tilted_sam_step(
-    weights, grad_fn: GradFn, base: ReferenceSGD, generator: torch.Generator,
-    *, rho, tilt, num_samples, radius, noise_scale,
+    weights,
+    grad_fn: GradFn,
+    base: ReferenceSGD,
+    generator: torch.Generator,
+    *,
+    rho,
+    tilt,
+    num_samples,
+    radius,
+    noise_scale,
 ):
     """litian96/TSAM "random1": for each sample, ζ = n·min(‖n‖,r)/‖n‖ with n ~ s·N(0,I);
     ε = ζ + ρ ĝ/(‖ĝ‖+ξ) with ĝ = ∇L(θ+ζ); weights softmax(t·L_j); descend with Σ w_j ∇L(θ+ε_j)."""
     losses, grads = [], []
     for _ in range(num_samples):
-        noise = [noise_scale * torch.randn(w.shape, generator=generator, dtype=w.dtype) for w in weights]
+        noise = [
+            noise_scale * torch.randn(w.shape, generator=generator, dtype=w.dtype) for w in weights
+        ]
         nu = norm(noise)
         zeta = [n * (min(nu, radius) / nu) for n in noise]
         _, g_hat = grad_fn([w + z for w, z in zip(weights, zeta, strict=True)])
@@ -123,6 +135,7 @@ def tilted_sam_step(
         grads.append(g_tilde)
     softmax = torch.softmax(tilt * torch.tensor(losses, dtype=torch.float64), 0)
     combined = [
-        sum(float(softmax[j]) * grads[j][i] for j in range(num_samples)) for i in range(len(weights))
+        sum(float(softmax[j]) * grads[j][i] for j in range(num_samples))
+        for i in range(len(weights))
     ]
     return base.step(weights, combined)

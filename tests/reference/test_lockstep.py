@@ -16,9 +16,9 @@ from loops import (
     sam_step,
     tilted_sam_step,
 )
-from support import batches, tiny_mlp
 
 import flatminima
+from support import batches, tiny_mlp
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 STEPS = 6
@@ -45,8 +45,16 @@ CASES = [
     (flatminima.ASAM, {"rho": 0.5, "eta": 0.01}, lambda: asam_step),
     (flatminima.FisherSAM, {"rho": 0.1, "eta": 1.0}, lambda: fisher_sam_step),
     (flatminima.MongeSAM, {"rho": 0.1}, lambda: monge_sam_step),
-    (flatminima.FriendlySAM, {"rho": 0.1, "sigma": 1.0, "lmbda": 0.6}, lambda: functools.partial(friendly_sam_step, state=FriendlyState())),
-    (flatminima.FriendlySAM, {"rho": 0.1, "sigma": 0.5, "lmbda": 0.9}, lambda: functools.partial(friendly_sam_step, state=FriendlyState())),
+    (
+        flatminima.FriendlySAM,
+        {"rho": 0.1, "sigma": 1.0, "lmbda": 0.6},
+        lambda: functools.partial(friendly_sam_step, state=FriendlyState()),
+    ),
+    (
+        flatminima.FriendlySAM,
+        {"rho": 0.1, "sigma": 0.5, "lmbda": 0.9},
+        lambda: functools.partial(friendly_sam_step, state=FriendlyState()),
+    ),
     (
         flatminima.TiltedSAM,
         {"rho": 0.05, "tilt": 3.0, "num_samples": 3, "radius": 0.05, "noise_scale": 1.0},
@@ -61,7 +69,9 @@ def lockstep_deviation(cls, hyperparameters, make_reference, foreach=True) -> fl
     extra = {"generator": torch.Generator().manual_seed(4)} if cls is flatminima.TiltedSAM else {}
     optimizer = cls(
         torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
-        foreach=foreach, **hyperparameters, **extra,
+        foreach=foreach,
+        **hyperparameters,
+        **extra,
     )
     reference_step = make_reference()
     reference_base = ReferenceSGD(LR, MOMENTUM, WEIGHT_DECAY)
@@ -77,13 +87,17 @@ def lockstep_deviation(cls, hyperparameters, make_reference, foreach=True) -> fl
             return loss
 
         optimizer.step(closure)
-        step_deviation = max(float((p - w).abs().max()) for p, w in zip(model.parameters(), weights, strict=True))
+        step_deviation = max(
+            float((p - w).abs().max()) for p, w in zip(model.parameters(), weights, strict=True)
+        )
         worst = max(worst, step_deviation)
     return worst
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
-@pytest.mark.parametrize(("cls", "hyperparameters", "make_reference"), CASES, ids=lambda c: getattr(c, "__name__", None))
+@pytest.mark.parametrize(
+    ("cls", "hyperparameters", "make_reference"), CASES, ids=lambda c: getattr(c, "__name__", None)
+)
 def test_method_follows_its_reference_loop(cls, hyperparameters, make_reference, foreach):
     deviation = lockstep_deviation(cls, hyperparameters, make_reference, foreach)
     assert deviation < TOLERANCE, f"{cls.__name__} drifted {deviation:.2e} from its reference"
@@ -107,7 +121,8 @@ def test_friendly_sam_does_not_follow_the_ema_of_the_debiased_gradient():
         return base.step(weights, g_tilde)
 
     deviation = lockstep_deviation(
-        flatminima.FriendlySAM, {"rho": 0.1, "sigma": 1.0, "lmbda": 0.6},
+        flatminima.FriendlySAM,
+        {"rho": 0.1, "sigma": 1.0, "lmbda": 0.6},
         lambda: functools.partial(port_step, state=FriendlyState()),
     )
     assert deviation > 1e-6
