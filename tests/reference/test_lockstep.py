@@ -35,7 +35,7 @@ def grad_fn_for(model: torch.nn.Module, batch):
         out = torch.func.functional_call(model, dict(zip(names, leaves, strict=True)), (x,))
         loss = torch.nn.functional.cross_entropy(out, y)
         grads = torch.autograd.grad(loss, leaves)
-        return float(loss), [g.detach() for g in grads]
+        return float(loss.detach()), [g.detach() for g in grads]
 
     return grad_fn
 
