@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import namedtuple
 
@@ -74,7 +75,7 @@ def test_worst_case_is_a_lower_bound_that_grows_with_steps() -> None:
         for s in (0, 1, 3, 10)
     ]
     bound = 0.5 * RHO**2 * max(SPECTRUM)
-    assert all(a <= b for a, b in zip(values, values[1:], strict=False))
+    assert all(a <= b for a, b in itertools.pairwise(values))
     assert values[-1] > values[0]
     assert values[-1] <= bound * (1 + 1e-12)
     assert values[-1] >= 0.9 * bound  # the default step size gets close in a few steps
@@ -106,7 +107,7 @@ def relu_net() -> nn.Module:
 
 
 def rescaled(model: nn.Module, scale: torch.Tensor) -> nn.Module:
-    """Hidden unit i scaled by scale_i in, 1/scale_i out: the same function (ReLU is homogeneous)."""
+    """Hidden unit i scaled by scale_i in, 1/scale_i out: the same function (ReLU)."""
     other = relu_net()
     other.load_state_dict(model.state_dict())
     with torch.no_grad():
