@@ -1,0 +1,196 @@
+"""A training run's configuration: validated in full before anything is written, and hashed.
+
+The hash identifies a run in the database: the same configuration (hyperparameters resolved to
+their defaults, numbers in canonical types) always gives the same hash, so a grid that is
+started again skips what already finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from flatminima.experiments.data import DATASETS
+from flatminima.experiments.models import check_model
+from flatminima.registry import get_method
+
+BASE_OPTIMIZERS = ("sgd", "adamw")
+DEFAULT_LEARNING_RATE = {"sgd": 0.05, "adamw": 1e-3}
+SCHEDULES = ("cosine", "constant")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the argument and what it accepts."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides a training run's numbers (and nothing that does not)."""
+
+    dataset: str
+    model: str
+    method: str
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    """The method's hyperparameters, every one present (defaults filled in)."""
+    optimizer: str = "sgd"
+    """The base optimizer: ``sgd`` (with momentum) or ``adamw``."""
+    lr: float = 0.05
+    momentum: float | None = 0.9
+    """SGD's momentum; ``None`` for AdamW, which does not take one."""
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    epochs: int = 100
+    batch_size: int = 128
+    label_noise: float = 0.0
+    train_size: int = 4000
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def config_hash(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        """A short name for progress bars and errors: the method, the hyperparameters that
+        differ from its defaults, and the seed."""
+        defaults = get_method(self.method).hyperparameters
+        changed = " ".join(
+            f"{name}={value}"
+            for name, value in self.hyperparameters.items()
+            if value != defaults.get(name)
+        )
+        return " ".join(part for part in (self.method, changed, f"seed={self.seed}") if part)
+
+
+def coerce_hyperparameter(method: str, name: str, default: Any, value: Any) -> Any:
+    """``value`` (from the command line, a string, or a number) in the type of ``default``, so
+    that ``tilt=1`` and ``tilt=1.0`` are the same configuration."""
+    expected = type(default)
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return lowered in ("true", "1")
+            return bool(value)
+        if isinstance(default, int):
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if isinstance(default, float):
+            return float(value)
+        if default is None and isinstance(value, str):
+            return json.loads(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"hyperparameter {name} of method {method!r} takes a {expected.__name__} "
+            f"(default {default!r}), got {value!r}"
+        ) from None
+    return value
+
+
+def resolve_hyperparameters(method: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The method's full hyperparameters: defaults, then ``overrides`` coerced to their types.
+
+    Unknown methods and names the method does not take raise :class:`ConfigError`; so do values
+    the method itself rejects (it is built once around a dummy parameter to find out).
+    """
+    try:
+        spec = get_method(method)
+        resolved = spec.resolved(overrides)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    typed = {
+        name: coerce_hyperparameter(method, name, spec.hyperparameters[name], value)
+        for name, value in resolved.items()
+    }
+    probe = torch.nn.Linear(1, 1)
+    try:
+        spec.build(torch.optim.SGD(probe.parameters(), lr=0.1), model=probe, **typed)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"method {method!r}: {error}") from None
+    return typed
+
+
+def make_run_config(
+    *,
+    dataset: str,
+    model: str,
+    method: str,
+    hyperparameters: Mapping[str, Any] | None = None,
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    schedule: str = "cosine",
+    epochs: int = 100,
+    batch_size: int = 128,
+    label_noise: float = 0.0,
+    train_size: int | None = None,
+    seed: int = 0,
+) -> RunConfig:
+    """A validated :class:`RunConfig`; :class:`ConfigError` names the first bad argument.
+
+    ``lr=None`` takes the base optimizer's default (0.05 for SGD, 1e-3 for AdamW) and
+    ``train_size=None`` the dataset's whole training set.
+    """
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {dataset!r}; accepted: {', '.join(DATASETS)}")
+    source = DATASETS[dataset]
+    try:
+        check_model(model, source.input_shape)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if optimizer not in BASE_OPTIMIZERS:
+        raise ConfigError(
+            f"unknown optimizer {optimizer!r}; accepted: {', '.join(BASE_OPTIMIZERS)}"
+        )
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {schedule!r}; accepted: {', '.join(SCHEDULES)}")
+    if not (isinstance(label_noise, (int, float)) and 0.0 <= label_noise < 1.0):
+        raise ConfigError(f"label noise must be a fraction in [0, 1), got {label_noise}")
+    lr = DEFAULT_LEARNING_RATE[optimizer] if lr is None else lr
+    _require(math.isfinite(lr) and lr > 0, f"learning rate must be positive, got {lr}")
+    _require(weight_decay >= 0, f"weight decay must be >= 0, got {weight_decay}")
+    _require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
+    _require(epochs >= 1, f"epochs must be >= 1, got {epochs}")
+    _require(batch_size >= 1, f"batch size must be >= 1, got {batch_size}")
+    _require(seed >= 0, f"seed must be >= 0, got {seed}")
+    train_size = source.num_train if train_size is None else train_size
+    _require(
+        1 <= train_size <= source.num_train,
+        f"train size must be between 1 and {source.num_train} for {dataset}, got {train_size}",
+    )
+    return RunConfig(
+        dataset=dataset,
+        model=model,
+        method=method,
+        hyperparameters=resolve_hyperparameters(method, hyperparameters or {}),
+        optimizer=optimizer,
+        lr=float(lr),
+        momentum=float(momentum) if optimizer == "sgd" else None,
+        weight_decay=float(weight_decay),
+        schedule=schedule,
+        epochs=int(epochs),
+        batch_size=int(batch_size),
+        label_noise=float(label_noise),
+        train_size=int(train_size),
+        seed=int(seed),
+    )
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)

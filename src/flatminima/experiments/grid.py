@@ -1,0 +1,121 @@
+"""Expanding a comparison grid: methods × seeds × swept hyperparameters.
+
+Hyperparameter settings are written ``NAME=VALUE`` (every method of the grid that takes
+``NAME``) or ``METHOD:NAME=VALUE`` (that method only); a sweep gives several comma-separated
+values, ``rho=0.05,0.1,0.2``. A setting no method of the grid takes is an error, so a typo never
+silently runs the defaults.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flatminima.experiments.config import ConfigError, RunConfig, make_run_config
+from flatminima.experiments.runner import unique_configs
+from flatminima.registry import get_method
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """``[method:]name=value[,value...]`` from the command line."""
+
+    method: str | None
+    name: str
+    values: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str, option: str) -> Assignment:
+        target, equals, values = text.partition("=")
+        method, colon, name = target.rpartition(":")
+        if not equals or not name.strip() or not values.strip():
+            raise ConfigError(
+                f"{option} takes [METHOD:]NAME=VALUE[,VALUE...] (e.g. rho=0.1 or "
+                f"fisher-sam:eta=0.5), got {text!r}"
+            )
+        return cls(
+            method.strip() if colon else None,
+            name.strip(),
+            tuple(value.strip() for value in values.split(",")),
+        )
+
+    def applies_to(self, method: str) -> bool:
+        if self.method is not None:
+            return self.method == method
+        return self.name in get_method(method).hyperparameters
+
+
+def parse_list(text: str, option: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ConfigError(f"{option} needs at least one value")
+    return items
+
+
+def parse_seeds(texts: Sequence[str]) -> list[int]:
+    """Seeds from ``0,1,2`` or ranges ``0-4`` (inclusive), in order, without repeats."""
+    seeds: list[int] = []
+    for text in texts:
+        for item in parse_list(text, "--seeds"):
+            first, dash, last = item.partition("-")
+            try:
+                values = range(int(first), int(last) + 1) if dash else [int(item)]
+            except ValueError:
+                raise ConfigError(
+                    f"--seeds takes non-negative integers or ranges such as 0-4, got {item!r}"
+                ) from None
+            seeds += [seed for seed in values if seed not in seeds]
+    return seeds
+
+
+def expand_grid(
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    fixed: Sequence[Assignment],
+    sweeps: Sequence[Assignment],
+    training: Mapping[str, Any],
+) -> list[RunConfig]:
+    """Every configuration of the grid, validated, without duplicates (a method that takes no
+    swept hyperparameter runs once per seed), seed by seed."""
+    for method in methods:
+        get_method_or_error(method)
+    for assignment in [*fixed, *sweeps]:
+        if assignment.method is not None and assignment.method not in methods:
+            raise ConfigError(
+                f"{assignment.method}:{assignment.name} names a method that is not in the grid "
+                f"({', '.join(methods)})"
+            )
+        if not any(assignment.applies_to(method) for method in methods):
+            raise ConfigError(
+                f"no method in the grid takes hyperparameter {assignment.name!r}; accepted: "
+                + "; ".join(
+                    f"{method}: {', '.join(get_method(method).hyperparameters) or 'none'}"
+                    for method in methods
+                )
+            )
+    for assignment in fixed:
+        if len(assignment.values) != 1:
+            raise ConfigError(f"--param {assignment.name} takes one value; use --sweep for several")
+    arms: list[tuple[str, dict[str, str]]] = []
+    for method in methods:
+        own_fixed = {a.name: a.values[0] for a in fixed if a.applies_to(method)}
+        own_sweeps = [a for a in sweeps if a.applies_to(method)]
+        for combination in itertools.product(*(a.values for a in own_sweeps)):
+            swept = {a.name: value for a, value in zip(own_sweeps, combination, strict=True)}
+            arms.append((method, {**own_fixed, **swept}))
+    # Seeds outermost: an interrupted grid already holds complete paired comparisons.
+    configs = [
+        make_run_config(method=method, hyperparameters=overrides, seed=seed, **training)
+        for seed in seeds
+        for method, overrides in arms
+    ]
+    return unique_configs(configs)
+
+
+def get_method_or_error(method: str) -> None:
+    try:
+        get_method(method)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None

@@ -1,0 +1,437 @@
+"""Training runs and grids of them, recorded in the experiment database.
+
+The runner knows nothing about any particular method: it asks the registry for the method's
+spec, builds it around the base optimizer and calls ``step(closure)``. Forward/backward passes
+are counted by the closure itself, so the cost column of the report is measured, not declared.
+
+A grid runs its configurations one after another, or on ``jobs`` worker processes (one thread
+each: on a small machine one single-threaded process per core is both fastest and
+reproducible). Every worker writes its own run's rows in short transactions; the parent process
+only draws the progress bars.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import platform
+import queue
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from flatminima.experiments.config import RunConfig
+from flatminima.experiments.data import Dataset, load_dataset
+from flatminima.experiments.models import build_model
+from flatminima.experiments.store import Store
+from flatminima.registry import get_method
+
+logger = logging.getLogger(__name__)
+
+EVALUATION_BATCH_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """What one epoch produced; the keys match the database's ``epochs`` table."""
+
+    epoch: int
+    train_loss: float
+    """Mean loss over the epoch's steps at the unperturbed weights, on the (noisy) labels."""
+    test_loss: float
+    test_accuracy: float
+    learning_rate: float
+    """The learning rate of the epoch's last step."""
+    train_time_s: float
+    """Training time so far (evaluation excluded)."""
+    passes: int
+    """Forward/backward passes so far."""
+
+
+@dataclass
+class TrainingOutcome:
+    epochs: list[EpochMetrics]
+    final: dict[str, Any]
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+
+
+def build_base_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum or 0.0,
+            weight_decay=config.weight_decay,
+        )
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``inputs``."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(labels), EVALUATION_BATCH_SIZE):
+        logits = model(inputs[start : start + EVALUATION_BATCH_SIZE])
+        batch_labels = labels[start : start + EVALUATION_BATCH_SIZE]
+        total_loss += nn.functional.cross_entropy(logits, batch_labels, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == batch_labels).sum())
+    model.train(was_training)
+    return total_loss / len(labels), correct / len(labels)
+
+
+def train(
+    config: RunConfig,
+    data: Dataset,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+) -> TrainingOutcome:
+    """Train ``config`` on ``data`` from scratch; the same configuration and thread count give
+    bit-identical numbers."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, data.input_shape, data.num_classes)
+    spec = get_method(config.method)
+    optimizer = spec.build(
+        build_base_optimizer(config, model), model=model, **config.hyperparameters
+    )
+    steps_per_epoch = math.ceil(len(data.y_train) / config.batch_size)
+    # The scheduler is built on the method's optimizer: its param_groups are the base
+    # optimizer's, so the learning rate it sets is the one the descent uses.
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
+        if config.schedule == "cosine"
+        else None
+    )
+    criterion = nn.CrossEntropyLoss()
+    shuffle = torch.Generator().manual_seed(config.seed)
+    passes = 0
+    train_time = 0.0
+    history: list[EpochMetrics] = []
+    model.train()
+    for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        loss_sum = 0.0
+        order = torch.randperm(len(data.y_train), generator=shuffle)
+        for batch in order.split(config.batch_size):
+            inputs, labels = data.x_train[batch], data.y_train[batch]
+
+            # Default arguments bind this batch now (a closure must not see the next batch).
+            def closure(
+                inputs: torch.Tensor = inputs, labels: torch.Tensor = labels
+            ) -> torch.Tensor:
+                nonlocal passes
+                optimizer.zero_grad(set_to_none=True)
+                loss = criterion(model(inputs), labels)
+                loss.backward()
+                passes += 1
+                return loss
+
+            loss = optimizer.step(closure)
+            loss_sum += float(loss.detach()) * len(batch)
+            learning_rate = optimizer.param_groups[0]["lr"]
+            if scheduler is not None:
+                scheduler.step()
+        train_time += time.perf_counter() - started
+        test_loss, test_accuracy = evaluate(model, data.x_test, data.y_test)
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=loss_sum / len(data.y_train),
+            test_loss=test_loss,
+            test_accuracy=test_accuracy,
+            learning_rate=learning_rate,
+            train_time_s=train_time,
+            passes=passes,
+        )
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
+    _, accuracy_noisy = evaluate(model, data.x_train, data.y_train)
+    _, accuracy_clean = evaluate(model, data.x_train, data.y_train_clean)
+    last = history[-1]
+    final = {
+        "train_time_s": train_time,
+        "passes": passes,
+        "passes_per_step": spec.passes_per_step(config.hyperparameters),
+        "final_test_accuracy": last.test_accuracy,
+        "final_test_loss": last.test_loss,
+        "final_train_accuracy_noisy": accuracy_noisy,
+        "final_train_accuracy_clean": accuracy_clean,
+    }
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    return TrainingOutcome(history, final, state)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and settings that can change a run's numbers without changing its config."""
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {
+        "flatminima": version("flatminima"),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "mnist1d": version("mnist1d"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def execute_run(
+    config: RunConfig,
+    store: Store,
+    data_dir: Path | None = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+) -> str:
+    """Train ``config`` unless the database already holds it; returns ``"finished"`` or
+    ``"skipped"``. A failure is recorded as such and raised again."""
+    spec = get_method(config.method)
+    run_id = store.claim(
+        config.config_hash,
+        config.to_dict(),
+        environment(),
+        spec.passes_per_step(config.hyperparameters),
+    )
+    if run_id is None:
+        return "skipped"
+    try:
+        data = load_dataset(
+            config.dataset,
+            seed=config.seed,
+            train_size=config.train_size,
+            label_noise=config.label_noise,
+            data_dir=data_dir,
+        )
+
+        def record(metrics: EpochMetrics) -> None:
+            store.record_epoch(run_id, asdict(metrics))
+            if on_epoch is not None:
+                on_epoch(metrics)
+
+        outcome = train(config, data, on_epoch=record)
+        weights_path = store.save_weights(config.config_hash, outcome.state_dict)
+        store.finish(run_id, outcome.final, weights_path)
+    except Exception as error:
+        store.fail(run_id, f"{type(error).__name__}: {error}")
+        raise
+    return "finished"
+
+
+# --- grids -----------------------------------------------------------------------------------
+
+
+@dataclass
+class GridSummary:
+    total: int
+    """Distinct configurations in the grid."""
+    already_finished: int = 0
+    finished: int = 0
+    skipped: int = 0
+    """Configurations another live process was training."""
+    failed: list[str] = field(default_factory=list)
+    """``label: error`` of each run that failed."""
+
+
+def unique_configs(configs: Sequence[RunConfig]) -> list[RunConfig]:
+    """``configs`` without repeats (a ρ sweep repeats the base optimizer's run), order kept."""
+    seen: dict[str, RunConfig] = {}
+    for config in configs:
+        seen.setdefault(config.config_hash, config)
+    return list(seen.values())
+
+
+class _ProgressBars:
+    """One bar for the grid's runs and one per worker for the current run's epochs."""
+
+    def __init__(self, total: int, done: int, workers: int, enabled: bool) -> None:
+        self.overall = tqdm(
+            total=total, initial=done, desc="runs", unit="run", position=0, disable=not enabled
+        )
+        self.slots = [
+            tqdm(
+                total=0,
+                desc="idle",
+                unit="epoch",
+                position=1 + slot,
+                leave=False,
+                disable=not enabled,
+            )
+            for slot in range(workers)
+        ]
+
+    def start(self, slot: int, label: str, epochs: int) -> None:
+        bar = self.slots[slot]
+        bar.reset(total=epochs)
+        bar.set_description(label)
+
+    def epoch(self, slot: int, test_accuracy: float) -> None:
+        self.slots[slot].set_postfix(test_acc=f"{test_accuracy:.3f}", refresh=False)
+        self.slots[slot].update(1)
+
+    def end(self, slot: int) -> None:
+        self.overall.update(1)
+        self.slots[slot].set_description("idle")
+
+    def close(self) -> None:
+        for bar in self.slots:
+            bar.close()
+        self.overall.close()
+
+
+@contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_grid(
+    configs: Sequence[RunConfig],
+    db_path: str | Path,
+    *,
+    data_dir: Path | None = None,
+    jobs: int = 1,
+    threads: int = 1,
+    progress: bool = True,
+) -> GridSummary:
+    """Run every configuration not yet finished in ``db_path``.
+
+    Finished runs are skipped; a run that was interrupted (or failed) is redone from scratch.
+    A failing run is recorded and the grid goes on with the others.
+    """
+    todo = unique_configs(configs)
+    with Store(db_path) as store:
+        pending = [config for config in todo if store.status(config.config_hash) != "finished"]
+    summary = GridSummary(total=len(todo), already_finished=len(todo) - len(pending))
+    workers = max(1, min(jobs, len(pending)))
+    bars = _ProgressBars(summary.total, summary.already_finished, workers, progress)
+    try:
+        if workers == 1:
+            with _torch_threads(threads), Store(db_path) as store:
+                for config in pending:
+                    bars.start(0, config.label, config.epochs)
+                    try:
+                        outcome = execute_run(
+                            config,
+                            store,
+                            data_dir,
+                            on_epoch=lambda m: bars.epoch(0, m.test_accuracy),
+                        )
+                    except Exception as error:
+                        outcome = f"failed: {type(error).__name__}: {error}"
+                        logger.exception("run %s failed", config.label)
+                    _count(summary, config.label, outcome)
+                    bars.end(0)
+        else:
+            _run_in_workers(pending, Path(db_path), data_dir, workers, threads, bars, summary)
+    finally:
+        bars.close()
+    return summary
+
+
+def _count(summary: GridSummary, label: str, outcome: str) -> None:
+    if outcome == "finished":
+        summary.finished += 1
+    elif outcome == "skipped":
+        summary.skipped += 1
+    else:
+        summary.failed.append(f"{label}: {outcome.removeprefix('failed: ')}")
+
+
+def _worker(
+    slot: int,
+    db_path: Path,
+    data_dir: Path | None,
+    threads: int,
+    tasks: multiprocessing.Queue,  # type: ignore[type-arg]
+    events: multiprocessing.Queue,  # type: ignore[type-arg]
+) -> None:
+    """A worker process: trains the configurations it takes from ``tasks`` until ``None``."""
+    torch.set_num_threads(threads)
+    with Store(db_path) as store:
+        while (config := tasks.get()) is not None:
+            events.put(("start", slot, config.label, config.epochs))
+            try:
+                outcome = execute_run(
+                    config,
+                    store,
+                    data_dir,
+                    on_epoch=lambda m: events.put(("epoch", slot, m.test_accuracy)),
+                )
+            except Exception as error:
+                outcome = f"failed: {type(error).__name__}: {error}"
+            events.put(("end", slot, config.label, outcome))
+
+
+def _run_in_workers(
+    pending: list[RunConfig],
+    db_path: Path,
+    data_dir: Path | None,
+    workers: int,
+    threads: int,
+    bars: _ProgressBars,
+    summary: GridSummary,
+) -> None:
+    # spawn, not fork: a forked copy of a process that already ran PyTorch's thread pools can
+    # deadlock, and spawn behaves the same on every platform.
+    context = multiprocessing.get_context("spawn")
+    tasks = context.Queue()
+    events = context.Queue()
+    for config in pending:
+        tasks.put(config)
+    for _ in range(workers):
+        tasks.put(None)
+    processes = [
+        context.Process(
+            target=_worker, args=(slot, db_path, data_dir, threads, tasks, events), daemon=True
+        )
+        for slot in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    remaining = len(pending)
+    try:
+        while remaining:
+            try:
+                event = events.get(timeout=1.0)
+            except queue.Empty:
+                if not any(process.is_alive() for process in processes):
+                    summary.failed.append(
+                        f"{remaining} run(s): worker processes exited before finishing them"
+                    )
+                    return
+                continue
+            kind, slot, *payload = event
+            if kind == "start":
+                bars.start(slot, *payload)
+            elif kind == "epoch":
+                bars.epoch(slot, *payload)
+            else:
+                label, outcome = payload
+                _count(summary, label, outcome)
+                bars.end(slot)
+                remaining -= 1
+        for process in processes:
+            process.join()
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+                process.join()

@@ -1,0 +1,333 @@
+"""The experiment database: one SQLite file, written through the standard library.
+
+Tables:
+
+* ``runs``: one row per configuration (unique configuration hash) with the full configuration
+  as JSON, its status (``running``, ``finished`` or ``failed``), how many attempts it took, the
+  process that runs it, the library versions, timestamps and the final metrics;
+* ``epochs``: one row per run and epoch with that epoch's metrics.
+
+The final weights of every finished run are saved beside the database, in
+``<database stem>-weights/<configuration hash>.pt``, so that sharpness can be measured later.
+
+Several processes may read and write the file at once (the workers of a grid, a report run
+while the grid trains): the database is in WAL mode, every write is one short transaction, and
+a run is claimed inside an ``IMMEDIATE`` transaction so that two processes never train the same
+configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sqlite3
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    config_hash TEXT NOT NULL UNIQUE,
+    config TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    model TEXT NOT NULL,
+    method TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    label_noise REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'finished', 'failed')),
+    attempts INTEGER NOT NULL,
+    owner TEXT,
+    environment TEXT,
+    error TEXT,
+    created_at TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    train_time_s REAL,
+    passes INTEGER,
+    passes_per_step INTEGER,
+    final_test_accuracy REAL,
+    final_test_loss REAL,
+    final_train_accuracy_noisy REAL,
+    final_train_accuracy_clean REAL,
+    weights_path TEXT
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    epoch INTEGER NOT NULL,
+    train_loss REAL,
+    test_loss REAL,
+    test_accuracy REAL,
+    learning_rate REAL,
+    train_time_s REAL,
+    passes INTEGER,
+    PRIMARY KEY (run_id, epoch)
+);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status);
+"""
+
+EPOCH_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "test_loss",
+    "test_accuracy",
+    "learning_rate",
+    "train_time_s",
+    "passes",
+)
+FINAL_COLUMNS = (
+    "train_time_s",
+    "passes",
+    "passes_per_step",
+    "final_test_accuracy",
+    "final_test_loss",
+    "final_train_accuracy_noisy",
+    "final_train_accuracy_clean",
+)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _owner_is_alive(owner: str | None) -> bool:
+    """Whether the process named ``host:pid`` still runs (only knowable on this host)."""
+    if not owner:
+        return False
+    host, _, pid_text = owner.rpartition(":")
+    if host != socket.gethostname():
+        # Another machine shares the file: assume it is alive rather than steal its run.
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    # SQLite has no NaN: a diverged run's loss is stored as NULL rather than silently as 0.
+    return None if value is None or not math.isfinite(value) else value
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One row of ``runs``, with its configuration decoded."""
+
+    id: int
+    config_hash: str
+    config: dict[str, Any]
+    status: str
+    attempts: int
+    environment: dict[str, Any]
+    created_at: str
+    started_at: str
+    finished_at: str | None
+    error: str | None
+    final: dict[str, Any]
+    """The final metrics and costs (``FINAL_COLUMNS``), ``None`` where not yet known."""
+    weights_path: str | None
+
+
+class Store:
+    """A connection to the experiment database (created on first use)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are opened explicitly and kept short.
+        self._connection = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        self._connection.row_factory = sqlite3.Row
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._connection.execute("PRAGMA synchronous=NORMAL")
+        self._connection.execute("PRAGMA foreign_keys=ON")
+        with self._transaction():
+            version = self._connection.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise RuntimeError(
+                    f"{self.path} has schema version {version}; this flatminima reads "
+                    f"version {SCHEMA_VERSION}"
+                )
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self._connection.execute(statement)
+            self._connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.path.parent / f"{self.path.stem}-weights"
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self, mode: str = "DEFERRED") -> Iterator[sqlite3.Connection]:
+        self._connection.execute(f"BEGIN {mode}")
+        try:
+            yield self._connection
+        except BaseException:
+            self._connection.execute("ROLLBACK")
+            raise
+        self._connection.execute("COMMIT")
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def claim(
+        self,
+        config_hash: str,
+        config: Mapping[str, Any],
+        environment: Mapping[str, Any],
+        passes_per_step: int,
+    ) -> int | None:
+        """Reserve the run of ``config`` for this process and return its id, or ``None`` when
+        it is already finished or being trained by another live process.
+
+        A run left ``running`` by a process that died, or ``failed``, is redone: its epochs are
+        deleted and its attempt count goes up.
+        """
+        owner = _this_process()
+        now = _now()
+        with self._transaction("IMMEDIATE") as db:
+            row = db.execute(
+                "SELECT id, status, owner FROM runs WHERE config_hash = ?", (config_hash,)
+            ).fetchone()
+            if row is None:
+                cursor = db.execute(
+                    "INSERT INTO runs (config_hash, config, dataset, model, method, seed, "
+                    "label_noise, status, attempts, owner, environment, created_at, started_at, "
+                    "passes_per_step) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?)",
+                    (
+                        config_hash,
+                        json.dumps(config, sort_keys=True),
+                        config["dataset"],
+                        config["model"],
+                        config["method"],
+                        config["seed"],
+                        config["label_noise"],
+                        owner,
+                        json.dumps(environment, sort_keys=True),
+                        now,
+                        now,
+                        passes_per_step,
+                    ),
+                )
+                return int(cursor.lastrowid)  # type: ignore[arg-type]
+            if row["status"] == "finished":
+                return None
+            if (
+                row["status"] == "running"
+                and row["owner"] != owner
+                and _owner_is_alive(row["owner"])
+            ):
+                return None
+            db.execute("DELETE FROM epochs WHERE run_id = ?", (row["id"],))
+            db.execute(
+                "UPDATE runs SET status = 'running', attempts = attempts + 1, owner = ?, "
+                "environment = ?, error = NULL, started_at = ?, finished_at = NULL "
+                "WHERE id = ?",
+                (owner, json.dumps(environment, sort_keys=True), now, row["id"]),
+            )
+            return int(row["id"])
+
+    def record_epoch(self, run_id: int, metrics: Mapping[str, Any]) -> None:
+        """Store one epoch's metrics (keys: ``EPOCH_COLUMNS``)."""
+        values = [metrics["epoch"]] + [
+            _finite_or_none(metrics[column]) for column in EPOCH_COLUMNS[1:]
+        ]
+        placeholders = ", ".join("?" for _ in EPOCH_COLUMNS)
+        with self._transaction() as db:
+            db.execute(
+                f"INSERT INTO epochs (run_id, {', '.join(EPOCH_COLUMNS)}) "
+                f"VALUES (?, {placeholders})",
+                (run_id, *values),
+            )
+
+    def save_weights(self, config_hash: str, state_dict: Mapping[str, torch.Tensor]) -> str:
+        """Write the weights beside the database (atomically) and return their relative path."""
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        target = self.weights_dir / f"{config_hash}.pt"
+        partial = target.with_suffix(f".{os.getpid()}.partial")
+        torch.save(dict(state_dict), partial)
+        os.replace(partial, target)
+        return str(target.relative_to(self.path.parent))
+
+    def finish(self, run_id: int, final: Mapping[str, Any], weights_path: str) -> None:
+        """Mark the run finished with its final metrics (keys: ``FINAL_COLUMNS``)."""
+        assignments = ", ".join(f"{column} = ?" for column in FINAL_COLUMNS)
+        values = [_finite_or_none(final[column]) for column in FINAL_COLUMNS]
+        with self._transaction() as db:
+            db.execute(
+                f"UPDATE runs SET status = 'finished', finished_at = ?, weights_path = ?, "
+                f"{assignments} WHERE id = ?",
+                (_now(), weights_path, *values, run_id),
+            )
+
+    def fail(self, run_id: int, error: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE runs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
+                (error, _now(), run_id),
+            )
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def status(self, config_hash: str) -> str | None:
+        row = self._connection.execute(
+            "SELECT status FROM runs WHERE config_hash = ?", (config_hash,)
+        ).fetchone()
+        return None if row is None else str(row["status"])
+
+    def runs(self, status: str | None = None) -> list[RunRecord]:
+        """Every run, oldest first; only those with ``status`` when given."""
+        query = "SELECT * FROM runs"
+        parameters: tuple[Any, ...] = ()
+        if status is not None:
+            query += " WHERE status = ?"
+            parameters = (status,)
+        rows = self._connection.execute(query + " ORDER BY id", parameters).fetchall()
+        return [
+            RunRecord(
+                id=row["id"],
+                config_hash=row["config_hash"],
+                config=json.loads(row["config"]),
+                status=row["status"],
+                attempts=row["attempts"],
+                environment=json.loads(row["environment"] or "{}"),
+                created_at=row["created_at"],
+                started_at=row["started_at"],
+                finished_at=row["finished_at"],
+                error=row["error"],
+                final={column: row[column] for column in FINAL_COLUMNS},
+                weights_path=row["weights_path"],
+            )
+            for row in rows
+        ]
+
+    def epochs(self, run_id: int) -> list[dict[str, Any]]:
+        """The run's epoch rows in order, as dictionaries keyed by ``EPOCH_COLUMNS``."""
+        rows = self._connection.execute(
+            f"SELECT {', '.join(EPOCH_COLUMNS)} FROM epochs WHERE run_id = ? ORDER BY epoch",
+            (run_id,),
+        ).fetchall()
+        return [dict(row) for row in rows]
