@@ -1,0 +1,395 @@
+"""The ``flatminima`` command: train, compare, report, and the demo that does all three.
+
+    flatminima demo                                   # the main job, ~10 minutes on 2 cores
+    flatminima run --method sam --param rho=0.1 --label-noise 0.4 --seed 0
+    flatminima compare --methods sgd,sam --sweep rho=0.05,0.1,0.2 --seeds 0-2 --jobs 2
+    flatminima report --db flatminima.db --out flatminima-report
+    flatminima methods                                # every method and its hyperparameters
+
+Bad input ends with one line naming the argument and what it accepts, exit status 2, before
+anything is written to the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from flatminima.experiments import demo
+from flatminima.experiments.config import (
+    BASE_OPTIMIZERS,
+    SCHEDULES,
+    ConfigError,
+    RunConfig,
+    make_run_config,
+)
+from flatminima.experiments.data import DatasetUnavailableError, check_dataset
+from flatminima.experiments.grid import Assignment, expand_grid, parse_list, parse_seeds
+from flatminima.experiments.report import write_report
+from flatminima.experiments.runner import GridSummary, run_grid
+from flatminima.experiments.store import Store
+from flatminima.registry import get_method, method_names
+
+EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1
+DEFAULT_DB = "flatminima.db"
+DEFAULT_REPORT_DIR = "flatminima-report"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data and training")
+    group.add_argument(
+        "--dataset", default="mnist1d", help="mnist1d, fashion-mnist or digits (default: mnist1d)"
+    )
+    group.add_argument(
+        "--model", default="cnn1d", help="mlp, cnn1d, cnn or resnet20 (default: cnn1d)"
+    )
+    group.add_argument(
+        "--optimizer",
+        default="sgd",
+        metavar="{" + ",".join(BASE_OPTIMIZERS) + "}",
+        help="base optimizer: SGD with momentum or AdamW (default: sgd)",
+    )
+    group.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate (default: 0.05 for sgd, 0.001 for adamw)",
+    )
+    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    group.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4)")
+    group.add_argument(
+        "--schedule",
+        default="cosine",
+        metavar="{" + ",".join(SCHEDULES) + "}",
+        help="learning-rate schedule, stepped every batch (default: cosine)",
+    )
+    group.add_argument("--epochs", type=int, default=100, help="(default: 100)")
+    group.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
+    group.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        help="fraction of training labels replaced by a wrong class, in [0, 1)",
+    )
+    group.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="training examples to keep, a seeded subset (default: all)",
+    )
+    group.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where datasets are read or cached (default: the system location "
+        "for fashion-mnist, ~/.cache/flatminima for mnist1d)",
+    )
+
+
+def _add_storage_options(parser: argparse.ArgumentParser, db_default: str = DEFAULT_DB) -> None:
+    parser.add_argument(
+        "--db",
+        type=Path,
+        default=Path(db_default),
+        help=f"SQLite database of runs (default: {db_default})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="PyTorch threads per training process (default: 1; results are "
+        "reproducible for a given thread count)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="flatminima",
+        description="Train and compare sharpness-aware optimizers on real data.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    demo_parser = commands.add_parser(
+        "demo",
+        help="the base optimizer against SAM and four variants on noisy MNIST-1D",
+        description="Base optimizer vs SAM, Fisher, Monge, Tilted and Friendly SAM on MNIST-1D "
+        "with 40%% label noise, then the report. Finished runs are kept: run it again to resume.",
+    )
+    demo_parser.add_argument(
+        "--seeds",
+        type=int,
+        default=demo.DEMO_SEEDS,
+        help=f"number of seeds (default: {demo.DEMO_SEEDS})",
+    )
+    demo_parser.add_argument(
+        "--epochs",
+        type=int,
+        default=demo.DEMO_TRAINING["epochs"],
+        help=f"(default: {demo.DEMO_TRAINING['epochs']})",
+    )
+    demo_parser.add_argument(
+        "--jobs",
+        type=int,
+        default=demo.DEMO_JOBS,
+        help=f"worker processes, one per core (default: {demo.DEMO_JOBS})",
+    )
+    demo_parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(demo.DEMO_REPORT_DIR),
+        help=f"report directory (default: {demo.DEMO_REPORT_DIR})",
+    )
+    _add_storage_options(demo_parser, db_default=demo.DEMO_DB)
+
+    run = commands.add_parser("run", help="one training run")
+    run.add_argument(
+        "--method",
+        default="sgd",
+        help="a registered method (see `flatminima "
+        "methods`); sgd is the base optimizer alone (default: sgd)",
+    )
+    run.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a hyperparameter of the method, e.g. rho=0.1 (repeatable)",
+    )
+    run.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    _add_training_options(run)
+    _add_storage_options(run)
+
+    compare = commands.add_parser(
+        "compare", help="a grid of runs: methods × seeds × swept hyperparameters (resumable)"
+    )
+    compare.add_argument(
+        "--methods",
+        "--method",
+        action="append",
+        required=True,
+        metavar="M1,M2,...",
+        help="methods to compare (repeatable)",
+    )
+    compare.add_argument(
+        "--seeds",
+        "--seed",
+        action="append",
+        default=None,
+        metavar="0,1,2",
+        help="seeds, as a list or ranges like 0-4 (default: 0,1,2)",
+    )
+    compare.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="[METHOD:]NAME=VALUE",
+        help="a fixed hyperparameter, for every method that takes it or for "
+        "METHOD only (repeatable)",
+    )
+    compare.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="[METHOD:]NAME=V1,V2,...",
+        help="a swept hyperparameter, e.g. rho=0.05,0.1,0.2 (repeatable: the "
+        "grid is their product)",
+    )
+    compare.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes running at once, one per core (default: 1)",
+    )
+    compare.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write the report to DIR when the grid is done",
+    )
+    _add_training_options(compare)
+    _add_storage_options(compare)
+
+    report = commands.add_parser("report", help="tables and plots from the database")
+    report.add_argument(
+        "--db", type=Path, default=Path(DEFAULT_DB), help=f"(default: {DEFAULT_DB})"
+    )
+    report.add_argument(
+        "--out",
+        type=Path,
+        default=Path(DEFAULT_REPORT_DIR),
+        help=f"directory for report.md and the plots (default: {DEFAULT_REPORT_DIR})",
+    )
+
+    commands.add_parser("methods", help="every registered method, its hyperparameters and cost")
+    return parser
+
+
+def _training(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "dataset": args.dataset,
+        "model": args.model,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "weight_decay": args.weight_decay,
+        "schedule": args.schedule,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "label_noise": args.label_noise,
+        "train_size": args.train_size,
+    }
+
+
+def _check_positive(value: int, option: str) -> None:
+    if value < 1:
+        raise ConfigError(f"{option} must be >= 1, got {value}")
+
+
+def _run_and_summarize(configs: list[RunConfig], args: argparse.Namespace, jobs: int) -> int:
+    """Check the data, run the grid, print what happened; the exit status."""
+    _check_positive(jobs, "--jobs")
+    _check_positive(args.threads, "--threads")
+    for dataset in {config.dataset for config in configs}:
+        check_dataset(dataset, getattr(args, "data_dir", None))
+    summary = run_grid(
+        configs,
+        args.db,
+        data_dir=getattr(args, "data_dir", None),
+        jobs=jobs,
+        threads=args.threads,
+        progress=not args.quiet,
+    )
+    _print_summary(summary, args.db)
+    return EXIT_RUN_FAILED if summary.failed else 0
+
+
+def _print_summary(summary: GridSummary, db: Path) -> None:
+    parts = [f"{summary.finished} trained", f"{summary.already_finished} already in {db}"]
+    if summary.skipped:
+        parts.append(f"{summary.skipped} being trained by another process")
+    if summary.failed:
+        parts.append(f"{len(summary.failed)} failed")
+    print(f"{summary.total} run(s): " + ", ".join(parts))
+    for failure in summary.failed:
+        print(f"  failed: {failure}", file=sys.stderr)
+
+
+def command_run(args: argparse.Namespace) -> int:
+    overrides = {}
+    for text in args.param:
+        assignment = Assignment.parse(text, "--param")
+        if assignment.method is not None or len(assignment.values) != 1:
+            raise ConfigError(f"--param of `run` takes NAME=VALUE (one value), got {text!r}")
+        overrides[assignment.name] = assignment.values[0]
+    config = make_run_config(
+        method=args.method, hyperparameters=overrides, seed=args.seed, **_training(args)
+    )
+    status = _run_and_summarize([config], args, jobs=1)
+    with Store(args.db) as store:
+        for run in store.runs(status="finished"):
+            if run.config_hash == config.config_hash:
+                final = run.final
+                print(
+                    f"{config.label}: test accuracy {100 * final['final_test_accuracy']:.2f}% "
+                    f"after {config.epochs} epochs, {final['passes']} forward/backward passes, "
+                    f"{final['train_time_s']:.1f} s (run {run.id}, weights {run.weights_path})"
+                )
+    return status
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    methods = [name for text in args.methods for name in parse_list(text, "--methods")]
+    seeds = parse_seeds(args.seeds or ["0,1,2"])
+    configs = expand_grid(
+        methods,
+        seeds,
+        [Assignment.parse(text, "--param") for text in args.param],
+        [Assignment.parse(text, "--sweep") for text in args.sweep],
+        _training(args),
+    )
+    status = _run_and_summarize(configs, args, args.jobs)
+    if args.report is not None:
+        _print_report(args.db, args.report)
+    return status
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    _check_positive(args.seeds, "--seeds")
+    configs = demo.demo_configs(seeds=args.seeds, epochs=args.epochs)
+    print(
+        f"flatminima demo: {len(configs)} runs ({len(demo.DEMO_ARMS)} methods × {args.seeds} "
+        f"seeds) on MNIST-1D with {demo.DEMO_TRAINING['label_noise']:.0%} label noise, "
+        f"{args.epochs} epochs each; database {args.db}"
+    )
+    status = _run_and_summarize(configs, args, args.jobs)
+    _print_report(args.db, args.out)
+    return status
+
+
+def _print_report(db: Path, out: Path) -> None:
+    report = write_report(db, out)
+    print()
+    print(report.text)
+    print()
+    print(f"report: {report.markdown_path}")
+    for path in report.plots:
+        print(f"plot:   {path}")
+
+
+def command_report(args: argparse.Namespace) -> int:
+    _print_report(args.db, args.out)
+    return 0
+
+
+def command_methods(args: argparse.Namespace) -> int:
+    for name in method_names():
+        spec = get_method(name)
+        settings = ", ".join(f"{key}={value}" for key, value in spec.hyperparameters.items())
+        print(f"{name:<14} {spec.passes_per_step()} passes/step  {settings or '-'}")
+        print(f"{'':<14} {spec.summary}")
+    return 0
+
+
+COMMANDS = {
+    "demo": command_demo,
+    "run": command_run,
+    "compare": command_compare,
+    "report": command_report,
+    "methods": command_methods,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="flatminima: %(levelname)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DatasetUnavailableError, FileNotFoundError) as error:
+        print(f"flatminima {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(
+            "\nflatminima: interrupted; finished runs are kept, run the same command again "
+            "to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
