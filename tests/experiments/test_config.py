@@ -40,7 +40,7 @@ def test_defaults_are_filled_in() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"method": "adam-sam"}, "unknown method 'adam-sam'; accepted: " + ", ".join(method_names())),
+        ({"method": "adamsam"}, "unknown method 'adamsam'; accepted: " + ", ".join(method_names())),
         ({"dataset": "cifar10"}, "unknown dataset 'cifar10'; accepted: mnist1d, fashion-mnist"),
         ({"model": "vgg"}, "unknown model 'vgg'; accepted: mlp, cnn1d, cnn, resnet20"),
         ({"model": "cnn"}, "model 'cnn' takes images"),

@@ -64,9 +64,7 @@ def test_mnist1d_is_generated_once_then_read_from_the_cache(
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(
-        f">{array.ndim}I", *array.shape
-    )
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as stream:
         stream.write(header + array.astype(np.uint8).tobytes())
 
@@ -133,8 +131,10 @@ def test_load_dataset_subsamples_and_corrupts_training_labels_only() -> None:
     assert int(noisy.noisy_mask.sum()) == 100
     assert torch.equal(noisy.y_test, full.y_test) and torch.equal(noisy.x_test, full.x_test)
     # The kept examples are training examples, with their clean labels remembered.
-    rows = {tuple(x.flatten().tolist()): int(y) for x, y in zip(full.x_train, full.y_train)}
-    for x, y in zip(noisy.x_train, noisy.y_train_clean):
+    rows = {
+        tuple(x.flatten().tolist()): int(y) for x, y in zip(full.x_train, full.y_train, strict=True)
+    }
+    for x, y in zip(noisy.x_train, noisy.y_train_clean, strict=True):
         assert rows[tuple(x.flatten().tolist())] == int(y)
     repeat = load_dataset("digits", seed=3, train_size=400, label_noise=0.25)
     assert torch.equal(repeat.x_train, noisy.x_train) and torch.equal(repeat.y_train, noisy.y_train)

@@ -42,7 +42,9 @@ def test_same_seed_gives_the_same_initialisation() -> None:
 def test_resnet20_has_batchnorm_and_twenty_weight_layers() -> None:
     model = build_model("resnet20", (1, 28, 28), 10)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    convs = [
+        m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+    ]
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert len(convs) + len(linears) == 20
 

@@ -93,7 +93,7 @@ def test_a_failing_run_is_recorded_the_grid_goes_on_and_it_is_retried_later(
     configs = _grid(tiny, methods=("sgd",), seeds=(0, 1))
     real_load = runner.load_dataset
 
-    def broken_for_seed_one(*args: Any, seed: int, **kwargs: Any):  # noqa: ANN202
+    def broken_for_seed_one(*args: Any, seed: int, **kwargs: Any) -> Any:
         if seed == 1:
             raise RuntimeError("disk on fire")
         return real_load(*args, seed=seed, **kwargs)
@@ -111,7 +111,7 @@ def test_a_failing_run_is_recorded_the_grid_goes_on_and_it_is_retried_later(
     retry = run_grid(configs, db_path, progress=False)
     assert (retry.already_finished, retry.finished, retry.failed) == (1, 1, [])
     with Store(db_path) as store:
-        retried = [run for run in store.runs() if run.config["seed"] == 1][0]
+        retried = next(run for run in store.runs() if run.config["seed"] == 1)
     assert retried.status == "finished" and retried.attempts == 2
 
 

@@ -1,0 +1,137 @@
+"""The `flatminima` command: one-line errors before any write, and the happy paths."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from flatminima.cli import main
+from flatminima.experiments.demo import DEMO_ARMS, demo_configs
+from flatminima.registry import method_names
+
+TINY_FLAGS = [
+    "--epochs", "2", "--train-size", "256", "--batch-size", "64", "--label-noise", "0.4",
+    "--quiet",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["run", "--method", "adamsam"], "accepted: " + ", ".join(method_names())),
+        (["run", "--dataset", "cifar10"], "accepted: mnist1d, fashion-mnist, digits"),
+        (["run", "--label-noise", "1.0"], "label noise must be a fraction in [0, 1)"),
+        (["run", "--label-noise", "-0.1"], "label noise must be a fraction in [0, 1)"),
+        (["run", "--method", "sam", "--param", "radius=1"], "accepted: rho"),
+        (["run", "--method", "sam", "--param", "rho"], "NAME=VALUE"),
+        (["run", "--model", "resnet20"], "accepted for this dataset: mlp, cnn1d"),
+        (["run", "--epochs", "two"], "invalid int value: 'two'"),
+        (["run", "--dataset", "fashion-mnist", "--model", "cnn", "--data-dir", "{empty}"],
+         "install the Debian package dataset-fashion-mnist"),
+        (["compare", "--methods", "sgd,sam", "--sweep", "eta=0.1,1"],
+         "no method in the grid takes hyperparameter 'eta'"),
+        (["compare", "--methods", "sam", "--param", "asam:eta=0.1"], "not in the grid"),
+        (["compare", "--methods", "sam", "--seeds", "a"], "--seeds takes"),
+        (["compare", "--methods", "sam", "--jobs", "0"], "--jobs must be >= 1"),
+        (["demo", "--seeds", "0"], "--seeds must be >= 1"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_with_what_is_accepted_and_writes_nothing(
+    arguments: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "empty").mkdir()
+    arguments = [str(tmp_path / "empty") if a == "{empty}" else a for a in arguments]
+    db_path = tmp_path / "runs.db"
+    try:
+        status = main([*arguments, "--db", str(db_path), "--quiet"])
+    except SystemExit as exit_:  # argparse's own type errors exit from inside main
+        status = exit_.code
+    assert status == 2
+    error = capsys.readouterr().err
+    assert expected in error
+    assert error.count("\n") == 1, error
+    assert not db_path.exists()
+
+
+def test_run_trains_once_and_reports_the_stored_result_when_asked_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db_path = tmp_path / "runs.db"
+    arguments = ["run", "--method", "sam", "--param", "rho=0.1", "--seed", "3", *TINY_FLAGS]
+    assert main([*arguments, "--db", str(db_path)]) == 0
+    first = capsys.readouterr().out
+    assert "1 trained" in first and "sam rho=0.1 seed=3: test accuracy" in first
+    assert main([*arguments, "--db", str(db_path)]) == 0
+    second = capsys.readouterr().out
+    assert "0 trained, 1 already in" in second
+    assert first.splitlines()[-1] == second.splitlines()[-1]
+    rows = sqlite3.connect(db_path).execute("SELECT method, seed, status FROM runs").fetchall()
+    assert rows == [("sam", 3, "finished")]
+
+
+def test_compare_runs_a_sweep_and_writes_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db_path, out = tmp_path / "runs.db", tmp_path / "report"
+    status = main(
+        [
+            "compare", "--methods", "sgd,sam", "--sweep", "rho=0.05,0.2", "--seeds", "0-1",
+            *TINY_FLAGS, "--db", str(db_path), "--report", str(out),
+        ]
+    )  # fmt: skip
+    assert status == 0
+    output = capsys.readouterr().out
+    # sgd takes no rho: it runs once per seed, not once per swept value.
+    assert "6 run(s): 6 trained" in output
+    assert (out / "report.md").exists()
+    assert "accuracy_vs_rho.png" in output
+    counts = sqlite3.connect(db_path).execute(
+        "SELECT method, COUNT(*) FROM runs GROUP BY method ORDER BY method"
+    )
+    assert counts.fetchall() == [("sam", 4), ("sgd", 2)]
+
+
+def test_report_command_prints_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db_path = tmp_path / "runs.db"
+    main(["run", "--method", "sgd", *TINY_FLAGS, "--db", str(db_path)])
+    capsys.readouterr()
+    assert main(["report", "--db", str(db_path), "--out", str(tmp_path / "out")]) == 0
+    output = capsys.readouterr().out
+    assert "mnist1d · cnn1d · 40% label noise · 256 training examples · 2 epochs" in output
+    assert "test acc. %" in output and "plot:" in output
+
+
+def test_methods_command_lists_every_registered_method(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["methods"]) == 0
+    output = capsys.readouterr().out
+    for name in method_names():
+        assert f"\n{name} " in f"\n{output}"
+
+
+def test_demo_grid_is_valid_and_covers_the_base_optimizer_sam_and_the_four_variants() -> None:
+    configs = demo_configs()
+    methods = {config.method for config in configs}
+    expected = {"sgd", "sam", "fisher-sam", "monge-sam", "tilted-sam", "friendly-sam"}
+    assert methods == expected
+    assert len({config.config_hash for config in configs}) == len(DEMO_ARMS) * 3
+    assert {config.epochs for config in configs} == {100}
+    assert {config.label_noise for config in configs} == {0.4}
+
+
+def test_demo_runs_end_to_end_on_a_shortened_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db_path = tmp_path / "demo.db"
+    arguments = ["demo", "--epochs", "1", "--seeds", "1", "--jobs", "1", "--quiet"]
+    assert main([*arguments, "--db", str(db_path), "--out", str(tmp_path / "out")]) == 0
+    output = capsys.readouterr().out
+    assert f"{len(DEMO_ARMS)} run(s): {len(DEMO_ARMS)} trained" in output
+    for method, _ in DEMO_ARMS:
+        assert f"\n{method}" in output
+    assert "final_accuracy.png" in output
