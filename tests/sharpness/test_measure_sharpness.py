@@ -75,7 +75,9 @@ def test_top_k_adds_numbered_eigenvalues_in_descending_order() -> None:
     ]
     assert values == pytest.approx([5.0, 3.0, 2.0], rel=1e-10)
     assert result["hessian_trace"] == pytest.approx(11.5, rel=1e-14)
-    assert result["worst_case_sharpness"] == pytest.approx(0.5 * 0.05**2 * 5.0, rel=1e-2)
+    # A lower bound of the true maximum ½ρ²λ_max, close to it after the default 5 steps.
+    bound = 0.5 * 0.05**2 * 5.0
+    assert 0.95 * bound < result["worst_case_sharpness"] <= bound * (1 + 1e-12)
     assert result["loss"] == 0.0
 
 

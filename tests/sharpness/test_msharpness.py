@@ -81,6 +81,31 @@ def test_worst_case_is_a_lower_bound_that_grows_with_steps() -> None:
     assert values[-1] >= 0.9 * bound  # the default step size gets close in a few steps
 
 
+@pytest.mark.parametrize("relative_step", [0.01, 1.0, 10.0])
+def test_two_ascent_points_follow_the_definition(relative_step: float) -> None:
+    # Away from the minimum the start is the gradient direction, so both points are known:
+    # δ₀ = ρ ĝ(w), δ₁ = Π_ρ(δ₀ + s ĝ(w + δ₀)); the result is the better of the two.
+    matrix = symmetric_with_spectrum(SPECTRUM, seed=8)
+    start = torch.tensor([0.2, -0.1, 0.05, 0.3, -0.2, 0.1], dtype=torch.float64)
+    model = Quadratic(matrix, start=start)
+
+    def loss(w: torch.Tensor) -> float:
+        return float(0.5 * w @ matrix @ w)
+
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return v / v.norm()
+
+    delta0 = RHO * unit(matrix @ start)
+    delta1 = delta0 + relative_step * RHO * unit(matrix @ (start + delta0))
+    delta1 = delta1 * min(1.0, RHO / float(delta1.norm()))
+    expected = max(loss(start + delta0), loss(start + delta1)) - loss(start)
+    value = worst_case_sharpness(
+        model, quadratic_loss, QUADRATIC_BATCHES, rho=RHO, steps=1, step_size=relative_step * RHO
+    )
+    assert value == pytest.approx(expected, rel=1e-12)
+    assert value > loss(start + delta0) - loss(start)  # the step did climb
+
+
 @pytest.mark.parametrize("eta", [0.0, 0.1])
 def test_adaptive_worst_case_closed_form(eta: float) -> None:
     center = torch.tensor([1.0, -0.5, 2.0, 0.25, -1.5, 0.75], dtype=torch.float64)
