@@ -8,7 +8,8 @@ Every measurement takes the same three things:
 * ``batches``: an iterable of batches (a list, a ``DataLoader``...). The loss measured is the
   unweighted mean (1/B) Σ_b loss_fn(model, batch_b). A list is iterated as many times as a
   method needs; any other iterable is read into a list once, so a shuffling loader cannot
-  change the loss between two iterations.
+  change the loss between two iterations. A single batch is passed as ``[batch]`` (a tuple
+  ``(x, y)`` would be read as two batches).
 
 and follows the same rules:
 

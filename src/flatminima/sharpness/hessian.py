@@ -289,27 +289,24 @@ def _lanczos_top(
 ) -> tuple[Tensor, Tensor, Tensor, bool]:
     """The k algebraically largest Ritz pairs: values (descending), vectors (k, dim), residuals."""
 
-    def top(run: _LanczosRun) -> tuple[Tensor, Tensor, Tensor]:
-        values, vectors, residuals = run.ritz()
-        order = torch.argsort(values, descending=True)[:k]
-        return values[order], vectors[:, order], residuals[order]
-
     def converged(run: _LanczosRun) -> bool:
         if tol == 0.0 or len(run.alphas) < k:
             return False
-        values, _, residuals = top(run)
-        spectral_scale = float(values.abs().max())
-        return bool((residuals <= tol * spectral_scale).all())
+        values, _, residuals = run.ritz()
+        # Relative to the largest |Ritz value| seen (an estimate of ‖H‖), not to the top-k
+        # values themselves, which may be close to zero.
+        top = torch.argsort(values, descending=True)[:k]
+        return bool((residuals[top] <= tol * float(values.abs().max())).all())
 
+    # With restarts the run only ends early through `converged`, which needs k Ritz pairs,
+    # so it always holds at least k (the caller checked k ≤ min(max_iter, dim)).
     run = _lanczos(
         matvec, _random_unit(dim, generator, device), max_iter, restart=generator, done=converged
     )
-    if len(run.alphas) < k:
-        raise ValueError(
-            f"max_iter must be at least k to find k eigenvalues, got max_iter={max_iter}, k={k}"
-        )
-    values, small_vectors, residuals = top(run)
-    vectors = (run.basis.T @ small_vectors.to(run.basis.device)).T
+    values, small_vectors, residuals = run.ritz()
+    top = torch.argsort(values, descending=True)[:k]
+    vectors = (run.basis.T @ small_vectors[:, top].to(run.basis.device)).T
+    values, residuals = values[top], residuals[top]
     full_space = len(run.alphas) == dim
     return values, vectors, residuals, full_space or converged(run)
 
@@ -400,10 +397,11 @@ def hessian_eigenpairs(
     ``method="lanczos"`` (default) returns the k *algebraically* largest eigenvalues: Lanczos
     (float64, full reorthogonalisation, random start drawn from ``seed``) builds T = QᵀHQ on
     a Krylov basis Q and returns T's top eigenpairs (Ritz pairs). It stops when every one of
-    the k pairs has ‖Hv − θv‖ ≤ tol·max|θ|, after ``max_iter`` products, or when Q spans the
-    whole space (then the result is exact). On an invariant subspace it restarts from a new
-    random vector, so repeated eigenvalues come out with their multiplicity when it runs to
-    the end (``tol=0``). It keeps up to ``max_iter`` float64 vectors of the parameters' size.
+    the k pairs has ‖Hv − θv‖ ≤ tol·max|θ| (max over all Ritz values θ, an estimate of ‖H‖),
+    after ``max_iter`` products, or when Q spans the whole space (then the result is exact).
+    On an invariant subspace it restarts from a new random vector, so repeated eigenvalues
+    come out with their multiplicity when it runs to the end (``tol=0``). It keeps up to
+    ``max_iter`` float64 vectors of the parameters' size.
 
     ``method="power"`` (PyHessian's approach) returns the k eigenvalues of largest
     *magnitude*, sorted descending: at a saddle a large negative eigenvalue can come before
@@ -448,6 +446,11 @@ def hessian_eigenpairs(
     if k > operator.dim:
         raise ValueError(
             f"k must be in [1, {operator.dim}] (the number of trainable scalars), got {k}"
+        )
+    if method == "lanczos" and max_iter < k:
+        raise ValueError(
+            f"max_iter must be at least k for Lanczos to find k eigenvalues, "
+            f"got max_iter={max_iter}, k={k}"
         )
     generator = make_generator(seed)
     solver = _lanczos_top if method == "lanczos" else _power_top
