@@ -326,8 +326,8 @@ def surface_2d(
 
     By default d₁ and d₂ are two independent random filter-normalised directions (Li et al.,
     2018), nearly orthogonal in high dimension; d₁ is ``filter_normalized_direction(model,
-    seed=seed)``, so the β = 0 row equals :func:`landscape_1d` with the same seed. The grid costs len(alphas)·len(betas) passes
-    over the batches.
+    seed=seed)``, so the β = 0 row equals :func:`landscape_1d` with the same seed. The grid
+    costs len(alphas)·len(betas) passes over the batches.
 
     Args:
         model: the network; its trainable parameters are w.
