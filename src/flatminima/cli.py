@@ -29,7 +29,6 @@ from flatminima.experiments.config import (
 )
 from flatminima.experiments.data import DatasetUnavailableError, check_dataset
 from flatminima.experiments.grid import Assignment, expand_grid, parse_list, parse_seeds
-from flatminima.experiments.report import write_report
 from flatminima.experiments.runner import GridSummary, run_grid
 from flatminima.experiments.store import Store
 from flatminima.registry import get_method, method_names
@@ -341,6 +340,9 @@ def command_demo(args: argparse.Namespace) -> int:
 
 
 def _print_report(db: Path, out: Path) -> None:
+    # Imported here: matplotlib and SciPy cost a second that `run` and `compare` do not need.
+    from flatminima.experiments.report import write_report
+
     report = write_report(db, out)
     print()
     print(report.text)

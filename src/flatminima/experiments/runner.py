@@ -17,6 +17,7 @@ import math
 import multiprocessing
 import platform
 import queue
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -47,7 +48,9 @@ class EpochMetrics:
 
     epoch: int
     train_loss: float
-    """Mean loss over the epoch's steps at the unperturbed weights, on the (noisy) labels."""
+    """Mean over the epoch's steps of the loss ``step`` returned, on the (noisy) training labels:
+    the loss at the unperturbed weights for most methods, the method's own objective for
+    methods that never evaluate there (see each method's ``step``)."""
     test_loss: float
     test_accuracy: float
     learning_rate: float
@@ -364,9 +367,15 @@ def _worker(
     events: multiprocessing.Queue,  # type: ignore[type-arg]
 ) -> None:
     """A worker process: trains the configurations it takes from ``tasks`` until ``None``."""
+    # Ctrl-C reaches the whole process group: the parent handles it and stops the workers,
+    # which would otherwise each print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
+    parent = multiprocessing.parent_process()
     with Store(db_path) as store:
         while (config := tasks.get()) is not None:
+            if parent is not None and not parent.is_alive():
+                break  # the grid was killed: leave the rest to the next `compare`
             events.put(("start", slot, config.label, config.epochs))
             try:
                 outcome = execute_run(
