@@ -17,8 +17,7 @@ import torch
 from flatminima.experiments import runner
 from flatminima.experiments.config import make_run_config
 from flatminima.experiments.data import load_dataset
-from flatminima.experiments.models import build_model
-from flatminima.experiments.runner import evaluate, run_grid, train
+from flatminima.experiments.runner import evaluate, load_trained_model, run_grid, train
 from flatminima.experiments.store import Store
 from flatminima.registry import get_method
 
@@ -54,9 +53,9 @@ def test_a_grid_records_every_run_its_epochs_costs_and_weights(
             assert 0 < epochs[0]["train_time_s"] <= epochs[-1]["train_time_s"]
 
             # The saved weights are the final model: they reproduce its test accuracy.
+            model, stored_config = load_trained_model(db_path, config.config_hash)
+            assert stored_config == config
             data = load_dataset(config.dataset, seed=config.seed, train_size=config.train_size)
-            model = build_model(config.model, data.input_shape, data.num_classes)
-            model.load_state_dict(torch.load(db_path.parent / run.weights_path))
             _, accuracy = evaluate(model, data.x_test, data.y_test)
             assert accuracy == run.final["final_test_accuracy"]
 

@@ -96,7 +96,6 @@ class RawSplit:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    num_classes: int
 
 
 def default_cache_dir() -> Path:
@@ -131,7 +130,6 @@ def _load_mnist1d(data_dir: Path | None) -> RawSplit:
             y_train=arrays["y_train"],
             x_test=arrays["x_test"][:, None, :],
             y_test=arrays["y_test"],
-            num_classes=10,
         )
 
 
@@ -172,7 +170,6 @@ def _load_fashion_mnist(data_dir: Path | None) -> RawSplit:
         y_train=arrays["y_train"].astype(np.int64),
         x_test=images(arrays["x_test"]),
         y_test=arrays["y_test"].astype(np.int64),
-        num_classes=10,
     )
 
 
@@ -190,7 +187,6 @@ def _load_digits(data_dir: Path | None) -> RawSplit:
         y_train=labels[train],
         x_test=images[test],
         y_test=labels[test],
-        num_classes=10,
     )
 
 
@@ -202,6 +198,7 @@ class DatasetSource:
     input_shape: tuple[int, ...]
     num_train: int
     """Size of the full training set (the default and the upper bound of ``train_size``)."""
+    num_classes: int = 10
 
 
 DATASETS: dict[str, DatasetSource] = {
@@ -251,7 +248,8 @@ def load_dataset(
     """Load ``name``, keep ``train_size`` training examples and corrupt ``label_noise`` of their
     labels, both drawn from ``seed`` (the same seed gives the same subset and the same noise)."""
     check_dataset(name, data_dir)
-    raw = DATASETS[name].load(data_dir)
+    source = DATASETS[name]
+    raw = source.load(data_dir)
     n_available = len(raw.y_train)
     if train_size is not None and not 0 < train_size <= n_available:
         raise ValueError(
@@ -261,13 +259,13 @@ def load_dataset(
     keep = np.sort(rng.permutation(n_available)[:train_size]) if train_size else None
     x_train = raw.x_train if keep is None else raw.x_train[keep]
     y_clean = raw.y_train if keep is None else raw.y_train[keep]
-    y_train = symmetric_label_noise(y_clean, label_noise, raw.num_classes, rng)
+    y_train = symmetric_label_noise(y_clean, label_noise, source.num_classes, rng)
     return Dataset(
         name=name,
         x_train=torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32)),
         y_train=torch.from_numpy(y_train),
         x_test=torch.from_numpy(np.ascontiguousarray(raw.x_test, dtype=np.float32)),
         y_test=torch.from_numpy(np.ascontiguousarray(raw.y_test)),
-        num_classes=raw.num_classes,
+        num_classes=source.num_classes,
         y_train_clean=torch.from_numpy(np.ascontiguousarray(y_clean)),
     )

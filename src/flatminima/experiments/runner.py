@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flatminima.experiments.config import RunConfig
-from flatminima.experiments.data import Dataset, load_dataset
+from flatminima.experiments.data import DATASETS, Dataset, load_dataset
 from flatminima.experiments.models import build_model
 from flatminima.experiments.store import Store
 from flatminima.registry import get_method
@@ -172,6 +172,21 @@ def train(
     }
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     return TrainingOutcome(history, final, state)
+
+
+def load_trained_model(db_path: str | Path, config_hash: str) -> tuple[nn.Module, RunConfig]:
+    """The final model of a finished run (in eval mode) and its configuration, e.g. to measure
+    its sharpness with :mod:`flatminima.sharpness`."""
+    with Store(db_path) as store:
+        run = next((r for r in store.runs("finished") if r.config_hash == config_hash), None)
+    if run is None or run.weights_path is None:
+        raise ValueError(f"no finished run with configuration hash {config_hash} in {db_path}")
+    config = RunConfig(**run.config)
+    source = DATASETS[config.dataset]
+    model = build_model(config.model, source.input_shape, source.num_classes)
+    weights = torch.load(Path(db_path).parent / run.weights_path, weights_only=True)
+    model.load_state_dict(weights)
+    return model.eval(), config
 
 
 def environment() -> dict[str, Any]:
