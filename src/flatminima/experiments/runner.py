@@ -345,17 +345,10 @@ def run_grid(
             with _torch_threads(threads), Store(db_path) as store:
                 for config in pending:
                     bars.start(0, config.label, config.epochs)
-                    try:
-                        outcome = execute_run(
-                            config,
-                            store,
-                            data_dir,
-                            on_epoch=lambda m: bars.epoch(0, m.test_accuracy),
-                        )
-                    except Exception as error:
-                        outcome = f"failed: {type(error).__name__}: {error}"
-                        logger.exception("run %s failed", config.label)
-                    _count(summary, config.label, outcome)
+                    outcome = _attempt(
+                        config, store, data_dir, lambda m: bars.epoch(0, m.test_accuracy)
+                    )
+                    _count(summary, config.label, *outcome)
                     bars.end(0)
         else:
             _run_in_workers(pending, Path(db_path), data_dir, workers, threads, bars, summary)
@@ -364,13 +357,28 @@ def run_grid(
     return summary
 
 
-def _count(summary: GridSummary, label: str, outcome: str) -> None:
-    if outcome == "finished":
+def _attempt(
+    config: RunConfig,
+    store: Store,
+    data_dir: Path | None,
+    on_epoch: Callable[[EpochMetrics], None],
+) -> tuple[str, str | None]:
+    """Run one configuration of a grid: ``(status, error)``, where a failure does not stop the
+    grid (it is in the database, and the next ``compare`` retries it)."""
+    try:
+        return execute_run(config, store, data_dir, on_epoch), None
+    except Exception as error:
+        logger.exception("run %s failed", config.label)
+        return "failed", f"{type(error).__name__}: {error}"
+
+
+def _count(summary: GridSummary, label: str, status: str, error: str | None) -> None:
+    if status == "finished":
         summary.finished += 1
-    elif outcome == "skipped":
+    elif status == "skipped":
         summary.skipped += 1
     else:
-        summary.failed.append(f"{label}: {outcome.removeprefix('failed: ')}")
+        summary.failed.append(f"{label}: {error}")
 
 
 def _worker(
@@ -392,16 +400,10 @@ def _worker(
             if parent is not None and not parent.is_alive():
                 break  # the grid was killed: leave the rest to the next `compare`
             events.put(("start", slot, config.label, config.epochs))
-            try:
-                outcome = execute_run(
-                    config,
-                    store,
-                    data_dir,
-                    on_epoch=lambda m: events.put(("epoch", slot, m.test_accuracy)),
-                )
-            except Exception as error:
-                outcome = f"failed: {type(error).__name__}: {error}"
-            events.put(("end", slot, config.label, outcome))
+            outcome = _attempt(
+                config, store, data_dir, lambda m: events.put(("epoch", slot, m.test_accuracy))
+            )
+            events.put(("end", slot, config.label, *outcome))
 
 
 def _run_in_workers(
@@ -448,8 +450,7 @@ def _run_in_workers(
             elif kind == "epoch":
                 bars.epoch(slot, *payload)
             else:
-                label, outcome = payload
-                _count(summary, label, outcome)
+                _count(summary, *payload)
                 bars.end(slot)
                 remaining -= 1
         for process in processes:
