@@ -88,13 +88,6 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="training examples to keep, a seeded subset (default: all)",
     )
-    group.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="where datasets are read or cached (default: the system location "
-        "for fashion-mnist, ~/.cache/flatminima for mnist1d)",
-    )
 
 
 def _add_storage_options(parser: argparse.ArgumentParser, db_default: str = DEFAULT_DB) -> None:
@@ -112,6 +105,13 @@ def _add_storage_options(parser: argparse.ArgumentParser, db_default: str = DEFA
         "reproducible for a given thread count)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where datasets are read or cached (default: the system location "
+        "for fashion-mnist, ~/.cache/flatminima for mnist1d)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,11 +263,11 @@ def _run_and_summarize(configs: list[RunConfig], args: argparse.Namespace, jobs:
     _check_positive(jobs, "--jobs")
     _check_positive(args.threads, "--threads")
     for dataset in {config.dataset for config in configs}:
-        check_dataset(dataset, getattr(args, "data_dir", None))
+        check_dataset(dataset, args.data_dir)
     summary = run_grid(
         configs,
         args.db,
-        data_dir=getattr(args, "data_dir", None),
+        data_dir=args.data_dir,
         jobs=jobs,
         threads=args.threads,
         progress=not args.quiet,
@@ -299,14 +299,14 @@ def command_run(args: argparse.Namespace) -> int:
     )
     status = _run_and_summarize([config], args, jobs=1)
     with Store(args.db) as store:
-        for run in store.runs(status="finished"):
-            if run.config_hash == config.config_hash:
-                final = run.final
-                print(
-                    f"{config.label}: test accuracy {100 * final['final_test_accuracy']:.2f}% "
-                    f"after {config.epochs} epochs, {final['passes']} forward/backward passes, "
-                    f"{final['train_time_s']:.1f} s (run {run.id}, weights {run.weights_path})"
-                )
+        run = store.find(config.config_hash)
+    if run is not None and run.status == "finished":
+        final = run.final
+        print(
+            f"{config.label}: test accuracy {100 * final['final_test_accuracy']:.2f}% "
+            f"after {config.epochs} epochs, {final['passes']} forward/backward passes, "
+            f"{final['train_time_s']:.1f} s (run {run.id}, weights {run.weights_path})"
+        )
     return status
 
 

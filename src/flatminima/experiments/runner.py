@@ -178,8 +178,8 @@ def load_trained_model(db_path: str | Path, config_hash: str) -> tuple[nn.Module
     """The final model of a finished run (in eval mode) and its configuration, e.g. to measure
     its sharpness with :mod:`flatminima.sharpness`."""
     with Store(db_path) as store:
-        run = next((r for r in store.runs("finished") if r.config_hash == config_hash), None)
-    if run is None or run.weights_path is None:
+        run = store.find(config_hash)
+    if run is None or run.status != "finished" or run.weights_path is None:
         raise ValueError(f"no finished run with configuration hash {config_hash} in {db_path}")
     config = RunConfig(**run.config)
     source = DATASETS[config.dataset]
@@ -336,7 +336,7 @@ def run_grid(
     """
     todo = unique_configs(configs)
     with Store(db_path) as store:
-        pending = [config for config in todo if store.status(config.config_hash) != "finished"]
+        pending = [config for config in todo if not _finished(store, config.config_hash)]
     summary = GridSummary(total=len(todo), already_finished=len(todo) - len(pending))
     workers = max(1, min(jobs, len(pending)))
     bars = _ProgressBars(summary.total, summary.already_finished, workers, progress)
@@ -370,6 +370,11 @@ def _attempt(
     except Exception as error:
         logger.exception("run %s failed", config.label)
         return "failed", f"{type(error).__name__}: {error}"
+
+
+def _finished(store: Store, config_hash: str) -> bool:
+    run = store.find(config_hash)
+    return run is not None and run.status == "finished"
 
 
 def _count(summary: GridSummary, label: str, status: str, error: str | None) -> None:

@@ -292,11 +292,12 @@ class Store:
 
     # --- reading -------------------------------------------------------------------------------
 
-    def status(self, config_hash: str) -> str | None:
+    def find(self, config_hash: str) -> RunRecord | None:
+        """The run of this configuration, whatever its status, or ``None``."""
         row = self._connection.execute(
-            "SELECT status FROM runs WHERE config_hash = ?", (config_hash,)
+            "SELECT * FROM runs WHERE config_hash = ?", (config_hash,)
         ).fetchone()
-        return None if row is None else str(row["status"])
+        return None if row is None else _record(row)
 
     def runs(self, status: str | None = None) -> list[RunRecord]:
         """Every run, oldest first; only those with ``status`` when given."""
@@ -306,23 +307,7 @@ class Store:
             query += " WHERE status = ?"
             parameters = (status,)
         rows = self._connection.execute(query + " ORDER BY id", parameters).fetchall()
-        return [
-            RunRecord(
-                id=row["id"],
-                config_hash=row["config_hash"],
-                config=json.loads(row["config"]),
-                status=row["status"],
-                attempts=row["attempts"],
-                environment=json.loads(row["environment"] or "{}"),
-                created_at=row["created_at"],
-                started_at=row["started_at"],
-                finished_at=row["finished_at"],
-                error=row["error"],
-                final={column: row[column] for column in FINAL_COLUMNS},
-                weights_path=row["weights_path"],
-            )
-            for row in rows
-        ]
+        return [_record(row) for row in rows]
 
     def epochs(self, run_id: int) -> list[dict[str, Any]]:
         """The run's epoch rows in order, as dictionaries keyed by ``EPOCH_COLUMNS``."""
@@ -331,3 +316,20 @@ class Store:
             (run_id,),
         ).fetchall()
         return [dict(row) for row in rows]
+
+
+def _record(row: sqlite3.Row) -> RunRecord:
+    return RunRecord(
+        id=row["id"],
+        config_hash=row["config_hash"],
+        config=json.loads(row["config"]),
+        status=row["status"],
+        attempts=row["attempts"],
+        environment=json.loads(row["environment"] or "{}"),
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        error=row["error"],
+        final={column: row[column] for column in FINAL_COLUMNS},
+        weights_path=row["weights_path"],
+    )
