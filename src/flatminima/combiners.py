@@ -1,7 +1,7 @@
 """Combinations: how the gradients evaluated at the perturbed points become the descent gradient.
 
 The engine hands each perturbed pass to ``add``; after the last one, ``finish`` leaves the
-descent gradient in ``p.grad`` of every parameter.
+descent gradient in ``p.grad`` of every parameter. A combiner lives for one step.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ class Combiner(Protocol):
     needs_loss: bool
     """True when ``add`` needs each pass's loss value."""
 
-    def start(self) -> None: ...
-
     def add(self, params: list[Tensor], loss: float | None, *, foreach: bool) -> None: ...
 
     def finish(self, params: list[Tensor], *, foreach: bool) -> None: ...
@@ -39,9 +37,6 @@ class PerturbedGradient:
 
     synchronised_by_last_pass = True
     needs_loss = False
-
-    def start(self) -> None:
-        """Nothing to set up: the perturbed gradient already sits in ``p.grad``."""
 
     def add(self, params: list[Tensor], loss: float | None, *, foreach: bool) -> None:
         """Leaves the gradient in place."""
@@ -67,10 +62,8 @@ class TiltedAverage:
     needs_loss = True
 
     def __init__(self, tilt: float) -> None:
+        """A fresh accumulator (the engine builds one per step)."""
         self.tilt = tilt
-        self.start()
-
-    def start(self) -> None:
         self._sum: list[Tensor | None] = []
         self._max_exponent = -math.inf
         self._weight_total = 0.0

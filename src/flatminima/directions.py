@@ -6,13 +6,14 @@ place, with the direction d that the neighbourhood then turns into ε.
 
 from __future__ import annotations
 
+import math
 from collections.abc import MutableMapping
 from typing import Any, Protocol
 
 from torch import Tensor
 
 from flatminima import kernels
-from flatminima.groups import GroupView
+from flatminima.groups import GroupView, all_grads
 
 State = MutableMapping[Tensor, dict[str, Any]]
 
@@ -41,9 +42,16 @@ class FriendlyDirection:
     step's update (nblt/F-SAM ``FriendlySAM.first_step``; PITFALLS P10). A parameter without an
     EMA yet (the first step, or a newly added group) starts it at m = g and perturbs along g,
     so the first step is exactly SAM. σ and λ are read per group (``sigma``, ``lmbda``).
+
+    A non-finite gradient (an overflowing AMP step) leaves the EMA untouched, so one bad batch
+    cannot disable the method for the rest of training; the neighbourhood then gives ε = 0.
+    Like the authors' code, the EMA takes g_t when the perturbation is built: a step aborted
+    after that point has still updated it.
     """
 
     def direction_(self, views: list[GroupView], state: State, *, foreach: bool) -> None:
+        if not math.isfinite(kernels.global_norm(all_grads(views), foreach=foreach)):
+            return
         for view in views:
             sigma = float(view.hyperparameters["sigma"])
             lmbda = float(view.hyperparameters["lmbda"])

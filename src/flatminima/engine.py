@@ -1,10 +1,12 @@
 """The engine every sharpness-aware method runs on.
 
-A method is three small parts (see DESIGN.md §2) plus the base optimizer:
+A method is a few small parts (see DESIGN.md §2) plus the base optimizer:
 
 * an ascent direction (``directions.py``): which vector to climb along;
 * a neighbourhood (``neighborhoods.py``): which ε of size ρ in its metric to step to;
 * a combination (``combiners.py``): how the perturbed gradients become the update;
+* optionally a start (``starts.py``): where each perturbation begins (Tilted SAM's random
+  starts; the weights themselves otherwise);
 * the base optimizer instance (SGD, AdamW, ...), which takes the descent step at w.
 
 The engine owns everything else: the passes, zeroing gradients, the weights' backup and its
@@ -14,12 +16,17 @@ form (:meth:`~SharpnessAwareOptimizer.step`), the two-pass manual form
 (:meth:`~SharpnessAwareOptimizer.first_step` / :meth:`~SharpnessAwareOptimizer.second_step`)
 and the general manual form (:meth:`~SharpnessAwareOptimizer.evaluations`) all drive it, so
 they cannot disagree.
+
+Memory: the weights' backup is one parameter copy. Before it holds the weights, the same
+buffer is lent to the direction and the neighbourhood as scratch space (``GroupView.scratch``),
+which is how ASAM and Fisher SAM build their metric without a second copy.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Generator, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +43,11 @@ START = "start"
 """An evaluation at the point a perturbation starts from (the weights themselves for SAM)."""
 PERTURBED = "perturbed"
 """An evaluation at a perturbed point w + ε."""
+
+DEFAULTED_KEY = "flatminima_defaulted"
+"""Param-group entry listing the method hyperparameters a wrapper filled in from its own
+arguments (as opposed to values the user set per group). A later wrapper around the same base
+optimizer overwrites these, and keeps the user's."""
 
 
 class Evaluation:
@@ -58,24 +70,31 @@ class Evaluation:
         return f"Evaluation(index={self.index}, point={self.point!r})"
 
 
+class StartPoint:
+    """Protocol of a start: ``move_(params, backup)`` sets params ← backup + ζ."""
+
+    def move_(self, params: list[Tensor], backup: list[Tensor]) -> None:
+        raise NotImplementedError
+
+
 @dataclass
 class StepPlan:
     """How one step is organised: perturbations, their combination, their start points."""
 
     samples: int = 1
-    combiner: Combiner | None = None
-    start: Callable[[list[Tensor], list[Tensor]], None] | None = None
-    """``start(params, backup)`` sets params ← backup + ζ; ``None`` starts at the weights."""
+    combiner: Combiner = field(default_factory=PerturbedGradient)
+    start: StartPoint | None = None
+    """``None`` starts every perturbation at the weights themselves."""
 
 
+@dataclass
 class StepOutcome:
-    """What a finished step reports back: its loss."""
+    """What a finished step reports back."""
 
-    def __init__(self) -> None:
-        self.loss: Any = None
+    loss: Any = None
 
 
-class Evaluations(StepOutcome):
+class Evaluations:
     """The passes of one step, for loops that cannot hand over a closure.
 
     Iterate it; for each :class:`Evaluation` run one forward and backward pass (the engine has
@@ -91,8 +110,15 @@ class Evaluations(StepOutcome):
     """
 
     def __init__(self, optimizer: SharpnessAwareOptimizer) -> None:
-        super().__init__()
-        self._generator = optimizer._passes(self, zero_first=True)
+        # The generator holds the outcome, not this object: no reference cycle, so dropping an
+        # unfinished iteration (a `break`) closes the generator, and restores the weights, at
+        # once rather than at some later garbage collection.
+        self._outcome = StepOutcome()
+        self._generator = optimizer._start_step(self._outcome, zero_first=True)
+
+    @property
+    def loss(self) -> Any:
+        return self._outcome.loss
 
     def __iter__(self) -> Iterator[Evaluation]:
         return self._generator
@@ -108,10 +134,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     """A base optimizer wrapped with a sharpness-aware perturbation.
 
     Subclasses (one per method, in ``flatminima.methods``) choose the parts and validate their
-    hyperparameters; nothing else. The wrapper shares the base optimizer's ``param_groups``
-    (same list, same dicts), so LR schedulers, ``add_param_group`` and per-group
-    hyperparameters work on either object, and every method hyperparameter can be set per
-    group (``{"params": ..., "rho": 0.1}``).
+    hyperparameters; nothing else. ``param_groups`` *is* the base optimizer's list (same list,
+    same dicts), so LR schedulers, ``add_param_group`` and per-group hyperparameters work on
+    either object, and every method hyperparameter can be set per group
+    (``{"params": ..., "rho": 0.1}``).
 
     Conventions (and where they differ from the authors' codes):
 
@@ -120,8 +146,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
       PITFALLS P5).
     * Dropout draws fresh masks on each pass, the PyTorch convention (the JAX SAM reuses the
       first pass's key, P15). Seed the pass yourself if you need the same mask.
-    * Parameters without a gradient on the start pass are not perturbed; every perturbed
-      parameter is restored by copy, whether or not it has a gradient later (P2, P3).
+    * Every parameter the step moves is restored by copy, whether or not it has a gradient on
+      a later pass (P2, P3). Methods that start at the weights (all but Tilted SAM) move only
+      the parameters with a gradient on the start pass; Tilted SAM's random start moves every
+      parameter with ``requires_grad``.
+    * Sparse gradients are refused with a clear error; FSDP / ZeRO sharded gradients are not
+      supported (the norm would be per shard, P4).
     """
 
     hyperparameter_defaults: ClassVar[dict[str, Any]] = {}
@@ -154,22 +184,28 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         self._check_hyperparameters(hyperparameters)
         for group in base_optimizer.param_groups:
-            self._check_hyperparameters({**hyperparameters, **_known(group, hyperparameters)})
+            self._check_hyperparameters({**hyperparameters, **_user_set(group, hyperparameters)})
         self.base_optimizer = base_optimizer
         self.model = model
         self.foreach = True if foreach is None else bool(foreach)
         self.direction = direction
         self.neighborhood = neighborhood
         self._pending: Generator[Evaluation, None, None] | None = None
+        self._open_step: weakref.ref[Generator[Evaluation, None, None]] | None = None
+        # torch.optim.Optimizer.__init__ calls add_param_group for each group: ours fills in
+        # the method's hyperparameters and leaves the groups where they are, in the base.
         super().__init__(base_optimizer.param_groups, dict(hyperparameters))
-        # Share the base optimizer's list itself: a group added to either is seen by both.
-        self.param_groups = base_optimizer.param_groups
+        self._check_groups_agree(self.param_groups)
 
     # -- what a method defines -------------------------------------------------------------
 
     @classmethod
     def _check_hyperparameters(cls, values: Mapping[str, Any]) -> None:
         """Raises ``ValueError`` naming the argument and its accepted range."""
+
+    def _check_groups_agree(self, groups: list[dict[str, Any]]) -> None:
+        """Raises ``ValueError`` if hyperparameters that shape the whole step differ between
+        ``groups`` (none do for two-pass methods)."""
 
     @classmethod
     def passes_per_step(cls, hyperparameters: Mapping[str, Any] | None = None) -> int:
@@ -178,18 +214,53 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def _step_plan(self) -> StepPlan:
         """The organisation of this step; multi-sample methods override it."""
-        return StepPlan(samples=1, combiner=PerturbedGradient(), start=None)
+        return StepPlan()
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Method state that is not per parameter (saved by ``state_dict``)."""
+        return {}
+
+    def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
+        """Restores what :meth:`_extra_state` saved."""
 
     # -- param groups and state ------------------------------------------------------------
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The base optimizer's param groups, always (also after its ``load_state_dict``)."""
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        # torch.optim.Optimizer.__init__ assigns an empty list before adding the groups one by
+        # one; the groups live in the base optimizer, so that assignment is dropped.
+        if groups:
+            self.base_optimizer.param_groups = groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group to the base optimizer too; method hyperparameters default to the
         constructor's values and are validated before anything is added."""
-        self._check_hyperparameters({**self.defaults, **_known(param_group, self.defaults)})
-        if not any(param_group is group for group in self.base_optimizer.param_groups):
+        values = {**self.defaults, **_user_set(param_group, self.defaults)}
+        self._check_hyperparameters(values)
+        is_new = not any(param_group is group for group in self.base_optimizer.param_groups)
+        if is_new:
+            self._check_groups_agree([*self.param_groups, values])
             self.base_optimizer.add_param_group(param_group)
-        for name, value in self.defaults.items():
-            param_group.setdefault(name, value)
+        self._fill_defaults(param_group)
+
+    def _fill_defaults(self, group: dict[str, Any]) -> None:
+        defaulted = [name for name in self.defaults if name not in _user_set(group, self.defaults)]
+        for name in defaulted:
+            group[name] = self.defaults[name]
+        group[DEFAULTED_KEY] = tuple(sorted(set(defaulted) | set(group.get(DEFAULTED_KEY, ()))))
+
+    def _complete_groups(self) -> None:
+        """Groups added to the base optimizer directly (its ``add_param_group``, its
+        ``load_state_dict`` of a plain checkpoint) get the method's hyperparameters."""
+        for group in self.param_groups:
+            if any(name not in group for name in self.defaults):
+                self._check_hyperparameters({**self.defaults, **_user_set(group, self.defaults)})
+                self._fill_defaults(group)
 
     def state_dict(self) -> dict[str, Any]:
         """The method's persistent state *and* the base optimizer's whole state (P1).
@@ -201,6 +272,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             "state": own["state"],
             "param_groups": own["param_groups"],
             "base_optimizer": self.base_optimizer.state_dict(),
+            "method": self._extra_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -209,12 +281,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 "state_dict has no 'base_optimizer' entry: it was not saved by a flatminima "
                 "optimizer (load a bare base optimizer's state into .base_optimizer instead)"
             )
+        # Maps the method's per-parameter state onto the current parameters; the group dicts
+        # it builds are dropped (see the param_groups setter), the base's load restores them.
         super().load_state_dict(
             {"state": state_dict["state"], "param_groups": state_dict["param_groups"]}
         )
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
-        # Both loads build new group dicts; share the base optimizer's again.
-        self.param_groups = self.base_optimizer.param_groups
+        self._load_extra_state(state_dict.get("method", {}))
 
     # -- the three ways to run a step ------------------------------------------------------
 
@@ -236,26 +309,25 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def evaluations(self) -> Evaluations:
         """The step as an iterable of passes, for loops without a closure (any method)."""
-        if self._pending is not None:
-            raise RuntimeError("first_step() was called without second_step()")
         return Evaluations(self)
 
     def first_step(self) -> None:
         """Manual form, after the caller's forward/backward at w: moves to w + ε.
 
         Zeroes the gradients; the caller then runs the second forward/backward and calls
-        :meth:`second_step`. With AMP, unscale the gradients before calling it (Fisher SAM and
-        Monge SAM depend on the gradient's scale). If the second pass fails, call
-        :meth:`abort_step` to put the weights back.
+        :meth:`second_step`. If the second pass fails, call :meth:`abort_step` to put the
+        weights back. Under DistributedDataParallel, run the caller's first pass (forward
+        and backward) inside ``model.no_sync()`` yourself: the engine cannot wrap a pass it
+        does not run (:meth:`step` and :meth:`evaluations` do it for you).
         """
-        if self.passes_per_step(self.param_groups[0]) != 2:
+        plan = self._step_plan()
+        if plan.samples != 1 or plan.start is not None or plan.combiner.needs_loss:
             raise TypeError(
                 f"{type(self).__name__} needs {self.passes_per_step(self.param_groups[0])} "
-                "passes per step: use step(closure) or evaluations()"
+                "passes per step, a start point of its own or the passes' losses: use "
+                "step(closure) or evaluations()"
             )
-        if self._pending is not None:
-            raise RuntimeError("first_step() called twice without second_step()")
-        passes = self._passes(StepOutcome(), zero_first=False)
+        passes = self._start_step(StepOutcome(), zero_first=False, plan=plan)
         next(passes)  # the start pass at w: the caller has already run it
         next(passes)  # builds ε, perturbs, stops before the perturbed pass
         self._pending = passes
@@ -281,11 +353,17 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     def _views(self, scratch_for: dict[int, Tensor] | None) -> list[GroupView]:
+        """The parameters with a gradient, per group, with their slice of the scratch."""
         views = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.requires_grad and p.grad is not None]
             if not params:
                 continue
+            if any(p.grad.is_sparse for p in params):
+                raise TypeError(
+                    f"{type(self).__name__} does not support sparse gradients "
+                    "(e.g. nn.Embedding(sparse=True)); use dense gradients"
+                )
             views.append(
                 GroupView(
                     hyperparameters=group,
@@ -296,31 +374,41 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             )
         return views
 
+    def _start_step(
+        self, outcome: StepOutcome, *, zero_first: bool, plan: StepPlan | None = None
+    ) -> Generator[Evaluation, None, None]:
+        """A new step's generator, after checking that no other step is open."""
+        open_step = None if self._open_step is None else self._open_step()
+        if open_step is not None:
+            raise RuntimeError(
+                "the previous step is unfinished (its weights may still be perturbed): finish "
+                "its passes, call abort_step(), or run evaluations() inside a `with` block"
+            )
+        passes = self._passes(outcome, zero_first=zero_first, plan=plan)
+        self._open_step = weakref.ref(passes)
+        return passes
+
     def _passes(
-        self, result: StepOutcome, *, zero_first: bool
+        self, outcome: StepOutcome, *, zero_first: bool, plan: StepPlan | None = None
     ) -> Generator[Evaluation, None, None]:
         """One step, as a generator that yields before each forward/backward pass.
 
         The caller runs the pass between two ``next`` calls. Closing the generator early
         (an exception in the pass, :meth:`abort_step`) restores the weights by copy.
         """
-        plan = self._step_plan()
-        combiner = plan.combiner or PerturbedGradient()
+        self._complete_groups()
+        plan = plan or self._step_plan()
         foreach = self.foreach
         params = self._trainable_params()
-        backed_up: list[Tensor] = []  # the parameters whose values sit in `backup`
-        backup: list[Tensor] = []
-        moved = False
+        backup = _Backup(foreach)
         start_losses: list[Any] = []
-        combiner.start()
         try:
             for sample in range(plan.samples):
                 if plan.start is not None:
                     with torch.no_grad():
-                        if not backed_up:
-                            backed_up, backup = params, [p.detach().clone() for p in params]
-                        moved = True
-                        plan.start(params, backup)
+                        backup.take(params)
+                        backup.moved = True
+                        plan.start.move_(params, backup.values)
                 if zero_first or sample > 0:
                     self.zero_grad(set_to_none=True)
                 start = Evaluation(sample, START)
@@ -331,62 +419,97 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 start_losses.append(start.loss)
 
                 with torch.no_grad():
-                    lend_scratch = not backed_up
-                    if lend_scratch:
-                        backed_up = [p for p in params if p.grad is not None]
-                        backup = kernels.empty_like(backed_up)
-                    views = self._views(
-                        dict(zip(map(id, backed_up), backup, strict=True)) if lend_scratch else None
-                    )
-                    self.direction.direction_(views, self.state, foreach=foreach)
-                    self.neighborhood.perturbation_(views, foreach=foreach)
-                    if lend_scratch:
-                        kernels.copy_(backup, backed_up, foreach=foreach)
-                    moved = True
-                    kernels.add_(
-                        [p for view in views for p in view.params], all_grads(views),
-                        foreach=foreach,
-                    )
-                    del views
+                    self._perturb(backup)
                 self.zero_grad(set_to_none=True)
 
                 last = sample == plan.samples - 1
                 perturbed = Evaluation(sample, PERTURBED)
-                # Forward and backward of every pass but the last run under DDP's no_sync: the
+                # Every pass but the last runs under DDP's no_sync, forward and backward: the
                 # ascent gradient stays per process (SAM's m-sharpness), one all-reduce a step.
                 with pass_context(
                     self.model,
                     freeze_statistics=True,
-                    synchronise=last and combiner.synchronised_by_last_pass,
+                    synchronise=last and plan.combiner.synchronised_by_last_pass,
                 ):
                     yield perturbed
                 loss = perturbed.loss
-                combiner.add(
+                plan.combiner.add(
                     params,
-                    None if loss is None or not combiner.needs_loss else _as_float(loss),
+                    None if loss is None or not plan.combiner.needs_loss else _as_float(loss),
                     foreach=foreach,
                 )
                 with torch.no_grad():
-                    kernels.copy_(backed_up, backup, foreach=foreach)
-                moved = False
+                    backup.restore()
 
-            combiner.finish(params, foreach=foreach)
-            if not combiner.synchronised_by_last_pass:
-                all_reduce_mean_(self.model, [p.grad for p in params if p.grad is not None])
+            plan.combiner.finish(params, foreach=foreach)
+            if not plan.combiner.synchronised_by_last_pass:
+                all_reduce_mean_(self.model, params)
             self.base_optimizer.step()
-            objective = combiner.objective()
-            result.loss = (
-                start_losses[0] if objective is None else torch.tensor(objective, dtype=torch.float64)
+            objective = plan.combiner.objective()
+            outcome.loss = (
+                start_losses[0]
+                if objective is None
+                else torch.tensor(objective, dtype=torch.float64)
             )
         finally:
-            if moved:
-                with torch.no_grad():
-                    kernels.copy_(backed_up, backup, foreach=foreach)
+            with torch.no_grad():
+                backup.restore()
+            self._open_step = None
+
+    def _perturb(self, backup: _Backup) -> None:
+        """From the start point's gradients: direction, ε, and w ← w + ε (the backup taken
+        first if no start point took it)."""
+        lend_scratch = not backup.taken
+        if lend_scratch:
+            backup.allocate([p for p in self._trainable_params() if p.grad is not None])
+        views = self._views(backup.by_id() if lend_scratch else None)
+        self.direction.direction_(views, self.state, foreach=self.foreach)
+        self.neighborhood.perturbation_(views, foreach=self.foreach)
+        if lend_scratch:
+            backup.fill()
+        backup.moved = True
+        kernels.add_(
+            [p for view in views for p in view.params], all_grads(views), foreach=self.foreach
+        )
 
 
-def _known(group: Mapping[str, Any], names: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of ``group`` that are method hyperparameters."""
-    return {name: group[name] for name in names if name in group}
+class _Backup:
+    """The weights' backup: one parameter copy, restored by copy (never by subtracting ε)."""
+
+    def __init__(self, foreach: bool) -> None:
+        self.foreach = foreach
+        self.params: list[Tensor] = []
+        self.values: list[Tensor] = []
+        self.taken = False
+        self.moved = False
+
+    def take(self, params: list[Tensor]) -> None:
+        """Copies ``params`` now (once per step)."""
+        if not self.taken:
+            self.params, self.values = params, [p.detach().clone() for p in params]
+            self.taken = True
+
+    def allocate(self, params: list[Tensor]) -> None:
+        """Reserves the memory; it is scratch space until :meth:`fill`."""
+        self.params, self.values = params, kernels.empty_like(params)
+
+    def by_id(self) -> dict[int, Tensor]:
+        return dict(zip(map(id, self.params), self.values, strict=True))
+
+    def fill(self) -> None:
+        kernels.copy_(self.values, self.params, foreach=self.foreach)
+        self.taken = True
+
+    def restore(self) -> None:
+        if self.moved:
+            kernels.copy_(self.params, self.values, foreach=self.foreach)
+            self.moved = False
+
+
+def _user_set(group: Mapping[str, Any], names: Mapping[str, Any]) -> dict[str, Any]:
+    """The method hyperparameters in ``group`` that the user set (not a wrapper's defaults)."""
+    defaulted = set(group.get(DEFAULTED_KEY, ()))
+    return {name: group[name] for name in names if name in group and name not in defaulted}
 
 
 def _as_float(loss: Tensor | float) -> float:

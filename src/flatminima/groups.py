@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
+from flatminima import kernels
+
 
 @dataclass
 class GroupView:
@@ -27,9 +29,7 @@ class GroupView:
     def scratch_or_new(self) -> list[Tensor]:
         """The scratch buffer, or a freshly allocated one when none was lent."""
         if self.scratch is None:
-            from flatminima.kernels import empty_like
-
-            self.scratch = empty_like(self.params)
+            self.scratch = kernels.empty_like(self.params)
         return self.scratch
 
 

@@ -36,6 +36,31 @@ def group_by_device_and_dtype(
     return dict(groups)
 
 
+def _one_device_and_dtype(tensors: TensorList) -> bool:
+    """Whether every tensor shares the first one's device and dtype (the usual case).
+
+    Checked before grouping because grouping builds a dictionary entry per tensor, Python work
+    per parameter that a model with a thousand small tensors pays on every call.
+    """
+    first = tensors[0]
+    dtype = first.dtype
+    if first.is_cpu:  # ``is_cpu`` is cheaper than building a ``device`` object per tensor
+        return all(t.dtype is dtype and t.is_cpu for t in tensors)
+    device = first.device
+    return all(t.dtype is dtype and t.device == device for t in tensors)
+
+
+def _groups(tensors: TensorList) -> list[tuple[torch.dtype, list[Tensor]]]:
+    """The tensors split by (device, dtype), each group in its original order, groups in the
+    order of their first member: what :func:`group_by_device_and_dtype` gives."""
+    if _one_device_and_dtype(tensors):
+        return [(tensors[0].dtype, list(tensors))]
+    return [
+        (dtype, [tensors[i] for i in indices])
+        for (_, dtype), indices in group_by_device_and_dtype(tensors).items()
+    ]
+
+
 def squared_norm(tensors: TensorList, *, foreach: bool) -> Tensor:
     """Σ‖t‖² over all tensors, as a 0-d float64 tensor on the first tensor's device.
 
@@ -46,8 +71,7 @@ def squared_norm(tensors: TensorList, *, foreach: bool) -> Tensor:
         return torch.zeros((), dtype=torch.float64)
     result_device = tensors[0].device
     total = torch.zeros((), dtype=torch.float64, device=result_device)
-    for (_, dtype), indices in group_by_device_and_dtype(tensors).items():
-        members = [tensors[i] for i in indices]
+    for dtype, members in _groups(tensors):
         acc = accumulation_dtype(dtype)
         if foreach:
             norms = torch._foreach_norm(members, 2, dtype=acc)
@@ -67,15 +91,31 @@ def global_norm(tensors: TensorList, *, foreach: bool) -> float:
     return float(squared_norm(tensors, foreach=foreach).sqrt())
 
 
+REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def scale_(tensors: TensorList, factor: float, *, foreach: bool) -> None:
-    """t ← factor · t for every tensor."""
+    """t ← factor · t for every tensor.
+
+    The per-tensor ``mul_`` keeps a Python factor in float32 for half-precision tensors, but
+    ``_foreach_mul_`` first rounds it to the tensors' dtype (1/3 becomes 0.33325 in float16);
+    a 0-d float32 tensor makes the foreach path round once, as the loop does.
+    """
     if not tensors:
         return
-    if foreach:
-        torch._foreach_mul_(list(tensors), factor)
-    else:
+    if not foreach:
         for t in tensors:
             t.mul_(factor)
+        return
+    if not any(t.dtype in REDUCED_PRECISION for t in tensors):
+        torch._foreach_mul_(list(tensors), factor)
+        return
+    for (device, dtype), indices in group_by_device_and_dtype(tensors).items():
+        members = [tensors[i] for i in indices]
+        if dtype in REDUCED_PRECISION:
+            torch._foreach_mul_(members, torch.tensor(factor, dtype=torch.float32, device=device))
+        else:
+            torch._foreach_mul_(members, factor)
 
 
 def add_(targets: TensorList, sources: TensorList, *, alpha: float = 1.0, foreach: bool) -> None:

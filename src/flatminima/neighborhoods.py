@@ -100,7 +100,8 @@ class AdaptiveEllipsoid:
         for view, scale in zip(views, scales, strict=True):
             kernels.mul_(view.grads, scale, foreach=foreach)  # T² d
             kernels.scale_(
-                view.grads, float(view.hyperparameters["rho"]) / (norm + ASAM_NORM_EPSILON),
+                view.grads,
+                float(view.hyperparameters["rho"]) / (norm + ASAM_NORM_EPSILON),
                 foreach=foreach,
             )
 
@@ -109,9 +110,9 @@ class FisherEllipsoid:
     """ε = ρ·F⁻¹d / (√(dᵀF⁻¹d) + ξ) with the diagonal Fisher F = 1 + η·g⊙g (Kim et al. 2022).
 
     The radius the paper calls γ is ``rho``; ``eta`` scales the empirical Fisher of the current
-    minibatch gradient. Computed as u = d/√f, D = ‖u‖, ε = ρ·(u/√f)/D, which needs only √f
-    (built in the scratch buffer). Not invariant to the loss scale: unscale AMP gradients
-    before the first step.
+    minibatch gradient. Computed as v = g/√f, D = ‖v‖ = √(gᵀF⁻¹g), ε = ρ·(v/√f)/D, which
+    needs only √f (built in the scratch buffer). Not invariant to the loss scale: unscale AMP
+    gradients before the first step.
     """
 
     def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
@@ -123,15 +124,16 @@ class FisherEllipsoid:
             kernels.scale_(root, float(view.hyperparameters["eta"]), foreach=foreach)
             kernels.add_scalar_(root, 1.0, foreach=foreach)  # f = 1 + η g²
             kernels.sqrt_(root, foreach=foreach)
-            kernels.div_(view.grads, root, foreach=foreach)  # g/√f
+            kernels.div_(view.grads, root, foreach=foreach)  # v = g/√f
             roots.append(root)
         norm = kernels.global_norm(all_grads(views), foreach=foreach)  # √(gᵀF⁻¹g)
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
         for view, root in zip(views, roots, strict=True):
-            kernels.div_(view.grads, root, foreach=foreach)  # u = g/f
+            kernels.div_(view.grads, root, foreach=foreach)  # F⁻¹g = g/f
             kernels.scale_(
-                view.grads, float(view.hyperparameters["rho"]) / (norm + GRADIENT_NORM_EPSILON),
+                view.grads,
+                float(view.hyperparameters["rho"]) / (norm + GRADIENT_NORM_EPSILON),
                 foreach=foreach,
             )

@@ -14,9 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 def modules_with_running_statistics(model: nn.Module) -> list[nn.Module]:
     """BatchNorm-like modules (BatchNorm*, SyncBatchNorm, InstanceNorm with stats) that track
     running statistics."""
-    return [
-        m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats
-    ]
+    return [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
 
 
 @contextmanager
@@ -58,15 +56,21 @@ def pass_context(
         yield
 
 
-def all_reduce_mean_(model: nn.Module | None, grads: list[torch.Tensor]) -> None:
-    """Averages gradients over DDP's processes with one all-reduce (divided by the world size,
-    PITFALLS P4b). Does nothing unless ``model`` is DistributedDataParallel."""
-    if not isinstance(model, DistributedDataParallel) or not grads:
+def all_reduce_mean_(model: nn.Module | None, params: list[torch.Tensor]) -> None:
+    """Averages the parameters' gradients over DDP's processes, one all-reduce per dtype
+    (divided by the world size, PITFALLS P4b). Does nothing unless ``model`` is
+    DistributedDataParallel. A parameter without a gradient contributes zeros, so that every
+    process sends a buffer of the same size whatever branches it used."""
+    if not isinstance(model, DistributedDataParallel) or not params:
         return
     import torch.distributed as dist
 
     from flatminima.kernels import group_by_device_and_dtype
 
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     group = model.process_group
     world_size = dist.get_world_size(group)
     for indices in group_by_device_and_dtype(grads).values():

@@ -86,9 +86,7 @@ def get_method(name: str) -> MethodSpec:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown method {name!r}; accepted: {', '.join(METHODS)}"
-        ) from None
+        raise ValueError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}") from None
 
 
 def method_names() -> list[str]:

@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 
 from flatminima import kernels
+from flatminima.engine import StartPoint
 
 
-class RandomSphereStart:
+class RandomSphereStart(StartPoint):
     """θ + ζ with ζ = n·min(‖n‖, r)/‖n‖, n ~ s·N(0, I) (TSAM ``first_step2``, "random1" sampler).
 
     n is drawn per parameter, in parameter order, from ``generator`` (the default generator
@@ -24,23 +25,25 @@ class RandomSphereStart:
     random start costs no memory beyond that backup.
     """
 
-    def __init__(self, generator: torch.Generator | None = None) -> None:
-        self.generator = generator
-
-    def move_(
+    def __init__(
         self,
-        params: list[Tensor],
-        backup: list[Tensor],
+        generator: torch.Generator | None,
         *,
         radius: float,
         noise_scale: float,
         foreach: bool,
     ) -> None:
+        self.generator = generator
+        self.radius = radius
+        self.noise_scale = noise_scale
+        self.foreach = foreach
+
+    def move_(self, params: list[Tensor], backup: list[Tensor]) -> None:
         """Sets params ← backup + ζ."""
         for p in params:
             p.normal_(mean=0.0, std=1.0, generator=self.generator)
-        kernels.scale_(params, noise_scale, foreach=foreach)
-        noise_norm = kernels.global_norm(params, foreach=foreach)
-        factor = min(noise_norm, radius) / noise_norm if noise_norm > 0.0 else 0.0
-        kernels.scale_(params, factor, foreach=foreach)
-        kernels.add_(params, backup, foreach=foreach)
+        kernels.scale_(params, self.noise_scale, foreach=self.foreach)
+        noise_norm = kernels.global_norm(params, foreach=self.foreach)
+        factor = min(noise_norm, self.radius) / noise_norm if noise_norm > 0.0 else 0.0
+        kernels.scale_(params, factor, foreach=self.foreach)
+        kernels.add_(params, backup, foreach=self.foreach)

@@ -58,10 +58,32 @@ def _worker(rank: int, init_file: str, out_dir: str, method: str) -> None:
             loss.backward()
             return loss
 
+        # The same step without DDP, on this process's batch alone: what this process would
+        # contribute; the DDP result must be the mean of these over processes (P4b).
+        local_model = tiny_mlp()
+        local_base = torch.optim.SGD(local_model.parameters(), lr=LR)
+        if method == "sam":
+            local = flatminima.SAM(local_base, rho=RHO)
+        else:
+            local = flatminima.TiltedSAM(
+                local_base,
+                rho=RHO,
+                num_samples=2,
+                radius=0.05,
+                generator=torch.Generator().manual_seed(rank),
+            )
+
+        def local_closure():
+            loss = torch.nn.functional.cross_entropy(local_model(x), y)
+            loss.backward()
+            return loss
+
+        local.step(local_closure)
         optimizer.step(closure)
         torch.save(
             {
                 "params": [p.detach().clone() for p in model.parameters()],
+                "local_params": [p.detach().clone() for p in local_model.parameters()],
                 "hook_calls": calls["count"],
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
@@ -119,3 +141,9 @@ def test_tilted_sam_under_ddp_all_reduces_the_combined_gradient_once(tmp_path):
     assert [r["hook_calls"] for r in results] == [0, 0]
     for a, b in zip(results[0]["params"], results[1]["params"], strict=True):
         assert torch.equal(a, b)
+    # One SGD step from the same weights is linear in the gradient: the averaged gradient's
+    # step is the mean of the per-process steps (a sum would double it).
+    for got, *locals_ in zip(
+        results[0]["params"], *(r["local_params"] for r in results), strict=True
+    ):
+        assert torch.allclose(got, sum(locals_) / WORLD_SIZE, rtol=1e-12, atol=1e-14)

@@ -121,7 +121,7 @@ def perturbation_of(cls, net, x, y, **hyperparameters):
     torch.nn.functional.cross_entropy(net(x), y).backward()
     optimizer.first_step()
     eps = [p.detach() - b for p, b in zip(net.parameters(), before, strict=True)]
-    perturbed_loss = float(torch.nn.functional.cross_entropy(net(x), y))
+    perturbed_loss = float(torch.nn.functional.cross_entropy(net(x), y).detach())
     optimizer.abort_step()
     return eps, perturbed_loss
 
@@ -314,7 +314,6 @@ def test_friendly_sam_constant_gradient_gives_zero_perturbation():
 def tilted_combination(losses, grads, tilt):
     """Feeds (loss, gradient) pairs through the streaming combiner; the combined gradient."""
     combiner = TiltedAverage(tilt)
-    combiner.start()
     holder = [torch.zeros_like(grads[0], requires_grad=True)]
     for loss, grad in zip(losses, grads, strict=True):
         holder[0].grad = grad.clone()
@@ -420,6 +419,8 @@ def test_tilted_sam_step_level_hyperparameters_must_agree_across_groups():
     base = torch.optim.SGD(
         [{"params": model[0].parameters(), "tilt": 5.0}, {"params": model[2].parameters()}], lr=0.1
     )
-    optimizer = flatminima.TiltedSAM(base, tilt=1.0)
     with pytest.raises(ValueError, match="tilt"):
-        run(optimizer, model, batches(1))
+        flatminima.TiltedSAM(base, tilt=1.0)
+    optimizer = flatminima.TiltedSAM(torch.optim.SGD(model[0].parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="num_samples"):
+        optimizer.add_param_group({"params": list(model[2].parameters()), "num_samples": 5})

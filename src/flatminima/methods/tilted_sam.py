@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -42,7 +41,11 @@ class TiltedSAM(SharpnessAwareOptimizer):
 
     ``step`` returns the Monte-Carlo tilted loss (1/t)·log mean_j exp(t·L_j): the clean loss
     at θ is never evaluated. 2·s passes per step, two parameter copies (the backup and the
-    running sum) whatever s.
+    running sum) whatever s. The noise is drawn for the parameters with ``requires_grad``
+    only (the released code draws for every parameter in the groups, frozen ones too). The
+    bare base optimizer is ``rho=0, radius=0, num_samples=1`` (with s > 1 the equal-weight
+    mean of s equal gradients may differ from the gradient in the last bit). The manual
+    two-pass form is not available: each pass's loss is needed.
 
     ======  ===============  ========================================================
     paper   argument         meaning
@@ -114,7 +117,7 @@ class TiltedSAM(SharpnessAwareOptimizer):
             model=model,
             foreach=foreach,
         )
-        self.start = RandomSphereStart(generator)
+        self.generator = generator
 
     @classmethod
     def _check_hyperparameters(cls, values: Mapping[str, Any]) -> None:
@@ -129,22 +132,35 @@ class TiltedSAM(SharpnessAwareOptimizer):
         values = {**cls.hyperparameter_defaults, **(hyperparameters or {})}
         return 2 * int(values["num_samples"])
 
-    def _step_plan(self) -> StepPlan:
-        first = self.param_groups[0]
-        for group in self.param_groups[1:]:
+    def _check_groups_agree(self, groups: list[dict[str, Any]]) -> None:
+        first = groups[0]
+        for group in groups[1:]:
             for name in STEP_LEVEL:
-                if group[name] != first[name]:
+                if group.get(name, first[name]) != first[name]:
                     raise ValueError(
                         f"{name} shapes the whole Tilted SAM step and must be the same in every "
                         f"param group, got {first[name]!r} and {group[name]!r}"
                     )
+
+    def _step_plan(self) -> StepPlan:
+        self._check_groups_agree(self.param_groups)  # a scheduler may have changed one since
+        first = self.param_groups[0]
         return StepPlan(
             samples=int(first["num_samples"]),
             combiner=TiltedAverage(float(first["tilt"])),
-            start=functools.partial(
-                self.start.move_,
+            start=RandomSphereStart(
+                self.generator,
                 radius=float(first["radius"]),
                 noise_scale=float(first["noise_scale"]),
                 foreach=self.foreach,
             ),
         )
+
+    def _extra_state(self) -> dict[str, Any]:
+        """The generator's state, so that a resumed run draws the same noise (the default
+        generator's state is the caller's to save, with ``torch.get_rng_state``)."""
+        return {} if self.generator is None else {"generator_state": self.generator.get_state()}
+
+    def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
+        if self.generator is not None and "generator_state" in extra:
+            self.generator.set_state(extra["generator_state"])
