@@ -58,6 +58,13 @@ def test_report_numbers_equal_the_database(swept_db: Path) -> None:
     with Store(swept_db) as store:
         [setting] = summarize(store)
     assert len(setting.arms) == len(from_sql) == 4
+    # Registry order, numeric order within a sweep, the swept value in the label.
+    assert [arm.label for arm in setting.arms] == [
+        "sgd",
+        "sam rho=0.05",
+        "sam rho=0.2",
+        "fisher-sam",
+    ]
     sgd = from_sql[("sgd", "{}")]
     for arm in setting.arms:
         stored = json.dumps(arm.hyperparameters, sort_keys=True, separators=(",", ":"))

@@ -85,10 +85,6 @@ class Arm:
         return ", ".join(f"{name}={value}" for name, value in self.hyperparameters.items())
 
     @property
-    def seeds(self) -> list[int]:
-        return [run.config["seed"] for run in self.runs]
-
-    @property
     def final_accuracy(self) -> dict[int, float]:
         """Final test accuracy by seed."""
         return {run.config["seed"]: run.final["final_test_accuracy"] for run in self.runs}
@@ -131,7 +127,7 @@ class Setting:
             f"{c['weight_decay']}, {c['schedule']} schedule), batch size {c['batch_size']}"
         )
 
-    def arm(self, method: str) -> list[Arm]:
+    def arms_of(self, method: str) -> list[Arm]:
         return [arm for arm in self.arms if arm.method == method]
 
 
@@ -170,6 +166,14 @@ def _in_registry_order(method: str, hyperparameters: dict[str, Any]) -> dict[str
             key=lambda item: declared.index(item[0]) if item[0] in declared else len(declared),
         )
     )
+
+
+def _numeric_first(arm: Arm) -> list[tuple[int, float, str]]:
+    """A sort key that puts ρ = 0.05 before 0.1 before 1.0 (not in text order)."""
+    return [
+        (0, float(value), "") if isinstance(value, (int, float)) else (1, 0.0, str(value))
+        for value in arm.hyperparameters.values()
+    ]
 
 
 def _label(arms: list[Arm]) -> None:
@@ -220,13 +224,7 @@ def summarize(store: Store) -> list[Setting]:
             }
             arms.append(arm)
         _label(arms)
-        arms.sort(
-            key=lambda a: (
-                order.get(a.method, len(order)),
-                a.method,
-                json.dumps(a.hyperparameters, sort_keys=True),
-            )
-        )
+        arms.sort(key=lambda a: (order.get(a.method, len(order)), a.method, _numeric_first(a)))
         setting = Setting(
             setting_configs[setting_key], arms, _slug(setting_configs[setting_key], index)
         )
@@ -237,9 +235,9 @@ def summarize(store: Store) -> list[Setting]:
 
 def _compare(setting: Setting) -> None:
     """Fill in each arm's paired differences and cost ratios."""
-    bases = setting.arm(BASE_OPTIMIZER)
+    bases = setting.arms_of(BASE_OPTIMIZER)
     base = bases[0] if bases else None
-    references = setting.arm(REFERENCE_METHOD)
+    references = setting.arms_of(REFERENCE_METHOD)
     for arm in setting.arms:
         if base is not None:
             arm.passes_ratio = arm.mean_of("passes") / base.mean_of("passes")
@@ -401,7 +399,7 @@ def plot_sweep(setting: Setting, name: str, lines: dict[str, list[Arm]], path: P
             ]
         )
         axes.errorbar(values, means, yerr=errors, marker="o", capsize=3, label=line)
-    for base in setting.arm(BASE_OPTIMIZER):
+    for base in setting.arms_of(BASE_OPTIMIZER):
         axes.axhline(
             100 * base.accuracy.mean,
             color="black",
