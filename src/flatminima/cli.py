@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the base optimizer against SAM and four variants on noisy MNIST-1D",
         description="Base optimizer vs SAM, Fisher, Monge, Tilted and Friendly SAM on MNIST-1D "
-        "with 40%% label noise, then the report. Finished runs are kept: run it again to resume.",
+        "with 40% label noise, then the report. Finished runs are kept: run it again to resume.",
     )
     demo_parser.add_argument(
         "--seeds",
