@@ -93,29 +93,43 @@ def global_norm(tensors: TensorList, *, foreach: bool) -> float:
 
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
+_CPU_FAST_TENSOR_FACTOR = (torch.float32, torch.float64)
+
+
+def _factor_for(factor: float, dtype: torch.dtype, device: torch.device) -> Tensor | float:
+    """The operand that makes ``_foreach_mul_`` compute what the per-tensor ``mul_`` does.
+
+    * Half precision: the per-tensor ``mul_`` keeps a Python factor in float32, but
+      ``_foreach_mul_`` first rounds it to the tensors' dtype (1/3 becomes 0.33325 in float16);
+      a 0-d float32 tensor makes the foreach path round once, as the loop does.
+    * float32 / float64 on CPU: a Python factor is rounded to the dtype either way, but the
+      CPU foreach fallback wraps and converts it again for every tensor, which costs more
+      than the multiplication for small tensors (measured: 3.5 µs instead of 1.5 µs per
+      float32 tensor). A 0-d tensor of the same dtype holds the same rounded value, so the
+      result is bit for bit the same, converted once.
+    """
+    if dtype in REDUCED_PRECISION:
+        return torch.tensor(factor, dtype=torch.float32, device=device)
+    if device.type == "cpu" and dtype in _CPU_FAST_TENSOR_FACTOR:
+        return torch.tensor(factor, dtype=dtype)
+    return factor
+
 
 def scale_(tensors: TensorList, factor: float, *, foreach: bool) -> None:
-    """t ← factor · t for every tensor.
-
-    The per-tensor ``mul_`` keeps a Python factor in float32 for half-precision tensors, but
-    ``_foreach_mul_`` first rounds it to the tensors' dtype (1/3 becomes 0.33325 in float16);
-    a 0-d float32 tensor makes the foreach path round once, as the loop does.
-    """
+    """t ← factor · t for every tensor (the foreach path rounds ``factor`` as the loop does)."""
     if not tensors:
         return
     if not foreach:
         for t in tensors:
             t.mul_(factor)
         return
-    if not any(t.dtype in REDUCED_PRECISION for t in tensors):
-        torch._foreach_mul_(list(tensors), factor)
+    if _one_device_and_dtype(tensors):
+        first = tensors[0]
+        torch._foreach_mul_(list(tensors), _factor_for(factor, first.dtype, first.device))
         return
     for (device, dtype), indices in group_by_device_and_dtype(tensors).items():
         members = [tensors[i] for i in indices]
-        if dtype in REDUCED_PRECISION:
-            torch._foreach_mul_(members, torch.tensor(factor, dtype=torch.float32, device=device))
-        else:
-            torch._foreach_mul_(members, factor)
+        torch._foreach_mul_(members, _factor_for(factor, dtype, device))
 
 
 def add_(targets: TensorList, sources: TensorList, *, alpha: float = 1.0, foreach: bool) -> None:
