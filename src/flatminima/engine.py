@@ -352,26 +352,20 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _trainable_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
-    def _views(self, scratch_for: dict[int, Tensor] | None) -> list[GroupView]:
-        """The parameters with a gradient, per group, with their slice of the scratch."""
+    def _views(self) -> list[GroupView]:
+        """The parameters with a gradient, per group, in one pass over the parameters."""
         views = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.requires_grad and p.grad is not None]
             if not params:
                 continue
-            if any(p.grad.is_sparse for p in params):
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
                 raise TypeError(
                     f"{type(self).__name__} does not support sparse gradients "
                     "(e.g. nn.Embedding(sparse=True)); use dense gradients"
                 )
-            views.append(
-                GroupView(
-                    hyperparameters=group,
-                    params=params,
-                    grads=[p.grad for p in params],
-                    scratch=None if scratch_for is None else [scratch_for[id(p)] for p in params],
-                )
-            )
+            views.append(GroupView(hyperparameters=group, params=params, grads=grads))
         return views
 
     def _start_step(
@@ -459,10 +453,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _perturb(self, backup: _Backup) -> None:
         """From the start point's gradients: direction, ε, and w ← w + ε (the backup taken
         first if no start point took it)."""
+        views = self._views()
         lend_scratch = not backup.taken
         if lend_scratch:
-            backup.allocate([p for p in self._trainable_params() if p.grad is not None])
-        views = self._views(backup.by_id() if lend_scratch else None)
+            backup.lend_as_scratch(views)
         self.direction.direction_(views, self.state, foreach=self.foreach)
         self.neighborhood.perturbation_(views, foreach=self.foreach)
         if lend_scratch:
@@ -489,12 +483,17 @@ class _Backup:
             self.params, self.values = params, [p.detach().clone() for p in params]
             self.taken = True
 
-    def allocate(self, params: list[Tensor]) -> None:
-        """Reserves the memory; it is scratch space until :meth:`fill`."""
-        self.params, self.values = params, kernels.empty_like(params)
-
-    def by_id(self) -> dict[int, Tensor]:
-        return dict(zip(map(id, self.params), self.values, strict=True))
+    def lend_as_scratch(self, views: list[GroupView]) -> None:
+        """Reserves the memory for the parameters of ``views`` and lends each view its slice
+        as scratch space until :meth:`fill`. The slices are taken from one list, in order,
+        instead of matched per parameter through a dictionary: no Python work per tensor
+        beyond the allocation itself."""
+        self.params = [p for view in views for p in view.params]
+        self.values = kernels.empty_like(self.params)
+        offset = 0
+        for view in views:
+            view.scratch = self.values[offset : offset + len(view.params)]
+            offset += len(view.params)
 
     def fill(self) -> None:
         kernels.copy_(self.values, self.params, foreach=self.foreach)
