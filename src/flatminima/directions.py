@@ -55,18 +55,25 @@ class FriendlyDirection:
         for view in views:
             sigma = float(view.hyperparameters["sigma"])
             lmbda = float(view.hyperparameters["lmbda"])
-            fresh = [i for i, p in enumerate(view.params) if FRIENDLY_EMA not in state[p]]
+            entries = [state[p] for p in view.params]  # one state lookup per parameter
+            fresh = [i for i, entry in enumerate(entries) if FRIENDLY_EMA not in entry]
             for i in fresh:
                 # m_1 = g_1 and d_1 = g_1: the gradient is left as the direction.
-                state[view.params[i]][FRIENDLY_EMA] = view.grads[i].detach().clone()
-            fresh_set = set(fresh)
-            seasoned = [i for i in range(len(view.params)) if i not in fresh_set]
-            if not seasoned:
-                continue
-            grads = [view.grads[i] for i in seasoned]
-            emas = [state[view.params[i]][FRIENDLY_EMA] for i in seasoned]
-            scratch = view.scratch_or_new()
-            previous_emas = [scratch[i] for i in seasoned]
+                entries[i][FRIENDLY_EMA] = view.grads[i].detach().clone()
+            if fresh:
+                fresh_set = set(fresh)
+                seasoned = [i for i in range(len(view.params)) if i not in fresh_set]
+                if not seasoned:
+                    continue
+                scratch = view.scratch_or_new()
+                grads = [view.grads[i] for i in seasoned]
+                emas = [entries[i][FRIENDLY_EMA] for i in seasoned]
+                previous_emas = [scratch[i] for i in seasoned]
+            else:  # every step after the first: no index lists to build
+                scratch = view.scratch_or_new()
+                grads = view.grads
+                emas = [entry[FRIENDLY_EMA] for entry in entries]
+                previous_emas = scratch
             kernels.copy_(previous_emas, emas, foreach=foreach)  # m_{t-1}
             kernels.scale_(emas, lmbda, foreach=foreach)
             kernels.add_(emas, grads, alpha=1.0 - lmbda, foreach=foreach)  # m_t from raw g_t

@@ -12,6 +12,7 @@ group, so that half-precision gradients neither overflow nor lose the small entr
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -36,17 +37,21 @@ def group_by_device_and_dtype(
     return dict(groups)
 
 
+_dtype_of = operator.attrgetter("dtype")
+_is_cpu = operator.attrgetter("is_cpu")
+
+
 def _one_device_and_dtype(tensors: TensorList) -> bool:
     """Whether every tensor shares the first one's device and dtype (the usual case).
 
     Checked before grouping because grouping builds a dictionary entry per tensor, Python work
-    per parameter that a model with a thousand small tensors pays on every call.
+    per parameter that a model with a thousand small tensors pays on every call. ``map`` with
+    an ``attrgetter`` runs the CPU check without a Python frame per tensor.
     """
     first = tensors[0]
-    dtype = first.dtype
     if first.is_cpu:  # ``is_cpu`` is cheaper than building a ``device`` object per tensor
-        return all(t.dtype is dtype and t.is_cpu for t in tensors)
-    device = first.device
+        return len(set(map(_dtype_of, tensors))) == 1 and all(map(_is_cpu, tensors))
+    dtype, device = first.dtype, first.device
     return all(t.dtype is dtype and t.device == device for t in tensors)
 
 
