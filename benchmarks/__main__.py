@@ -1,0 +1,195 @@
+"""``python -m benchmarks``: time and measure every method and its peers, write JSON and
+the markdown report.
+
+    python -m benchmarks            # full run (about 12-15 minutes on two cores)
+    python -m benchmarks --quick    # a minute or two, for development; noisier
+    python -m benchmarks --report-only benchmarks/results/full.json   # markdown from JSON
+
+Run it on a quiet machine: other processes on the same cores move every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import report
+from benchmarks.contenders import (
+    Contender,
+    contenders,
+    memory_contenders,
+    pytorch_optimizer_available,
+)
+from benchmarks.memory import measure
+from benchmarks.timing import time_interleaved
+from benchmarks.workloads import WORKLOADS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Rounds per workload and where memory is measured."""
+
+    rounds: dict[str, int]
+    warmup: dict[str, int]
+    memory_workloads: tuple[str, ...]
+    memory_steps: int = 2
+
+
+FULL = Plan(
+    rounds={"W1-resnet20": 30, "W2-wide": 150, "W2-many-small": 200},
+    warmup={"W1-resnet20": 3, "W2-wide": 5, "W2-many-small": 10},
+    memory_workloads=("W1-resnet20", "W2-wide", "W2-many-small"),
+)
+QUICK = Plan(
+    rounds={"W1-resnet20": 3, "W2-wide": 15, "W2-many-small": 25},
+    warmup={"W1-resnet20": 1, "W2-wide": 3, "W2-many-small": 3},
+    memory_workloads=("W2-wide",),
+)
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _environment(mode: str, threads: int) -> dict[str, Any]:
+    def git_commit() -> str:
+        try:
+            return subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=ROOT, capture_output=True, text=True, check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
+
+    def cpu_model() -> str:
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or "unknown"
+
+    peer_version = None
+    if pytorch_optimizer_available():
+        from importlib.metadata import version
+
+        peer_version = version("pytorch_optimizer")
+    return {
+        "mode": mode,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "pytorch_optimizer": peer_version,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "load_average_at_start": os.getloadavg()[0],
+    }
+
+
+def _contender_table(rows: list[Contender]) -> dict[str, dict[str, Any]]:
+    return {
+        c.key: {"label": c.label, "kind": c.kind, "method": c.method, "passes": c.passes}
+        for c in rows
+    }
+
+
+def run(plan: Plan, *, mode: str, threads: int, workloads: list[str]) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "environment": _environment(mode, threads),
+        "plan": asdict(plan),
+        "contenders": _contender_table(memory_contenders()),
+        "workloads": {},
+    }
+    for name in workloads:
+        workload = WORKLOADS[name]
+        model = workload.build_model()
+        params = [p for p in model.parameters() if p.requires_grad]
+        entry: dict[str, Any] = {
+            "description": workload.description,
+            "parameters": sum(p.numel() for p in params),
+            "tensors": len(params),
+            "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
+        }
+        _log(f"{name}: timing, {plan.rounds[name]} rounds")
+        timings = time_interleaved(
+            workload, contenders(), rounds=plan.rounds[name], warmup=plan.warmup[name],
+            progress=_log,
+        )
+        entry["timing"] = {
+            key: {
+                "step_s": t.step.as_dict(),
+                "ratio_to_base": t.ratio_to_base.as_dict(),
+                "overhead_s": t.overhead.as_dict(),
+                "beyond_base_s": t.beyond_base.as_dict(),
+                "samples": t.samples,
+            }
+            for key, t in timings.items()
+        }
+        if name in plan.memory_workloads:
+            entry["memory"] = {}
+            for contender in memory_contenders():
+                _log(f"{name}: memory of {contender.label}")
+                entry["memory"][contender.key] = asdict(
+                    measure(contender, workload, steps=plan.memory_steps)
+                )
+        results["workloads"][name] = entry
+    results["environment"]["load_average_at_end"] = os.getloadavg()[0]
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few rounds, memory on W2-wide only")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: steadier on a shared two-core machine)")
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS),
+                        default=list(WORKLOADS))
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where to write the results (default benchmarks/results/<mode>.json)")
+    parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--report-only", type=Path, metavar="JSON",
+                        help="only regenerate the markdown from an existing results file")
+    args = parser.parse_args(argv)
+
+    if args.report_only is not None:
+        results = json.loads(args.report_only.read_text())
+    else:
+        if not pytorch_optimizer_available():
+            _log("pytorch_optimizer is not installed: the peer rows are skipped "
+                 "(pip install --no-deps pytorch_optimizer)")
+        torch.set_num_threads(args.threads)
+        # Training one fixed batch for hundreds of steps drives values towards zero; without
+        # this, subnormal arithmetic would slow later rounds down on CPU.
+        torch.set_flush_denormal(True)
+        mode = "quick" if args.quick else "full"
+        results = run(QUICK if args.quick else FULL, mode=mode, threads=args.threads,
+                      workloads=args.workloads)
+        path = args.json or ROOT / "benchmarks" / "results" / f"{mode}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        _log(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    args.markdown.parent.mkdir(parents=True, exist_ok=True)
+    args.markdown.write_text(report.render(results))
+    _log(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

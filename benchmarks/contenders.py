@@ -1,0 +1,292 @@
+"""Everything the benchmark times: the passes alone, the base optimizer, every flatminima
+method, and the implementations users run today.
+
+A contender is built around a fresh copy of the workload's model and returns a function that
+runs one whole training step on the workload's fixed batch. All of them share:
+
+* the closure: ``p.grad = None`` for every parameter, forward, loss, backward. Zeroing is part
+  of the pass, so a pass timed alone costs exactly what it costs inside a method's step;
+* the base optimizer: SGD, lr 0.01, momentum 0.9, weight decay 5e-4, ``foreach=True`` — the
+  kernels torch picks by default on a GPU. Giving every contender the same base step isolates
+  the sharpness-aware part, which is what is compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks.naive import NaiveLoopSAM
+from benchmarks.workloads import Workload
+from flatminima.registry import METHODS
+
+Step = Callable[[], None]
+"""One whole training step on the workload's fixed batch."""
+Closure = Callable[[], Tensor]
+
+BASE_HYPERPARAMETERS: dict[str, Any] = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+class Hooks(Protocol):
+    """What the memory tracker needs to see of a step (nothing, when timing)."""
+
+    def forward_backward(self) -> ContextManager[None]: ...
+
+    def base_step(self) -> ContextManager[None]: ...
+
+
+class NoHooks:
+    def forward_backward(self) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def base_step(self) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One row of the tables."""
+
+    key: str
+    label: str
+    kind: str
+    """``passes``, ``base``, ``flatminima`` or ``peer``."""
+    method: str
+    """The method it implements (``sam``, ``friendly-sam``...), or ``sgd`` / ``passes``."""
+    passes: int
+    build: Callable[[Workload, Hooks], Prepared] = field(compare=False, repr=False)
+
+
+@dataclass
+class Prepared:
+    """A built contender: its step and the parameters it trains."""
+
+    step: Step
+    params: list[Tensor]
+
+
+@dataclass
+class Setup:
+    """A fresh model, its parameters and the closure every contender steps with."""
+
+    model: nn.Module
+    params: list[Tensor]
+    closure: Closure
+
+
+def setup(workload: Workload, hooks: Hooks) -> Setup:
+    model = workload.build_model()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, y = workload.build_batch()
+    loss = workload.loss
+
+    def closure() -> Tensor:
+        with hooks.forward_backward():
+            for p in params:
+                p.grad = None
+            value = loss(model(x), y)
+            value.backward()
+        return value
+
+    return Setup(model, params, closure)
+
+
+def _instrument_base(base: torch.optim.Optimizer, hooks: Hooks) -> None:
+    """Runs the base optimizer's step inside ``hooks.base_step()``; nothing when timing."""
+    if isinstance(hooks, NoHooks):
+        return
+    unwrapped = base.step
+
+    @functools.wraps(unwrapped)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        with hooks.base_step():
+            return unwrapped(*args, **kwargs)
+
+    base.step = step  # type: ignore[method-assign]
+
+
+def _sgd(params: Any) -> torch.optim.SGD:
+    return torch.optim.SGD(params, **BASE_HYPERPARAMETERS, foreach=True)
+
+
+# -- the passes alone and the base optimizer --------------------------------------------------
+
+
+def _build_passes(workload: Workload, hooks: Hooks) -> Prepared:
+    built = setup(workload, hooks)
+    closure = built.closure
+    return Prepared(lambda: closure() and None, built.params)
+
+
+def _build_base(workload: Workload, hooks: Hooks) -> Prepared:
+    built = setup(workload, hooks)
+    base = _sgd(built.params)
+    _instrument_base(base, hooks)
+
+    def step() -> None:
+        built.closure()
+        base.step()
+
+    return Prepared(step, built.params)
+
+
+# -- flatminima ---------------------------------------------------------------------------------
+
+
+def _build_flatminima(
+    method: str, overrides: dict[str, Any]
+) -> Callable[[Workload, Hooks], Prepared]:
+    def build(workload: Workload, hooks: Hooks) -> Prepared:
+        built = setup(workload, hooks)
+        base = _sgd(built.params)
+        _instrument_base(base, hooks)
+        optimizer = METHODS[method].build(base, model=built.model, **overrides)
+        closure = built.closure
+        return Prepared(lambda: optimizer.step(closure) and None, built.params)
+
+    return build
+
+
+# -- peers ------------------------------------------------------------------------------------
+
+
+class _SGDForeachInStep(torch.optim.SGD):
+    """SGD that takes its foreach step even when its param groups say ``foreach=None``.
+
+    pytorch_optimizer builds the base optimizer on its own param groups, whose ``foreach``
+    entry is pytorch_optimizer's own switch (``None`` by default); plain SGD would read it and
+    fall back to its per-tensor loop on CPU. This keeps the peers' base step identical to
+    everyone else's without changing how pytorch_optimizer itself runs.
+    """
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        saved = [group.get("foreach") for group in self.param_groups]
+        for group in self.param_groups:
+            group["foreach"] = True
+        try:
+            return super().step(closure)
+        finally:
+            for group, value in zip(self.param_groups, saved, strict=True):
+                group["foreach"] = value
+
+
+def _pytorch_optimizer_class(name: str) -> type:
+    import pytorch_optimizer
+
+    return getattr(pytorch_optimizer, name)
+
+
+def _build_pytorch_optimizer(
+    name: str, **options: Any
+) -> Callable[[Workload, Hooks], Prepared]:
+    def build(workload: Workload, hooks: Hooks) -> Prepared:
+        built = setup(workload, hooks)
+        optimizer = _pytorch_optimizer_class(name)(
+            built.params, _SGDForeachInStep, **options, **BASE_HYPERPARAMETERS
+        )
+        _instrument_base(optimizer.base_optimizer, hooks)
+        closure = built.closure
+
+        def step() -> None:
+            # pytorch_optimizer's contract: gradients at w first, then step(closure).
+            closure()
+            optimizer.step(closure)
+
+        return Prepared(step, built.params)
+
+    return build
+
+
+def _build_naive(workload: Workload, hooks: Hooks) -> Prepared:
+    built = setup(workload, hooks)
+    base = _sgd(built.params)
+    _instrument_base(base, hooks)
+    optimizer = NaiveLoopSAM(built.params, base, rho=0.05)
+    closure = built.closure
+
+    def step() -> None:
+        closure()
+        optimizer.first_step()
+        closure()
+        optimizer.second_step()
+
+    return Prepared(step, built.params)
+
+
+def _flatminima_contenders(tilted_samples: int) -> list[Contender]:
+    contenders = []
+    for name, spec in METHODS.items():
+        if spec.build_fn is None:
+            continue
+        overrides: dict[str, Any] = {}
+        label = f"flatminima {spec.build_fn.__name__}"
+        if "num_samples" in spec.hyperparameters:
+            overrides["num_samples"] = tilted_samples
+            label += f" (s={tilted_samples})"
+        contenders.append(
+            Contender(
+                key=f"flatminima:{name}" + (f":s{tilted_samples}" if overrides else ""),
+                label=label,
+                kind="flatminima",
+                method=name,
+                passes=spec.passes_per_step(overrides),
+                build=_build_flatminima(name, overrides),
+            )
+        )
+    return contenders
+
+
+def pytorch_optimizer_available() -> bool:
+    try:
+        import pytorch_optimizer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def contenders(*, peers: bool = True, tilted_samples: int = 3) -> list[Contender]:
+    """The rows of one workload's table, in display order."""
+    rows = [
+        Contender("passes", "forward/backward alone", "passes", "passes", 1, _build_passes),
+        Contender("base", "SGD alone (base)", "base", "sgd", 1, _build_base),
+        *_flatminima_contenders(tilted_samples),
+        Contender("naive:sam", "naive per-parameter loop SAM", "peer", "sam", 2, _build_naive),
+    ]
+    if peers and pytorch_optimizer_available():
+        rows += [
+            Contender(
+                "pytorch_optimizer:sam",
+                "pytorch_optimizer SAM (default: per-tensor on CPU)",
+                "peer", "sam", 2,
+                _build_pytorch_optimizer("SAM", rho=0.05),
+            ),
+            Contender(
+                "pytorch_optimizer:sam-foreach",
+                "pytorch_optimizer SAM (foreach=True)",
+                "peer", "sam", 2,
+                _build_pytorch_optimizer("SAM", rho=0.05, foreach=True),
+            ),
+            Contender(
+                "pytorch_optimizer:friendly-sam",
+                "pytorch_optimizer FriendlySAM (default)",
+                "peer", "friendly-sam", 2,
+                _build_pytorch_optimizer("FriendlySAM", rho=0.2, sigma=1.0, lmbda=0.6),
+            ),
+        ]
+    return rows
+
+
+def memory_contenders() -> list[Contender]:
+    """The timed rows plus Tilted SAM with more samples: its memory must not grow with s."""
+    more_samples = [c for c in _flatminima_contenders(8) if c.method == "tilted-sam"]
+    rows = contenders()
+    position = max(i for i, c in enumerate(rows) if c.method == "tilted-sam") + 1
+    return [*rows[:position], *more_samples, *rows[position:]]
