@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from benchmarks.naive import NaiveLoopSAM
+from benchmarks.naive import NaiveLoopSAM, NaiveTiltedSAM
 from benchmarks.workloads import Workload
 from flatminima.registry import METHODS
 
@@ -221,6 +221,28 @@ def _build_naive(workload: Workload, hooks: Hooks) -> Prepared:
     return Prepared(step, built.params)
 
 
+def _build_naive_tilted(num_samples: int) -> Callable[[Workload, Hooks], Prepared]:
+    def build(workload: Workload, hooks: Hooks) -> Prepared:
+        built = setup(workload, hooks)
+        base = _sgd(built.params)
+        _instrument_base(base, hooks)
+        hyperparameters = METHODS["tilted-sam"].resolved({"num_samples": num_samples})
+        optimizer = NaiveTiltedSAM(built.params, base, **hyperparameters)
+        closure = built.closure
+        return Prepared(lambda: optimizer.step(closure), built.params)
+
+    return build
+
+
+def _naive_tilted(num_samples: int) -> Contender:
+    return Contender(
+        f"naive:tilted-sam:s{num_samples}",
+        f"Tilted SAM as released: per-sample gradient clones (s={num_samples})",
+        "peer", "tilted-sam", 2 * num_samples,
+        _build_naive_tilted(num_samples),
+    )
+
+
 def _flatminima_contenders(tilted_samples: int) -> list[Contender]:
     contenders = []
     for name, spec in METHODS.items():
@@ -259,6 +281,7 @@ def contenders(*, peers: bool = True, tilted_samples: int = 3) -> list[Contender
         Contender("base", "SGD alone (base)", "base", "sgd", 1, _build_base),
         *_flatminima_contenders(tilted_samples),
         Contender("naive:sam", "naive per-parameter loop SAM", "peer", "sam", 2, _build_naive),
+        _naive_tilted(tilted_samples),
     ]
     if peers and pytorch_optimizer_available():
         rows += [
@@ -288,5 +311,7 @@ def memory_contenders() -> list[Contender]:
     """The timed rows plus Tilted SAM with more samples: its memory must not grow with s."""
     more_samples = [c for c in _flatminima_contenders(8) if c.method == "tilted-sam"]
     rows = contenders()
-    position = max(i for i, c in enumerate(rows) if c.method == "tilted-sam") + 1
-    return [*rows[:position], *more_samples, *rows[position:]]
+    position = max(i for i, c in enumerate(rows) if c.key.startswith("flatminima:tilted")) + 1
+    rows = [*rows[:position], *more_samples, *rows[position:]]
+    position = max(i for i, c in enumerate(rows) if c.key.startswith("naive:tilted")) + 1
+    return [*rows[:position], _naive_tilted(8), *rows[position:]]
