@@ -193,18 +193,20 @@ FINDINGS = """\
 
 * **Foreach kernels on CPU** are a C++ loop over the tensors (one dispatch each, about
   0.5–1.5 µs for a small tensor), not one fused kernel; a Python loop costs about 1.5–4 µs
-  per tensor and operation. On the many-small-tensors workload the floor for any optimizer
-  is therefore a few milliseconds per pass over the parameters — the base SGD step alone is
-  one of the larger items in every row.
+  per tensor and operation. On the many-small-tensors workload every pass over the
+  parameters therefore costs about a millisecond whatever it computes, and the base SGD step
+  (momentum and weight decay: four such passes) is about half of flatminima SAM's overhead.
 * **Multiplying a list by a Python number** on CPU was the most expensive foreach call:
   PyTorch converts the number again for every tensor. flatminima multiplies float32/float64
   lists by a 0-d tensor of their dtype (same bits, half the time).
-* **`torch.compile` of the perturbation arithmetic** (backup copy, ε scaling, w + ε) was
-  tried and is not used: on 1,002 small tensors it compiled for about 4 minutes and then ran
-  2× slower than the eager foreach calls; on the 8 large tensors of W2-wide it compiled in
-  8 s and ran about 15% faster on that part alone (a few percent of the step), with a
-  recompile whenever the set of tensors with a gradient changes. Not worth the latency and
-  the fragility.
+* **`torch.compile` of the perturbation arithmetic** (backup copy, ε scaling, w + ε;
+  `python -m benchmarks.compile_probe` reproduces this) is not used. Its output is bit for
+  bit the eager result, but: on 1,002 small tensors it compiled for about 4 minutes and ran
+  2.2× slower than the eager foreach calls (100 tensors: 1.8× slower); on W2-wide's 8 large
+  tensors it ran 15–25% faster on that part, which is about 5% of the step, after 4–8 s of
+  compilation at the first step, needs a C++ compiler at run time, and recompiles whenever
+  the set of parameters with a gradient changes. A gain of a few percent in one regime did
+  not pay for that.
 """
 
 
