@@ -360,9 +360,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _trainable_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
-    def _views(self) -> list[GroupView]:
-        """The parameters with a gradient, per group, in one pass over the parameters."""
-        views = []
+    def _views(self, lender: _Backup | None = None) -> list[GroupView]:
+        """The parameters with a gradient, per group, in one pass over the parameters; with
+        ``lender``, the views borrow their scratch from the weights' backup."""
+        views: list[GroupView] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.requires_grad and p.grad is not None]
             if not params:
@@ -373,7 +374,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__} does not support sparse gradients "
                     "(e.g. nn.Embedding(sparse=True)); use dense gradients"
                 )
-            views.append(GroupView(hyperparameters=group, params=params, grads=grads))
+            views.append(
+                _BorrowingView(hyperparameters=group, params=params, grads=grads, lender=lender)
+            )
         return views
 
     def _start_step(
@@ -461,10 +464,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def _perturb(self, backup: _Backup) -> None:
         """From the start point's gradients: direction, ε, and w ← w + ε (the backup taken
         first if no start point took it)."""
-        views = self._views()
         lend_scratch = not backup.taken
+        views = self._views(backup if lend_scratch else None)
         if lend_scratch:
-            backup.lend_as_scratch(views)
+            backup.lend_to(views)
         self.direction.direction_(views, self.state, foreach=self.foreach)
         self.neighborhood.perturbation_(views, foreach=self.foreach)
         if lend_scratch:
@@ -484,6 +487,7 @@ class _Backup:
         self.values: list[Tensor] = []
         self.taken = False
         self.moved = False
+        self._borrowers: list[GroupView] = []
 
     def take(self, params: list[Tensor]) -> None:
         """Copies ``params`` now (once per step). Called under ``torch.no_grad()``, where a
@@ -495,26 +499,50 @@ class _Backup:
             self.params, self.values = params, [p.clone() for p in params]
             self.taken = True
 
-    def lend_as_scratch(self, views: list[GroupView]) -> None:
-        """Reserves the memory for the parameters of ``views`` and lends each view its slice
-        as scratch space until :meth:`fill`. The slices are taken from one list, in order,
-        instead of matched per parameter through a dictionary: no Python work per tensor
-        beyond the allocation itself."""
+    def lend_to(self, views: list[GroupView]) -> None:
+        """Backs up the parameters of ``views`` at :meth:`fill`; until then a view that asks
+        for scratch space (``scratch_or_new``) gets its slice of the backup's memory."""
         self.params = [p for view in views for p in view.params]
+        self._borrowers = views
+
+    def allocate_for_borrowers(self) -> None:
+        """Allocates the backup now, on the first request for scratch, and hands every
+        borrowing view its slice (taken from one list in order: no per-tensor matching)."""
+        if self.values or not self.params:
+            return
         self.values = kernels.empty_like(self.params)
         offset = 0
-        for view in views:
+        for view in self._borrowers:
             view.scratch = self.values[offset : offset + len(view.params)]
             offset += len(view.params)
 
     def fill(self) -> None:
-        kernels.copy_(self.values, self.params, foreach=self.foreach)
+        """Copies the weights into the backup. When no part borrowed scratch (SAM, Monge SAM)
+        the memory is allocated and filled by one ``clone`` per tensor instead of an
+        allocation and a separate copy."""
+        if self.values:
+            kernels.copy_(self.values, self.params, foreach=self.foreach)
+        else:
+            self.values = [p.clone() for p in self.params]
+        self._borrowers = []
         self.taken = True
 
     def restore(self) -> None:
         if self.moved:
             kernels.copy_(self.params, self.values, foreach=self.foreach)
             self.moved = False
+
+
+@dataclass
+class _BorrowingView(GroupView):
+    """A view whose scratch, when a part asks for it, is the weights' backup's memory."""
+
+    lender: _Backup | None = None
+
+    def scratch_or_new(self) -> list[Tensor]:
+        if self.scratch is None and self.lender is not None:
+            self.lender.allocate_for_borrowers()
+        return super().scratch_or_new()
 
 
 def _user_set(group: Mapping[str, Any], names: Mapping[str, Any]) -> dict[str, Any]:
