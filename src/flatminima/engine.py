@@ -18,8 +18,9 @@ and the general manual form (:meth:`~SharpnessAwareOptimizer.evaluations`) all d
 they cannot disagree.
 
 Memory: the weights' backup is one parameter copy. Before it holds the weights, the same
-buffer is lent to the direction and the neighbourhood as scratch space (``GroupView.scratch``),
-which is how ASAM and Fisher SAM build their metric without a second copy.
+buffer is lent, on request, to the direction and the neighbourhood as scratch space
+(``GroupView.scratch_or_new``), which is how ASAM and Fisher SAM build their metric without a
+second copy; when no part asks for it, the backup is simply a clone of the weights.
 """
 
 from __future__ import annotations
