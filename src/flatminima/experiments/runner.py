@@ -182,11 +182,15 @@ def load_trained_model(db_path: str | Path, config_hash: str) -> tuple[nn.Module
     if run is None or run.status != "finished" or run.weights_path is None:
         raise ValueError(f"no finished run with configuration hash {config_hash} in {db_path}")
     config = RunConfig(**run.config)
+    return model_from_weights(config, Path(db_path).parent / run.weights_path), config
+
+
+def model_from_weights(config: RunConfig, weights_path: str | Path) -> nn.Module:
+    """The model of ``config`` with the weights saved at ``weights_path``, in eval mode."""
     source = DATASETS[config.dataset]
     model = build_model(config.model, source.input_shape, source.num_classes)
-    weights = torch.load(Path(db_path).parent / run.weights_path, weights_only=True)
-    model.load_state_dict(weights)
-    return model.eval(), config
+    model.load_state_dict(torch.load(weights_path, weights_only=True))
+    return model.eval()
 
 
 def environment() -> dict[str, Any]:

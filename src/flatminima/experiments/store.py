@@ -5,10 +5,17 @@ Tables:
 * ``runs``: one row per configuration (unique configuration hash) with the full configuration
   as JSON, its status (``running``, ``finished`` or ``failed``), how many attempts it took, the
   process that runs it, the library versions, timestamps and the final metrics;
-* ``epochs``: one row per run and epoch with that epoch's metrics.
+* ``epochs``: one row per run and epoch with that epoch's metrics;
+* ``sharpness``: at most one row per finished run, its flatness measured from the saved weights
+  by :mod:`flatminima.experiments.sharpness_runs` (the scalars of
+  :func:`flatminima.sharpness.measure_sharpness`, the settings and examples used, optionally a
+  1-D loss landscape). Measuring never changes a row of ``runs``.
 
 The final weights of every finished run are saved beside the database, in
 ``<database stem>-weights/<configuration hash>.pt``, so that sharpness can be measured later.
+
+Schema changes are additive (``CREATE TABLE IF NOT EXISTS``): opening a database written by an
+earlier version adds the missing tables and leaves everything in it as it was.
 
 Several processes may read and write the file at once (the workers of a grid, a report run
 while the grid trains): the database is in WAL mode, every write is one short transaction, and
@@ -18,6 +25,7 @@ configuration.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -73,6 +81,26 @@ CREATE TABLE IF NOT EXISTS epochs (
     PRIMARY KEY (run_id, epoch)
 );
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status);
+CREATE TABLE IF NOT EXISTS sharpness (
+    run_id INTEGER PRIMARY KEY REFERENCES runs(id) ON DELETE CASCADE,
+    config_hash TEXT NOT NULL UNIQUE,
+    examples INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    loss REAL,
+    hessian_top_eigenvalue REAL,
+    hessian_more_eigenvalues TEXT,
+    hessian_trace REAL,
+    hessian_trace_stderr REAL,
+    worst_case_sharpness REAL,
+    average_sharpness REAL,
+    adaptive_worst_case_sharpness REAL,
+    adaptive_average_sharpness REAL,
+    landscape TEXT,
+    measure_time_s REAL NOT NULL,
+    environment TEXT,
+    measured_at TEXT NOT NULL
+);
 """
 
 EPOCH_COLUMNS = (
@@ -93,6 +121,20 @@ FINAL_COLUMNS = (
     "final_train_accuracy_noisy",
     "final_train_accuracy_clean",
 )
+
+SHARPNESS_COLUMNS = (
+    "loss",
+    "hessian_top_eigenvalue",
+    "hessian_trace",
+    "hessian_trace_stderr",
+    "worst_case_sharpness",
+    "average_sharpness",
+    "adaptive_worst_case_sharpness",
+    "adaptive_average_sharpness",
+)
+"""The scalars :func:`flatminima.sharpness.measure_sharpness` always returns, one column each;
+the eigenvalues after the first (``hessian_eigenvalue_<i>``, with ``top_k`` > 1) are stored as a
+JSON list in ``hessian_more_eigenvalues``."""
 
 
 def _now() -> str:
@@ -142,6 +184,29 @@ class RunRecord:
     final: dict[str, Any]
     """The final metrics and costs (``FINAL_COLUMNS``), ``None`` where not yet known."""
     weights_path: str | None
+
+
+@dataclass(frozen=True)
+class SharpnessRecord:
+    """One row of ``sharpness``: a finished run's flatness, measured from its saved weights."""
+
+    run_id: int
+    config_hash: str
+    metrics: dict[str, float]
+    """Keyed as :func:`flatminima.sharpness.measure_sharpness` returns them (NaN where the
+    measurement was not finite, e.g. the trace's standard error with one probe)."""
+    examples: int
+    """How many training examples the loss was measured on."""
+    data: str
+    """Which examples, in words (e.g. a seeded subset of the training set, noisy labels)."""
+    settings: dict[str, Any]
+    """Every argument of the measurement (radii, probes, seed...)."""
+    landscape: dict[str, Any] | None
+    """``{"alphas": [...], "losses": [...], ...}`` of a 1-D filter-normalised loss slice, or
+    ``None`` when none was measured."""
+    measure_time_s: float
+    environment: dict[str, Any]
+    measured_at: str
 
 
 class Store:
@@ -290,6 +355,68 @@ class Store:
                 (error, _now(), run_id),
             )
 
+    def record_sharpness(
+        self,
+        run_id: int,
+        *,
+        metrics: Mapping[str, float],
+        examples: int,
+        data: str,
+        settings: Mapping[str, Any],
+        measure_time_s: float,
+        environment: Mapping[str, Any],
+        landscape: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Store the run's sharpness, replacing any earlier measurement of it (one row a run).
+
+        ``metrics`` is what :func:`flatminima.sharpness.measure_sharpness` returned.
+        """
+        more: list[float] = []
+        for i in itertools.count(2):  # hessian_eigenvalue_2, _3, ... up to top_k
+            if f"hessian_eigenvalue_{i}" not in metrics:
+                break
+            more.append(metrics[f"hessian_eigenvalue_{i}"])
+        values = [_finite_or_none(float(metrics[column])) for column in SHARPNESS_COLUMNS]
+        columns = (
+            "run_id, config_hash, examples, data, settings, hessian_more_eigenvalues, landscape, "
+            "measure_time_s, environment, measured_at, " + ", ".join(SHARPNESS_COLUMNS)
+        )
+        placeholders = ", ".join("?" for _ in range(10 + len(SHARPNESS_COLUMNS)))
+        with self._transaction("IMMEDIATE") as db:
+            row = db.execute(
+                "SELECT config_hash FROM runs WHERE id = ? AND status = 'finished'", (run_id,)
+            ).fetchone()
+            if row is None:
+                raise ValueError(f"no finished run with id {run_id} in {self.path}")
+            # REPLACE deletes the old row and inserts the new one: a re-measurement (--force)
+            # never leaves two rows for a run.
+            db.execute(
+                f"INSERT OR REPLACE INTO sharpness ({columns}) VALUES ({placeholders})",
+                (
+                    run_id,
+                    row["config_hash"],
+                    examples,
+                    data,
+                    json.dumps(dict(settings), sort_keys=True),
+                    json.dumps([_finite_or_none(v) for v in more]) if more else None,
+                    json.dumps(dict(landscape)) if landscape is not None else None,
+                    measure_time_s,
+                    json.dumps(dict(environment), sort_keys=True),
+                    _now(),
+                    *values,
+                ),
+            )
+
+    def record_landscape(self, run_id: int, landscape: Mapping[str, Any]) -> None:
+        """Add a 1-D landscape to the run's existing sharpness row."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE sharpness SET landscape = ? WHERE run_id = ?",
+                (json.dumps(dict(landscape)), run_id),
+            )
+            if cursor.rowcount != 1:
+                raise ValueError(f"run {run_id} has no sharpness row to add a landscape to")
+
     # --- reading -------------------------------------------------------------------------------
 
     def find(self, config_hash: str) -> RunRecord | None:
@@ -316,6 +443,34 @@ class Store:
             (run_id,),
         ).fetchall()
         return [dict(row) for row in rows]
+
+    def sharpness(self) -> dict[str, SharpnessRecord]:
+        """Every sharpness row, keyed by the run's configuration hash."""
+        rows = self._connection.execute("SELECT * FROM sharpness ORDER BY run_id").fetchall()
+        return {row["config_hash"]: _sharpness_record(row) for row in rows}
+
+
+def _as_float(value: float | None) -> float:
+    # NULL is how a non-finite number was stored (see _finite_or_none).
+    return math.nan if value is None else float(value)
+
+
+def _sharpness_record(row: sqlite3.Row) -> SharpnessRecord:
+    metrics = {column: _as_float(row[column]) for column in SHARPNESS_COLUMNS}
+    for i, value in enumerate(json.loads(row["hessian_more_eigenvalues"] or "[]"), start=2):
+        metrics[f"hessian_eigenvalue_{i}"] = _as_float(value)
+    return SharpnessRecord(
+        run_id=row["run_id"],
+        config_hash=row["config_hash"],
+        metrics=metrics,
+        examples=row["examples"],
+        data=row["data"],
+        settings=json.loads(row["settings"]),
+        landscape=json.loads(row["landscape"]) if row["landscape"] is not None else None,
+        measure_time_s=row["measure_time_s"],
+        environment=json.loads(row["environment"] or "{}"),
+        measured_at=row["measured_at"],
+    )
 
 
 def _record(row: sqlite3.Row) -> RunRecord:
