@@ -11,6 +11,13 @@ cost relative to the base optimizer: measured forward/backward passes and traini
 Plots per setting: mean test-accuracy curves (± one std over seeds), the distribution of final
 accuracies per arm, and, for every hyperparameter that takes several values within a method
 (a ρ sweep), final accuracy against it.
+
+Where runs were measured with ``flatminima sharpness`` (the database's ``sharpness`` table), a
+second table per setting puts their sharpness beside their test accuracy (mean ± std over the
+measured seeds of the top Hessian eigenvalue, the Hessian trace and the worst-case sharpness),
+followed by the Spearman rank correlation, over the setting's measured runs, between each
+sharpness measure and test accuracy; plots add test accuracy against the top eigenvalue (one
+point per run) and, where measured, the 1-D loss landscape of each arm's first seed.
 """
 
 from __future__ import annotations
@@ -31,9 +38,10 @@ matplotlib.use("Agg")  # files only: never open a window, work without a display
 
 import matplotlib.pyplot as plt
 import numpy as np
-from scipy.special import stdtrit
+import torch
+from scipy.special import stdtr, stdtrit
 
-from flatminima.experiments.store import RunRecord, Store
+from flatminima.experiments.store import RunRecord, SharpnessRecord, Store
 from flatminima.registry import BASE_OPTIMIZER, METHODS, method_names
 
 REFERENCE_METHOD = "sam"
@@ -79,6 +87,8 @@ class Arm:
     versus_reference: Interval | None = None
     passes_ratio: float = math.nan
     time_ratio: float = math.nan
+    sharpness: dict[int, SharpnessRecord] = field(default_factory=dict)
+    """The sharpness measured from the final weights, by seed (only the measured seeds)."""
 
     @property
     def settings(self) -> str:
@@ -100,6 +110,10 @@ class Arm:
 
     def mean_of(self, column: str) -> float:
         return float(np.mean([run.final[column] for run in self.runs]))
+
+    def sharpness_of(self, metric: str) -> dict[int, float]:
+        """One sharpness measure (a key of ``measure_sharpness``'s result) by measured seed."""
+        return {seed: row.metrics[metric] for seed, row in self.sharpness.items()}
 
 
 @dataclass
@@ -129,6 +143,11 @@ class Setting:
 
     def arms_of(self, method: str) -> list[Arm]:
         return [arm for arm in self.arms if arm.method == method]
+
+    @property
+    def measured(self) -> bool:
+        """Whether any run of the setting has a sharpness row."""
+        return any(arm.sharpness for arm in self.arms)
 
 
 def _paired(arm: Arm, other: Arm) -> Interval | None:
@@ -201,6 +220,7 @@ def summarize(store: Store) -> list[Setting]:
     """Every setting with its arms, statistics and costs, from the finished runs."""
     grouped: dict[str, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     setting_configs: dict[str, dict[str, Any]] = {}
+    sharpness = store.sharpness()
     for run in store.runs(status="finished"):
         setting = {k: v for k, v in run.config.items() if k not in ARM_KEYS}
         setting_key = json.dumps(setting, sort_keys=True)
@@ -221,6 +241,11 @@ def summarize(store: Store) -> list[Setting]:
             arm.curves = {
                 run.config["seed"]: [row["test_accuracy"] for row in store.epochs(run.id)]
                 for run in arm.runs
+            }
+            arm.sharpness = {
+                run.config["seed"]: sharpness[run.config_hash]
+                for run in arm.runs
+                if run.config_hash in sharpness
             }
             arms.append(arm)
         _label(arms)
@@ -299,6 +324,175 @@ def table_rows(setting: Setting) -> list[list[str]]:
             ]
         )
     return rows
+
+
+# --- sharpness beside accuracy ----------------------------------------------------------------
+
+SHARPNESS_SHOWN = (
+    ("hessian_top_eigenvalue", "λ_max"),
+    ("hessian_trace", "tr(H)"),
+    ("worst_case_sharpness", "worst-case sharpness"),
+)
+"""The measures in the sharpness table: (key of ``measure_sharpness``, column name)."""
+
+SHARPNESS_CORRELATED = (
+    ("hessian_top_eigenvalue", "top Hessian eigenvalue λ_max"),
+    ("hessian_trace", "Hessian trace tr(H)"),
+    ("worst_case_sharpness", "worst-case sharpness"),
+    ("average_sharpness", "average-case sharpness"),
+    ("adaptive_worst_case_sharpness", "adaptive worst-case sharpness"),
+    ("adaptive_average_sharpness", "adaptive average-case sharpness"),
+)
+"""Every scalar sharpness measure, each rank-correlated with test accuracy."""
+
+
+def _mean_and_std(values: Sequence[float]) -> str:
+    """``mean ± std`` with the standard deviation to two significant digits and the mean to the
+    same decimal place (4 significant digits for a single value or no spread)."""
+    finite = [value for value in values if math.isfinite(value)]
+    if not finite:
+        return "—"
+    mean = float(np.mean(finite))
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+    if std == 0:
+        return f"{mean:.4g}"
+    decimals = max(0, 1 - math.floor(math.log10(std)))
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+
+def _common_setting(setting: Setting, name: str) -> Any:
+    """The value of a measurement setting shared by every measured run, else ``None``."""
+    values = {
+        json.dumps(row.settings.get(name)) for arm in setting.arms for row in arm.sharpness.values()
+    }
+    return json.loads(values.pop()) if len(values) == 1 else None
+
+
+def sharpness_headers(setting: Setting) -> list[str]:
+    rho = _common_setting(setting, "rho")
+    radius = f"ρ={rho}" if rho is not None else "ρ varies"
+    return [
+        "method",
+        "runs",
+        "test acc. % (same runs)",
+        "λ_max (mean ± std)",
+        "tr(H) (mean ± std)",
+        f"worst-case sharpness, {radius} (mean ± std)",
+    ]
+
+
+def sharpness_rows(setting: Setting) -> list[list[str]]:
+    """One row per measured arm: test accuracy and sharpness over the measured seeds."""
+    rows = []
+    for arm in setting.arms:
+        if not arm.sharpness:
+            continue
+        seeds = sorted(arm.sharpness)
+        accuracies = [100 * arm.final_accuracy[seed] for seed in seeds]
+        accuracy = f"{np.mean(accuracies):.2f}"
+        if len(seeds) > 1:
+            accuracy += f" ± {np.std(accuracies, ddof=1):.2f}"
+        measures = [
+            _mean_and_std([arm.sharpness[seed].metrics[key] for seed in seeds])
+            for key, _ in SHARPNESS_SHOWN
+        ]
+        rows.append([arm.label, str(len(seeds)), accuracy, *measures])
+    return rows
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, tied values sharing the mean of their ranks (as Spearman's ρ needs)."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    start = 0
+    while start < len(values):
+        stop = start + 1
+        while stop < len(values) and values[order[stop]] == values[order[start]]:
+            stop += 1
+        ranks[order[start:stop]] = (start + stop + 1) / 2  # mean of ranks start+1 … stop
+        start = stop
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Spearman's rank correlation of ``x`` and ``y`` and its two-sided p-value (Student-t
+    approximation with n − 2 degrees of freedom, as ``scipy.stats.spearmanr``); NaN when it is
+    undefined (fewer than three pairs, or a constant sequence)."""
+    if len(x) != len(y):
+        raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+    if len(x) < 3:
+        return math.nan, math.nan
+    rx, ry = _average_ranks(np.asarray(x, dtype=float)), _average_ranks(np.asarray(y, dtype=float))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    if denominator == 0:
+        return math.nan, math.nan
+    coefficient = float(rx @ ry) / denominator
+    if abs(coefficient) >= 1.0:
+        return coefficient, 0.0
+    t = coefficient * math.sqrt((len(x) - 2) / (1 - coefficient**2))
+    return coefficient, float(2 * stdtr(len(x) - 2, -abs(t)))
+
+
+@dataclass(frozen=True)
+class RankCorrelation:
+    """Spearman's ρ between one sharpness measure and final test accuracy over runs."""
+
+    metric: str
+    name: str
+    coefficient: float
+    p_value: float
+    n: int
+
+
+def sharpness_correlations(setting: Setting) -> list[RankCorrelation]:
+    """For every sharpness measure, its rank correlation with test accuracy over the measured
+    runs of the setting, every arm and seed pooled (runs where the measure is not finite are
+    left out)."""
+    correlations = []
+    for key, name in SHARPNESS_CORRELATED:
+        pairs = [
+            (row.metrics[key], arm.final_accuracy[seed])
+            for arm in setting.arms
+            for seed, row in sorted(arm.sharpness.items())
+            if key in row.metrics and math.isfinite(row.metrics[key])
+        ]
+        measure = [pair[0] for pair in pairs]
+        accuracy = [pair[1] for pair in pairs]
+        coefficient, p_value = spearman(measure, accuracy)
+        correlations.append(RankCorrelation(key, name, coefficient, p_value, len(pairs)))
+    return correlations
+
+
+CORRELATION_HEADERS = (
+    "sharpness measure",
+    "Spearman ρ_s with test accuracy",
+    "p (two-sided)",
+    "runs",
+)
+
+
+def correlation_rows(setting: Setting) -> list[list[str]]:
+    return [
+        [
+            correlation.name,
+            "—" if math.isnan(correlation.coefficient) else f"{correlation.coefficient:+.2f}",
+            "—" if math.isnan(correlation.p_value) else f"{correlation.p_value:.2g}",
+            str(correlation.n),
+        ]
+        for correlation in sharpness_correlations(setting)
+    ]
+
+
+def measured_on(setting: Setting) -> str:
+    """A sentence saying what the setting's sharpness was measured on."""
+    rows = [row for arm in setting.arms for row in arm.sharpness.values()]
+    data = sorted({row.data for row in rows})
+    described = data[0] if len(data) == 1 else "; ".join(data)
+    return (
+        f"{len(rows)} run(s) measured from their final weights, on the training loss "
+        f"(eval mode) of {described}."
+    )
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -417,6 +611,77 @@ def plot_sweep(setting: Setting, name: str, lines: dict[str, list[Arm]], path: P
     plt.close(figure)
 
 
+def plot_accuracy_vs_sharpness(
+    setting: Setting, path: Path, metric: str = "hessian_top_eigenvalue"
+) -> None:
+    """Final test accuracy against one sharpness measure: a point per measured run, a colour
+    per arm."""
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for arm in setting.arms:
+        seeds = sorted(arm.sharpness)
+        if not seeds:
+            continue
+        measure = [arm.sharpness[seed].metrics[metric] for seed in seeds]
+        accuracy = [100 * arm.final_accuracy[seed] for seed in seeds]
+        axes.scatter(measure, accuracy, s=30, alpha=0.85, label=f"{arm.label}, n={len(seeds)}")
+    name = dict(SHARPNESS_CORRELATED)[metric]
+    correlation = next(c for c in sharpness_correlations(setting) if c.metric == metric)
+    summary = (
+        ""
+        if math.isnan(correlation.coefficient)
+        else f"\nSpearman ρ_s = {correlation.coefficient:+.2f} over {correlation.n} runs"
+    )
+    axes.set(
+        xlabel=f"{name} (training loss, final weights)",
+        ylabel="final test accuracy (%)",
+        title=setting.title + summary,
+    )
+    axes.title.set_fontsize(9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def first_seed_landscapes(setting: Setting) -> dict[str, dict[str, Any]]:
+    """Each arm's 1-D landscape from its lowest measured seed that has one, by arm label."""
+    lines = {}
+    for arm in setting.arms:
+        seeds = sorted(seed for seed, row in arm.sharpness.items() if row.landscape)
+        if seeds:
+            lines[arm.label] = {"seed": seeds[0], **arm.sharpness[seeds[0]].landscape}
+    return lines
+
+
+def write_landscape(setting: Setting, directory: Path) -> list[Path]:
+    """The setting's landscapes as one PNG (a curve per arm) and their numbers as JSON beside
+    it; nothing when no run of the setting has a landscape."""
+    from flatminima.sharpness import Landscape1D, plot_landscape_1d
+
+    lines = first_seed_landscapes(setting)
+    if not lines:
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    curves = {
+        f"{label} (seed {line['seed']})": Landscape1D(
+            torch.tensor(line["alphas"], dtype=torch.float64),
+            torch.tensor(line["losses"], dtype=torch.float64),
+            line["axis_label"],
+        )
+        for label, line in lines.items()
+    }
+    png, numbers = directory / "landscape_1d.png", directory / "landscape_1d.json"
+    examples = sorted({line["examples"] for line in lines.values()})
+    plot_landscape_1d(
+        curves,
+        png,
+        title=f"training loss on {', '.join(map(str, examples))} examples, final weights",
+    )
+    numbers.write_text(json.dumps(lines, indent=1) + "\n")
+    return [png, numbers]
+
+
 def write_plots(setting: Setting, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / "test_accuracy_curves.png", directory / "final_accuracy.png"]
@@ -426,6 +691,11 @@ def write_plots(setting: Setting, directory: Path) -> list[Path]:
         path = directory / f"accuracy_vs_{re.sub(r'[^A-Za-z0-9_]+', '_', name)}.png"
         plot_sweep(setting, name, lines, path)
         paths.append(path)
+    if setting.measured:
+        path = directory / "accuracy_vs_top_eigenvalue.png"
+        plot_accuracy_vs_sharpness(setting, path)
+        paths.append(path)
+        paths += [path for path in write_landscape(setting, directory) if path.suffix == ".png"]
     return paths
 
 
@@ -440,6 +710,20 @@ number of forward/backward passes relative to {BASE_OPTIMIZER}; "time ×" the tr
 (evaluation excluded) relative to {BASE_OPTIMIZER}: with several worker processes on a busy
 machine it is noisier than the pass count."""
 
+SHARPNESS_NOTES = """\
+Sharpness (`flatminima sharpness`) is measured from each run's final weights on its own training
+examples with the labels it was trained on (noisy ones included), in eval mode: λ_max is the
+largest Hessian eigenvalue of the training loss (Lanczos), tr(H) its trace (Hutchinson, the
+probes' standard error is in the database), worst-case sharpness the mean over batches of
+max over ‖ε‖₂ ≤ ρ of L(w + ε) − L(w) (projected ascent); all are in the database's `sharpness`
+table with the settings used. The Spearman coefficient ranks every measured run of the setting
+together, whatever its method or seed: negative means the sharper runs had the lower test
+accuracy. Its p-value (Student-t approximation) is per measure and not corrected for testing
+six of them; with a handful of runs, and methods that differ in more than flatness, it
+describes these runs, it does not show that flatness causes accuracy. The landscape is the
+training loss along one random filter-normalised direction (Li et al., 2018) through each
+arm's first measured seed, the same random draw for every arm."""
+
 
 @dataclass
 class Report:
@@ -450,6 +734,41 @@ class Report:
     """The tables as plain text, for the terminal."""
     unfinished: dict[str, int]
     """Runs in the database that are not finished, by status."""
+
+
+def _sharpness_section(setting: Setting, out_dir: Path) -> tuple[list[str], list[str]]:
+    """The setting's sharpness table and rank correlations, as markdown and as text lines."""
+    headers, rows = sharpness_headers(setting), sharpness_rows(setting)
+    correlations = correlation_rows(setting)
+    correlation_title = (
+        "Spearman rank correlation with final test accuracy, over the setting's measured runs "
+        "(all methods and seeds pooled):"
+    )
+    markdown = [
+        "### Sharpness beside test accuracy",
+        "",
+        measured_on(setting),
+        "",
+        markdown_table(headers, rows),
+        "",
+        correlation_title,
+        "",
+        markdown_table(CORRELATION_HEADERS, correlations),
+        "",
+    ]
+    numbers = out_dir / setting.slug / "landscape_1d.json"
+    if numbers.exists():
+        markdown += [f"Landscape numbers: [{numbers.name}]({numbers.relative_to(out_dir)}).", ""]
+    text = [
+        "sharpness beside test accuracy: " + measured_on(setting),
+        "",
+        text_table(headers, rows),
+        "",
+        correlation_title,
+        text_table(CORRELATION_HEADERS, correlations),
+        "",
+    ]
+    return markdown, text
 
 
 def write_report(db_path: str | Path, out_dir: str | Path) -> Report:
@@ -483,13 +802,19 @@ def write_report(db_path: str | Path, out_dir: str | Path) -> Report:
         markdown += ["", f"## {setting.title}", "", f"{setting.training}.", ""]
         markdown += [markdown_table(TABLE_HEADERS, rows), "", "Hyperparameters:", ""]
         markdown += [f"- {line}" for line in hyperparameters] + [""]
-        markdown += [f"![{path.stem}]({path.relative_to(out_dir)})" for path in setting_plots]
         text += [setting.title, setting.training, "", text_table(TABLE_HEADERS, rows), ""]
         text += ["hyperparameters:", *(f"  {line}" for line in hyperparameters), ""]
+        if setting.measured:
+            markdown_part, text_part = _sharpness_section(setting, out_dir)
+            markdown += markdown_part
+            text += text_part
+        markdown += [f"![{path.stem}]({path.relative_to(out_dir)})" for path in setting_plots]
     if not settings:
         markdown += ["", "No finished runs yet."]
         text.append("No finished runs yet.")
     markdown += ["", NOTES.replace("\n", " "), ""]
+    if any(setting.measured for setting in settings):
+        markdown += [SHARPNESS_NOTES.replace("\n", " "), ""]
     markdown_path = out_dir / "report.md"
     markdown_path.write_text("\n".join(markdown))
     return Report(settings, markdown_path, plots, "\n".join(text).rstrip(), dict(unfinished))

@@ -1,0 +1,203 @@
+"""The report's sharpness section: its numbers are the database's, its correlations SciPy's,
+its plots valid; databases from before the sharpness table still report."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import sqlite3
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib.image
+import numpy as np
+import pytest
+from scipy import stats
+
+from flatminima.experiments.config import make_run_config
+from flatminima.experiments.report import sharpness_correlations, spearman, summarize, write_report
+from flatminima.experiments.runner import run_grid
+from flatminima.experiments.sharpness_runs import SharpnessSettings, measure_runs
+from flatminima.experiments.store import Store
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SMALL = SharpnessSettings(examples=128, num_probes=2, max_iter=15)
+TINY: dict[str, Any] = {
+    "dataset": "mnist1d", "model": "cnn1d", "epochs": 2, "batch_size": 64,
+    "train_size": 256, "label_noise": 0.4,
+}  # fmt: skip
+SHOWN = ("hessian_top_eigenvalue", "hessian_trace", "worst_case_sharpness")
+
+
+@pytest.fixture(scope="module")
+def measured_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """sgd and SAM, three seeds each, every run measured with a landscape."""
+    db_path = tmp_path_factory.mktemp("sharpness-report") / "runs.db"
+    configs = [
+        make_run_config(method=method, seed=seed, **TINY)
+        for seed in (0, 1, 2)
+        for method in ("sgd", "sam")
+    ]
+    run_grid(configs, db_path, progress=False)
+    measure_runs(db_path, SMALL, landscape=True, progress=False)
+    return db_path
+
+
+def _from_sql(db_path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each measured run's accuracy and sharpness by method, straight from SQL."""
+    with sqlite3.connect(db_path) as connection:
+        connection.row_factory = sqlite3.Row
+        rows = connection.execute(
+            "SELECT r.method, r.seed, r.final_test_accuracy, s.* FROM sharpness s "
+            "JOIN runs r ON r.id = s.run_id ORDER BY r.seed"
+        ).fetchall()
+    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_method[row["method"]].append(dict(row))
+    return by_method
+
+
+def _cells(markdown: str, heading: str, label: str) -> list[str]:
+    """The cells of the row starting with ``label`` in the first table after ``heading``."""
+    section = markdown[markdown.index(heading) :]
+    row = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in row.strip("|").split("|")]
+
+
+def _mean_std(cell: str) -> tuple[float, float, float]:
+    """``"12.3 ± 0.45"`` → (mean, std, half a unit in the last decimal printed)."""
+    mean, std = cell.split(" ± ")
+    decimals = len(mean.partition(".")[2])
+    return float(mean), float(std), 0.5 * 10.0**-decimals
+
+
+def test_sharpness_columns_equal_the_database(measured_db: Path, tmp_path: Path) -> None:
+    report = write_report(measured_db, tmp_path / "out")
+    markdown = report.markdown_path.read_text()
+    heading = "### Sharpness beside test accuracy"
+    assert heading in markdown and "sharpness beside test accuracy" in report.text
+    assert "λ_max (mean ± std)" in markdown and "worst-case sharpness, ρ=0.05" in markdown
+    assert "128 of the 256 (drawn with seed 0) training examples" in markdown
+    for method, rows in _from_sql(measured_db).items():
+        cells = _cells(markdown, heading, method)
+        assert cells[1] == str(len(rows)) == "3"
+        mean, std, tolerance = _mean_std(cells[2])
+        accuracies = [100 * row["final_test_accuracy"] for row in rows]
+        assert mean == pytest.approx(np.mean(accuracies), abs=tolerance)
+        assert std == pytest.approx(np.std(accuracies, ddof=1), abs=tolerance)
+        for cell, column in zip(cells[3:], SHOWN, strict=True):
+            mean, std, tolerance = _mean_std(cell)
+            values = [row[column] for row in rows]
+            assert mean == pytest.approx(np.mean(values), abs=tolerance)
+            assert std == pytest.approx(np.std(values, ddof=1), rel=0.05)
+        # The terminal table shows the same row.
+        assert " ".join(cells[1:]) in " ".join(report.text.split())
+
+
+def test_rank_correlations_are_scipys_over_the_measured_runs(
+    measured_db: Path, tmp_path: Path
+) -> None:
+    by_method = _from_sql(measured_db)
+    rows = [row for method_rows in by_method.values() for row in method_rows]
+    with Store(measured_db) as store:
+        [setting] = summarize(store)
+    correlations = {c.metric: c for c in sharpness_correlations(setting)}
+    assert set(SHOWN) <= set(correlations)
+    markdown = write_report(measured_db, tmp_path / "out").markdown_path.read_text()
+    assert "Spearman rank correlation with final test accuracy" in markdown
+    for metric, correlation in correlations.items():
+        expected = stats.spearmanr(
+            [row[metric] for row in rows], [row["final_test_accuracy"] for row in rows]
+        )
+        assert correlation.n == len(rows) == 6
+        assert correlation.coefficient == pytest.approx(expected.statistic, abs=1e-12)
+        assert correlation.p_value == pytest.approx(expected.pvalue, rel=1e-9)
+        cells = _cells(markdown, "Spearman rank correlation", correlation.name)
+        assert cells[1:] == [f"{correlation.coefficient:+.2f}", f"{correlation.p_value:.2g}", "6"]
+
+
+def test_spearman_handles_ties_and_undefined_cases() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 4, size=12).astype(float)  # many ties
+    y = rng.normal(size=12)
+    coefficient, p_value = spearman(x, y)
+    expected = stats.spearmanr(x, y)
+    assert coefficient == pytest.approx(expected.statistic, abs=1e-12)
+    assert p_value == pytest.approx(expected.pvalue, rel=1e-9)
+    assert spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == (-1.0, 0.0)
+    assert all(math.isnan(v) for v in spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+    assert all(math.isnan(v) for v in spearman([1.0, 2.0], [1.0, 2.0]))
+    with pytest.raises(ValueError, match="same length"):
+        spearman([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def _valid_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image[..., :3].std() > 0.05  # content, not a blank canvas
+
+
+def test_plots_are_valid_pngs_and_the_landscape_numbers_are_the_databases(
+    measured_db: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    report = write_report(measured_db, out)
+    names = {path.name for path in report.plots}
+    assert {"accuracy_vs_top_eigenvalue.png", "landscape_1d.png"} <= names
+    markdown = report.markdown_path.read_text()
+    for path in report.plots:
+        _valid_png(path)
+        assert f"]({path.relative_to(out)})" in markdown
+    [setting] = report.settings
+    numbers = json.loads((out / setting.slug / "landscape_1d.json").read_text())
+    by_method = _from_sql(measured_db)
+    assert set(numbers) == set(by_method)
+    for method, line in numbers.items():
+        first_seed = json.loads(by_method[method][0]["landscape"])  # rows are in seed order
+        assert line["seed"] == 0
+        assert line["alphas"] == first_seed["alphas"] and line["losses"] == first_seed["losses"]
+        assert len(line["alphas"]) == 21 and min(line["losses"]) > 0
+
+
+def test_a_database_without_the_sharpness_table_still_reports(
+    measured_db: Path, tmp_path: Path
+) -> None:
+    # A database written before the sharpness table existed: the same runs, no such table.
+    db_path = tmp_path / "old.db"
+    with sqlite3.connect(measured_db) as source, sqlite3.connect(db_path) as copy:
+        source.backup(copy)
+        copy.execute("DROP TABLE sharpness")
+    # Weights paths are stored relative to the database's folder.
+    shutil.copytree(measured_db.parent / "runs-weights", tmp_path / "runs-weights")
+    with sqlite3.connect(db_path) as connection:
+        runs_before = connection.execute("SELECT * FROM runs ORDER BY id").fetchall()
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    assert "sharpness" not in tables
+
+    report = write_report(db_path, tmp_path / "out")
+    markdown = report.markdown_path.read_text()
+    assert "test acc. % (mean ± std)" in markdown
+    assert "Sharpness beside test accuracy" not in markdown and "Spearman" not in markdown
+    assert {path.name for path in report.plots} == {
+        "test_accuracy_curves.png",
+        "final_accuracy.png",
+    }
+    with sqlite3.connect(db_path) as connection:
+        assert connection.execute("SELECT * FROM runs ORDER BY id").fetchall() == runs_before
+
+    # Measured afterwards, one run only: its row alone, and no correlation from one run.
+    with Store(db_path) as store:
+        first = store.runs()[0]
+    summary = measure_runs(db_path, SMALL, runs=[first.config_hash], progress=False)
+    assert summary.measured == [first.config_hash]
+    markdown = write_report(db_path, tmp_path / "out").markdown_path.read_text()
+    cells = _cells(markdown, "### Sharpness beside test accuracy", first.config["method"])
+    assert cells[1] == "1" and cells[2] == f"{100 * first.final['final_test_accuracy']:.2f}"
+    other = "sam" if first.config["method"] == "sgd" else "sgd"
+    section = markdown[markdown.index("### Sharpness beside") :]
+    assert f"| {other} |" not in section.split("Spearman")[0]
+    assert re.search(r"\| top Hessian eigenvalue λ_max \| — \| — \| 1 \|", markdown)
