@@ -170,6 +170,13 @@ def test_measuring_is_read_only_on_the_runs_and_force_replaces_rows_without_dupl
         with_landscape = store.sharpness()
     for config_hash, row in with_landscape.items():
         assert row.landscape is not None and row.metrics == after[config_hash].metrics
+    # Forced again without --landscape: the scalars are replaced, the landscapes kept.
+    measure_runs(db_path, settings, methods=["sgd"], force=True, progress=False)
+    with Store(db_path) as store:
+        kept = store.sharpness()
+    assert {h: row.landscape for h, row in kept.items()} == {
+        h: row.landscape for h, row in with_landscape.items()
+    }
 
     assert _runs_and_epochs(db_path) == runs_before
     assert [path.read_bytes() for path in weights] == weight_bytes

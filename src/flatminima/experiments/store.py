@@ -369,7 +369,9 @@ class Store:
     ) -> None:
         """Store the run's sharpness, replacing any earlier measurement of it (one row a run).
 
-        ``metrics`` is what :func:`flatminima.sharpness.measure_sharpness` returned.
+        ``metrics`` is what :func:`flatminima.sharpness.measure_sharpness` returned. A landscape
+        already stored is kept when ``landscape`` is ``None`` (it records its own seed and
+        number of examples).
         """
         more: list[float] = []
         for i in itertools.count(2):  # hessian_eigenvalue_2, _3, ... up to top_k
@@ -388,10 +390,16 @@ class Store:
             ).fetchone()
             if row is None:
                 raise ValueError(f"no finished run with id {run_id} in {self.path}")
-            # REPLACE deletes the old row and inserts the new one: a re-measurement (--force)
-            # never leaves two rows for a run.
+            # An upsert on the run: a re-measurement (--force) never leaves two rows for a run.
+            updates = ", ".join(
+                f"{name} = excluded.{name}"
+                for name in (name.strip() for name in columns.split(","))
+                if name not in ("run_id", "landscape")
+            )
             db.execute(
-                f"INSERT OR REPLACE INTO sharpness ({columns}) VALUES ({placeholders})",
+                f"INSERT INTO sharpness ({columns}) VALUES ({placeholders}) "
+                f"ON CONFLICT(run_id) DO UPDATE SET {updates}, "
+                "landscape = COALESCE(excluded.landscape, sharpness.landscape)",
                 (
                     run_id,
                     row["config_hash"],
