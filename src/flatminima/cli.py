@@ -1,8 +1,10 @@
-"""The ``flatminima`` command: train, compare, report, and the demo that does all three.
+"""The ``flatminima`` command: train, compare, measure sharpness, report, and the demo that does
+all of them.
 
     flatminima demo                                   # the main job, ~10 minutes on 2 cores
     flatminima run --method sam --param rho=0.1 --label-noise 0.4 --seed 0
     flatminima compare --methods sgd,sam --sweep rho=0.05,0.1,0.2 --seeds 0-2 --jobs 2
+    flatminima sharpness --db flatminima.db --landscape --jobs 2
     flatminima report --db flatminima.db --out flatminima-report
     flatminima methods                                # every method and its hyperparameters
 
@@ -125,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the base optimizer against SAM and four variants on noisy MNIST-1D",
         description="Base optimizer vs SAM, Fisher, Monge, Tilted and Friendly SAM on MNIST-1D "
-        "with 40% label noise, then the report. Finished runs are kept: run it again to resume.",
+        "with 40% label noise, then the sharpness of every trained model and the report. "
+        "Finished runs and measurements are kept: run it again to resume.",
     )
     demo_parser.add_argument(
         "--seeds",
@@ -150,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path(demo.DEMO_REPORT_DIR),
         help=f"report directory (default: {demo.DEMO_REPORT_DIR})",
+    )
+    demo_parser.add_argument(
+        "--no-sharpness",
+        action="store_true",
+        help="skip measuring the trained models' sharpness and landscapes",
     )
     _add_storage_options(demo_parser, db_default=demo.DEMO_DB)
 
@@ -222,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(compare)
     _add_storage_options(compare)
 
+    _add_sharpness_parser(commands)
+
     report = commands.add_parser("report", help="tables and plots from the database")
     report.add_argument(
         "--db", type=Path, default=Path(DEFAULT_DB), help=f"(default: {DEFAULT_DB})"
@@ -235,6 +245,92 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("methods", help="every registered method, its hyperparameters and cost")
     return parser
+
+
+def _add_sharpness_parser(commands: Any) -> None:
+    sharpness = commands.add_parser(
+        "sharpness",
+        help="measure the sharpness of finished runs from their saved weights",
+        description="For each finished run with saved weights and no sharpness measurement yet: "
+        "rebuild its model and its training set as it trained on it (noisy labels included), "
+        "measure the Hessian's top eigenvalues and trace and the worst- and average-case "
+        "sharpness on a seeded subset of the training examples, and store them in the "
+        "database's sharpness table. Runs are never changed. `flatminima report` then shows "
+        "the numbers beside test accuracy.",
+    )
+    sharpness.add_argument(
+        "--db", type=Path, default=Path(DEFAULT_DB), help=f"(default: {DEFAULT_DB})"
+    )
+    sharpness.add_argument(
+        "--runs",
+        nargs="+",
+        default=["all"],
+        metavar="HASH",
+        help="configuration hashes (or unique prefixes) of the runs to measure, or `all` "
+        "(default: all finished runs)",
+    )
+    sharpness.add_argument(
+        "--methods",
+        "--method",
+        action="append",
+        default=None,
+        metavar="M1,M2,...",
+        help="only the runs of these methods (repeatable)",
+    )
+    sharpness.add_argument(
+        "--examples",
+        type=int,
+        default=1024,
+        help="training examples to measure on, a subset drawn with --seed; the whole training "
+        "set when smaller (default: 1024)",
+    )
+    sharpness.add_argument(
+        "--rho", type=float, default=0.05, help="worst-case sharpness radius (default: 0.05)"
+    )
+    sharpness.add_argument(
+        "--top-k", type=int, default=1, help="Hessian eigenvalues to compute (default: 1)"
+    )
+    sharpness.add_argument(
+        "--num-probes",
+        type=int,
+        default=10,
+        help="Hutchinson probes for the Hessian trace (default: 10)",
+    )
+    sharpness.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the example subset, the measurements' random draws and the landscape "
+        "direction (default: 0)",
+    )
+    sharpness.add_argument(
+        "--landscape",
+        action="store_true",
+        help="also measure each run's 1-D filter-normalised loss landscape and plot one "
+        "curve per method and setting into --out",
+    )
+    sharpness.add_argument(
+        "--out",
+        type=Path,
+        default=Path(DEFAULT_REPORT_DIR),
+        help=f"directory for the landscape plots (default: {DEFAULT_REPORT_DIR})",
+    )
+    sharpness.add_argument(
+        "--force", action="store_true", help="measure runs again, replacing their rows"
+    )
+    sharpness.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes measuring at once, one thread each (default: 1)",
+    )
+    sharpness.add_argument("--quiet", action="store_true", help="no progress bar")
+    sharpness.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where datasets are read or cached (as for training)",
+    )
 
 
 def _training(args: argparse.Namespace) -> dict[str, Any]:
@@ -335,7 +431,128 @@ def command_demo(args: argparse.Namespace) -> int:
         f"{args.epochs} epochs each; database {args.db}"
     )
     status = _run_and_summarize(configs, args, args.jobs)
+    if not args.no_sharpness:
+        with Store(args.db) as store:
+            trained = [
+                config.config_hash
+                for config in configs
+                if (run := store.find(config.config_hash)) is not None and run.status == "finished"
+            ]
+        if trained:
+            print(f"\nsharpness of the {len(trained)} trained models (--no-sharpness skips it):")
+            settings = _sharpness_settings(**demo.DEMO_SHARPNESS)
+            sharpness_status = _measure_and_summarize(
+                args, settings, runs=trained, methods=None, landscape=True, force=False
+            )
+            status = status or sharpness_status
     _print_report(args.db, args.out)
+    return status
+
+
+def _sharpness_settings(**values: Any) -> Any:
+    from flatminima.experiments.sharpness_runs import SharpnessSettings
+
+    settings = SharpnessSettings(**values)
+    settings.check()
+    return settings
+
+
+def _measure_and_summarize(
+    args: argparse.Namespace,
+    settings: Any,
+    *,
+    runs: list[str],
+    methods: list[str] | None,
+    landscape: bool,
+    force: bool,
+) -> int:
+    """Measure, print what happened and the stored numbers; the exit status."""
+    from flatminima.experiments.sharpness_runs import measure_runs, select_runs
+
+    summary = measure_runs(
+        args.db,
+        settings,
+        runs=runs,
+        methods=methods,
+        landscape=landscape,
+        force=force,
+        jobs=args.jobs,
+        data_dir=args.data_dir,
+        progress=not args.quiet,
+    )
+    parts = [f"{len(summary.measured)} measured", f"{summary.already_measured} already measured"]
+    if summary.landscapes_added:
+        parts.append(f"{summary.landscapes_added} given their missing landscape")
+    if summary.without_weights:
+        parts.append(f"{len(summary.without_weights)} without a weights file")
+    if summary.failed:
+        parts.append(f"{len(summary.failed)} failed")
+    print(f"{summary.selected} run(s): " + ", ".join(parts))
+    for label in summary.without_weights:
+        print(f"  no weights file: {label}", file=sys.stderr)
+    for failure in summary.failed:
+        print(f"  failed: {failure}", file=sys.stderr)
+    with Store(args.db) as store:
+        selected = select_runs(store, runs, methods)
+        rows = store.sharpness()
+    measured = [run for run in selected if run.config_hash in rows]
+    if measured:
+        print()
+        print(_sharpness_table(measured, rows))
+    return EXIT_RUN_FAILED if summary.failed else 0
+
+
+def _sharpness_table(runs: list[Any], rows: dict[str, Any]) -> str:
+    from flatminima.experiments.report import text_table
+
+    headers = ["run", "method and seed", "test acc. %", "λ_max", "tr(H)", "worst-case", "examples"]
+    lines = []
+    for run in runs:
+        row = rows[run.config_hash]
+        metrics = row.metrics
+        lines.append(
+            [
+                run.config_hash[:8],
+                RunConfig(**run.config).label,
+                f"{100 * run.final['final_test_accuracy']:.2f}",
+                f"{metrics['hessian_top_eigenvalue']:.4g}",
+                f"{metrics['hessian_trace']:.4g}",
+                f"{metrics['worst_case_sharpness']:.4g}",
+                str(row.examples),
+            ]
+        )
+    return text_table(headers, lines)
+
+
+def command_sharpness(args: argparse.Namespace) -> int:
+    settings = _sharpness_settings(
+        examples=args.examples,
+        rho=args.rho,
+        top_k=args.top_k,
+        num_probes=args.num_probes,
+        seed=args.seed,
+    )
+    _check_positive(args.jobs, "--jobs")
+    if not args.db.exists():
+        raise FileNotFoundError(f"no database at {args.db}")
+    methods = (
+        [name for text in args.methods for name in parse_list(text, "--methods")]
+        if args.methods
+        else None
+    )
+    status = _measure_and_summarize(
+        args, settings, runs=args.runs, methods=methods, landscape=args.landscape, force=args.force
+    )
+    if args.landscape:
+        from flatminima.experiments.report import summarize, write_landscape
+
+        with Store(args.db) as store:
+            settings_measured = summarize(store)
+        print()
+        for setting in settings_measured:
+            for path in write_landscape(setting, args.out / setting.slug):
+                print(f"landscape: {path}")
+    print(f"\n`flatminima report --db {args.db}` shows them beside test accuracy.")
     return status
 
 
@@ -370,6 +587,7 @@ COMMANDS = {
     "demo": command_demo,
     "run": command_run,
     "compare": command_compare,
+    "sharpness": command_sharpness,
     "report": command_report,
     "methods": command_methods,
 }

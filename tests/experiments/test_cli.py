@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from flatminima.cli import main
+from flatminima.experiments import demo
 from flatminima.experiments.demo import DEMO_ARMS, demo_configs
 from flatminima.registry import method_names
 
@@ -125,13 +127,115 @@ def test_demo_grid_is_valid_and_covers_the_base_optimizer_sam_and_the_four_varia
 
 
 def test_demo_runs_end_to_end_on_a_shortened_budget(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A smaller measurement than the demo's own (which takes ~2 s a run on one thread).
+    monkeypatch.setattr(demo, "DEMO_SHARPNESS", {"examples": 128, "num_probes": 2})
     db_path = tmp_path / "demo.db"
     arguments = ["demo", "--epochs", "1", "--seeds", "1", "--jobs", "1", "--quiet"]
-    assert main([*arguments, "--db", str(db_path), "--out", str(tmp_path / "out")]) == 0
+    arguments += ["--db", str(db_path), "--out", str(tmp_path / "out")]
+    assert main([*arguments, "--no-sharpness"]) == 0
     output = capsys.readouterr().out
     assert f"{len(DEMO_ARMS)} run(s): {len(DEMO_ARMS)} trained" in output
     for method, _ in DEMO_ARMS:
         assert f"\n{method}" in output
     assert "final_accuracy.png" in output
+    assert "λ_max" not in output and "landscape_1d.png" not in output
+    assert sqlite3.connect(db_path).execute("SELECT COUNT(*) FROM sharpness").fetchone() == (0,)
+
+    # Again with the default: nothing to train, every demo run measured, shown in the report.
+    assert main(arguments) == 0
+    output = capsys.readouterr().out
+    assert f"{len(DEMO_ARMS)} run(s): 0 trained" in output
+    assert f"{len(DEMO_ARMS)} run(s): {len(DEMO_ARMS)} measured" in output
+    assert "λ_max (mean ± std)" in output and "Spearman" in output
+    assert "landscape_1d.png" in output and "accuracy_vs_top_eigenvalue.png" in output
+    rows = sqlite3.connect(db_path).execute("SELECT examples, landscape FROM sharpness")
+    assert [(examples, landscape is not None) for examples, landscape in rows] == [
+        (128, True)
+    ] * len(DEMO_ARMS)
+
+
+@pytest.fixture(scope="module")
+def trained_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """sgd and SAM, seeds 0 and 1, trained by the command line on the tiny setting."""
+    db_path = tmp_path_factory.mktemp("cli-sharpness") / "runs.db"
+    arguments = ["compare", "--methods", "sgd,sam", "--seeds", "0-1", *TINY_FLAGS]
+    assert main([*arguments, "--db", str(db_path)]) == 0
+    return db_path
+
+
+SMALL_FLAGS = ["--examples", "128", "--num-probes", "2", "--quiet"]
+
+
+def test_sharpness_measures_once_force_replaces_and_the_report_shows_it(
+    trained_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db_path = tmp_path / "runs.db"
+    with sqlite3.connect(trained_db) as source, sqlite3.connect(db_path) as copy:
+        source.backup(copy)
+    shutil.copytree(trained_db.parent / "runs-weights", tmp_path / "runs-weights")
+    capsys.readouterr()
+    out = tmp_path / "landscapes"
+    arguments = ["sharpness", "--db", str(db_path), *SMALL_FLAGS]
+    assert main([*arguments, "--landscape", "--out", str(out), "--jobs", "2"]) == 0
+    output = capsys.readouterr().out
+    assert "4 run(s): 4 measured, 0 already measured" in output
+    hashes = [row[0] for row in sqlite3.connect(db_path).execute("SELECT config_hash FROM runs")]
+    for config_hash in hashes:  # every run's line, found by its hash
+        assert f"\n{config_hash[:8]}  " in output
+    [png] = out.glob("*/landscape_1d.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"landscape: {png}" in output
+
+    assert main(arguments) == 0
+    assert "4 run(s): 0 measured, 4 already measured" in capsys.readouterr().out
+    assert main([*arguments, "--force", "--method", "sam", "--runs", *hashes]) == 0
+    assert "2 run(s): 2 measured, 0 already measured" in capsys.readouterr().out
+    counts = sqlite3.connect(db_path).execute("SELECT COUNT(*), COUNT(landscape) FROM sharpness")
+    assert counts.fetchone() == (4, 4)  # --force without --landscape kept the landscapes
+    statuses = sqlite3.connect(db_path).execute("SELECT DISTINCT status FROM runs").fetchall()
+    assert statuses == [("finished",)]
+
+    assert main(["report", "--db", str(db_path), "--out", str(tmp_path / "report")]) == 0
+    output = capsys.readouterr().out
+    assert "λ_max (mean ± std)" in output and "Spearman rank correlation" in output
+    assert "accuracy_vs_top_eigenvalue.png" in output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["--runs", "0123456789abcdef"], "no run with configuration hash '0123456789abcdef'"),
+        (["--method", "asam"], "no finished run of method 'asam'"),
+        (["--examples", "0"], "examples (--examples) must be an integer >= 1"),
+        (["--rho", "-0.1"], "rho (--rho) must be a number >= 0"),
+        (["--top-k", "0"], "top_k (--top-k) must be an integer >= 1"),
+        (["--num-probes", "0"], "num_probes (--num-probes) must be an integer >= 1"),
+        (["--seed", "-1"], "seed (--seed) must be an integer >= 0"),
+        (["--jobs", "0"], "--jobs must be >= 1"),
+        (["--examples", "many"], "invalid int value: 'many'"),
+    ],
+)  # fmt: skip
+def test_sharpness_bad_input_is_one_line_and_measures_nothing(
+    arguments: list[str],
+    expected: str,
+    trained_db: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    capsys.readouterr()
+    try:
+        status = main(["sharpness", "--db", str(trained_db), "--quiet", *arguments])
+    except SystemExit as exit_:
+        status = exit_.code
+    assert status == 2
+    error = capsys.readouterr().err
+    assert expected in error and error.count("\n") == 1, error
+    assert sqlite3.connect(trained_db).execute("SELECT COUNT(*) FROM sharpness").fetchone() == (0,)
+
+
+def test_sharpness_of_a_missing_database_is_an_error_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["sharpness", "--db", str(tmp_path / "absent.db")]) == 2
+    assert "no database at" in capsys.readouterr().err
+    assert not (tmp_path / "absent.db").exists()

