@@ -480,7 +480,10 @@ def _measure_and_summarize(
         data_dir=args.data_dir,
         progress=not args.quiet,
     )
-    parts = [f"{len(summary.measured)} measured", f"{summary.already_measured} already measured"]
+    already = f"{summary.already_measured} already measured"
+    if summary.already_measured:
+        already += " (--force measures again)"
+    parts = [f"{len(summary.measured)} measured", already]
     if summary.landscapes_added:
         parts.append(f"{summary.landscapes_added} given their missing landscape")
     if summary.without_weights:

@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 from flatminima.experiments.config import ConfigError, RunConfig
 from flatminima.experiments.data import Dataset, load_dataset
 from flatminima.experiments.runner import environment, model_from_weights
-from flatminima.experiments.store import RunRecord, SharpnessRecord, Store
+from flatminima.experiments.store import RunRecord, Store
 from flatminima.sharpness import landscape_1d, measure_sharpness
 
 logger = logging.getLogger(__name__)
@@ -486,10 +486,3 @@ def _measure_all(
         finally:
             for future in futures:  # interrupted: do not start what is still queued
                 future.cancel()
-
-
-def measured_rows(db_path: str | Path, hashes: Sequence[str]) -> dict[str, SharpnessRecord]:
-    """The sharpness rows of ``hashes`` that exist (for printing what was just measured)."""
-    with Store(db_path) as store:
-        rows = store.sharpness()
-    return {config_hash: rows[config_hash] for config_hash in hashes if config_hash in rows}
