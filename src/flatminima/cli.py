@@ -515,7 +515,7 @@ def _sharpness_table(runs: list[Any], rows: dict[str, Any]) -> str:
         metrics = row.metrics
         lines.append(
             [
-                run.config_hash[:8],
+                run.config_hash,
                 RunConfig(**run.config).label,
                 f"{100 * run.final['final_test_accuracy']:.2f}",
                 f"{metrics['hessian_top_eigenvalue']:.4g}",

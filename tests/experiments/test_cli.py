@@ -183,7 +183,7 @@ def test_sharpness_measures_once_force_replaces_and_the_report_shows_it(
     assert "4 run(s): 4 measured, 0 already measured" in output
     hashes = [row[0] for row in sqlite3.connect(db_path).execute("SELECT config_hash FROM runs")]
     for config_hash in hashes:  # every run's line, found by its hash
-        assert f"\n{config_hash[:8]}  " in output
+        assert f"\n{config_hash}  " in output
     [png] = out.glob("*/landscape_1d.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"landscape: {png}" in output
 
