@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from flatminima.experiments.models import ResNet20
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -33,51 +35,10 @@ class Workload:
     loss: Callable[[Tensor, Tensor], Tensor]
 
 
-class BasicBlock(nn.Module):
-    """Two 3×3 convolutions with BatchNorm and an identity (or 1×1 projection) shortcut."""
-
-    def __init__(self, channels_in: int, channels_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels_in, channels_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels_out)
-        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels_out)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or channels_in != channels_out:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(channels_in, channels_out, 1, stride, bias=False),
-                nn.BatchNorm2d(channels_out),
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class ResNet20(nn.Module):
-    """He et al.'s CIFAR ResNet-20: three stages of three basic blocks (16, 32, 64 channels).
-
-    About 0.27 M parameters in 65 tensors; written here rather than imported so that the
-    benchmark does not depend on another package's model zoo.
-    """
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16))
-        blocks: list[nn.Module] = []
-        channels = 16
-        for stage, width in enumerate((16, 32, 64)):
-            for index in range(3):
-                stride = 2 if stage > 0 and index == 0 else 1
-                blocks.append(BasicBlock(channels, width, stride))
-                channels = width
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(channels, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.blocks(F.relu(self.stem(x)))
-        return self.head(F.adaptive_avg_pool2d(out, 1).flatten(1))
+def resnet20_cifar() -> nn.Module:
+    """He et al.'s CIFAR ResNet-20 (0.27 M parameters in 65 tensors) for 3×32×32 inputs: the
+    runner's own ``resnet20``, so the benchmark times the model users train."""
+    return ResNet20((3, 32, 32), num_classes=10)
 
 
 class ExpertBank(nn.Module):
@@ -140,7 +101,7 @@ WORKLOADS: dict[str, Workload] = {
     "W1-resnet20": Workload(
         name="W1-resnet20",
         description="ResNet-20 (0.27 M parameters, 65 tensors), batch 64 of 3×32×32: compute-bound",
-        build_model=_seeded(ResNet20),
+        build_model=_seeded(resnet20_cifar),
         build_batch=_classification_batch((64, 3, 32, 32)),
         loss=F.cross_entropy,
     ),
@@ -152,9 +113,12 @@ WORKLOADS: dict[str, Workload] = {
         ),
         build_model=_seeded(
             lambda: nn.Sequential(
-                nn.Linear(1024, 2048), nn.ReLU(),
-                nn.Linear(2048, 2048), nn.ReLU(),
-                nn.Linear(2048, 1024), nn.ReLU(),
+                nn.Linear(1024, 2048),
+                nn.ReLU(),
+                nn.Linear(2048, 2048),
+                nn.ReLU(),
+                nn.Linear(2048, 1024),
+                nn.ReLU(),
                 nn.Linear(1024, 10),
             )
         ),

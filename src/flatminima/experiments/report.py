@@ -530,12 +530,7 @@ def plot_curves(setting: Setting, path: Path) -> None:
                 epochs, mean - spread, mean + spread, color=line.get_color(), alpha=0.2
             )
     axes.set(xlabel="epoch", ylabel="test accuracy (%)", title=setting.title)
-    axes.title.set_fontsize(9)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _finish_and_save(figure, axes, path)
 
 
 def plot_final_distribution(setting: Setting, path: Path) -> None:
@@ -551,11 +546,7 @@ def plot_final_distribution(setting: Setting, path: Path) -> None:
         positions, [arm.label for arm in setting.arms], rotation=30, ha="right", fontsize=7
     )
     axes.set(ylabel="final test accuracy (%)", title=setting.title)
-    axes.title.set_fontsize(9)
-    axes.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _finish_and_save(figure, axes, path, legend=False, grid_axis="y")
 
 
 def swept_hyperparameters(setting: Setting) -> dict[str, dict[str, list[Arm]]]:
@@ -603,12 +594,7 @@ def plot_sweep(setting: Setting, name: str, lines: dict[str, list[Arm]], path: P
     if min(all_values) > 0:
         axes.set_xscale("log")
     axes.set(xlabel=name, ylabel="final test accuracy (%, mean and 95% CI)", title=setting.title)
-    axes.title.set_fontsize(9)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _finish_and_save(figure, axes, path)
 
 
 def plot_accuracy_vs_sharpness(
@@ -636,12 +622,7 @@ def plot_accuracy_vs_sharpness(
         ylabel="final test accuracy (%)",
         title=setting.title + summary,
     )
-    axes.title.set_fontsize(9)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _finish_and_save(figure, axes, path)
 
 
 def first_seed_landscapes(setting: Setting) -> dict[str, dict[str, Any]]:
@@ -818,3 +799,16 @@ def write_report(db_path: str | Path, out_dir: str | Path) -> Report:
     markdown_path = out_dir / "report.md"
     markdown_path.write_text("\n".join(markdown))
     return Report(settings, markdown_path, plots, "\n".join(text).rstrip(), dict(unfinished))
+
+
+def _finish_and_save(
+    figure: Any, axes: Any, path: Path, *, legend: bool = True, grid_axis: str = "both"
+) -> None:
+    """The report's common figure style (small title, light grid, legend), written as PNG."""
+    axes.title.set_fontsize(9)
+    axes.grid(alpha=0.3, axis=grid_axis)
+    if legend:
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
