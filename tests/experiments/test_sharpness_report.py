@@ -21,7 +21,7 @@ from flatminima.experiments.config import make_run_config
 from flatminima.experiments.report import sharpness_correlations, spearman, summarize, write_report
 from flatminima.experiments.runner import run_grid
 from flatminima.experiments.sharpness_runs import SharpnessSettings, measure_runs
-from flatminima.experiments.store import Store
+from flatminima.experiments.store import SCHEMA_VERSION, Store
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMALL = SharpnessSettings(examples=128, num_probes=2, max_iter=15)
@@ -166,15 +166,21 @@ def test_plots_are_valid_pngs_and_the_landscape_numbers_are_the_databases(
 def test_a_database_without_the_sharpness_table_still_reports(
     measured_db: Path, tmp_path: Path
 ) -> None:
-    # A database written before the sharpness table existed: the same runs, no such table.
+    # A database written before the sharpness table existed (schema version 1, also without
+    # the runs' heartbeat and divergence columns): the same runs, no such table.
     db_path = tmp_path / "old.db"
     with sqlite3.connect(measured_db) as source, sqlite3.connect(db_path) as copy:
         source.backup(copy)
         copy.execute("DROP TABLE sharpness")
+        copy.execute("ALTER TABLE runs DROP COLUMN heartbeat_at")
+        copy.execute("ALTER TABLE runs DROP COLUMN diverged_at_epoch")
+        copy.execute("PRAGMA user_version=1")
     # Weights paths are stored relative to the database's folder.
     shutil.copytree(measured_db.parent / "runs-weights", tmp_path / "runs-weights")
     with sqlite3.connect(db_path) as connection:
-        runs_before = connection.execute("SELECT * FROM runs ORDER BY id").fetchall()
+        old_columns = [row[1] for row in connection.execute("PRAGMA table_info(runs)")]
+        select_old = f"SELECT {', '.join(old_columns)} FROM runs ORDER BY id"
+        runs_before = connection.execute(select_old).fetchall()
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
     assert "sharpness" not in tables
 
@@ -187,7 +193,10 @@ def test_a_database_without_the_sharpness_table_still_reports(
         "final_accuracy.png",
     }
     with sqlite3.connect(db_path) as connection:
-        assert connection.execute("SELECT * FROM runs ORDER BY id").fetchall() == runs_before
+        assert connection.execute(select_old).fetchall() == runs_before
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        migrated = "SELECT COUNT(*) FROM runs WHERE diverged_at_epoch IS NULL"
+        assert connection.execute(migrated).fetchone()[0] == len(runs_before)
 
     # Measured afterwards, one run only: its row alone, and no correlation from one run.
     with Store(db_path) as store:

@@ -14,13 +14,20 @@ Tables:
 The final weights of every finished run are saved beside the database, in
 ``<database stem>-weights/<configuration hash>.pt``, so that sharpness can be measured later.
 
-Schema changes are additive (``CREATE TABLE IF NOT EXISTS``): opening a database written by an
-earlier version adds the missing tables and leaves everything in it as it was.
+Schema changes are additive: opening a database written by an earlier version of flatminima
+adds the missing tables and columns (``PRAGMA user_version`` says which version wrote it) and
+leaves everything in it as it was; a database written by a newer version is refused.
 
 Several processes may read and write the file at once (the workers of a grid, a report run
-while the grid trains): the database is in WAL mode, every write is one short transaction, and
-a run is claimed inside an ``IMMEDIATE`` transaction so that two processes never train the same
-configuration.
+while the grid trains): the database is in WAL mode, every write is one short transaction, a
+run is claimed inside an ``IMMEDIATE`` transaction so that two processes never train the same
+configuration, and opening a database that is already up to date writes nothing, so that a
+reader never competes with the writers for the lock.
+
+A run's owner (``host:pid``) refreshes the run's ``heartbeat_at`` at every epoch. A run left
+``running`` is taken over by another process when its owner is known to be dead (same host, no
+such process) or, for an owner on another host sharing the file, when its heartbeat is older
+than ``stale_after_s`` (see :meth:`Store.claim`).
 """
 
 from __future__ import annotations
@@ -40,7 +47,11 @@ from typing import Any
 
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+DEFAULT_STALE_AFTER_S = 2 * 3600.0
+"""How long a run another host left ``running`` may go without a heartbeat (an epoch recorded)
+before another process takes it over: longer than any epoch this runner trains on a CPU."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -67,7 +78,9 @@ CREATE TABLE IF NOT EXISTS runs (
     final_test_loss REAL,
     final_train_accuracy_noisy REAL,
     final_train_accuracy_clean REAL,
-    weights_path TEXT
+    weights_path TEXT,
+    heartbeat_at TEXT,
+    diverged_at_epoch INTEGER
 );
 CREATE TABLE IF NOT EXISTS epochs (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -103,6 +116,14 @@ CREATE TABLE IF NOT EXISTS sharpness (
 );
 """
 
+MIGRATIONS = {
+    # From the version on the left to the next one.
+    1: (
+        "ALTER TABLE runs ADD COLUMN heartbeat_at TEXT",
+        "ALTER TABLE runs ADD COLUMN diverged_at_epoch INTEGER",
+    ),
+}
+
 EPOCH_COLUMNS = (
     "epoch",
     "train_loss",
@@ -120,6 +141,7 @@ FINAL_COLUMNS = (
     "final_test_loss",
     "final_train_accuracy_noisy",
     "final_train_accuracy_clean",
+    "diverged_at_epoch",
 )
 
 SHARPNESS_COLUMNS = (
@@ -145,14 +167,16 @@ def _this_process() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _owner_is_alive(owner: str | None) -> bool:
-    """Whether the process named ``host:pid`` still runs (only knowable on this host)."""
+def _owner_is_alive(owner: str | None, heartbeat_age_s: float, stale_after_s: float) -> bool:
+    """Whether the process named ``host:pid`` still trains its run: asked of the system on this
+    host; judged by the run's heartbeat for a process on another host sharing the file."""
     if not owner:
         return False
     host, _, pid_text = owner.rpartition(":")
     if host != socket.gethostname():
-        # Another machine shares the file: assume it is alive rather than steal its run.
-        return True
+        # Alive unless silent for too long: stealing a live run would train it twice, and
+        # waiting forever on a dead one would leave it unfinished.
+        return heartbeat_age_s <= stale_after_s
     try:
         os.kill(int(pid_text), 0)
     except ProcessLookupError:
@@ -160,6 +184,13 @@ def _owner_is_alive(owner: str | None) -> bool:
     except (PermissionError, ValueError):
         return True
     return True
+
+
+def _age_s(timestamp: str | None) -> float:
+    """Seconds since ``timestamp`` (written by :func:`_now`); infinite when there is none."""
+    if timestamp is None:
+        return math.inf
+    return (datetime.now(timezone.utc) - datetime.fromisoformat(timestamp)).total_seconds()
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -209,29 +240,82 @@ class SharpnessRecord:
     measured_at: str
 
 
-class Store:
-    """A connection to the experiment database (created on first use)."""
+class StoreError(Exception):
+    """The file is not an experiment database this version of flatminima can use."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+
+class Store:
+    """A connection to the experiment database.
+
+    ``create=False`` is for readers (report, sharpness): a missing file is an error rather than
+    a new empty database.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a directory, not a database file")
+        if not create and not self.path.exists():
+            raise FileNotFoundError(f"no database at {self.path}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit mode: transactions are opened explicitly and kept short.
-        self._connection = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-        self._connection.row_factory = sqlite3.Row
-        self._connection.execute("PRAGMA journal_mode=WAL")
-        self._connection.execute("PRAGMA synchronous=NORMAL")
-        self._connection.execute("PRAGMA foreign_keys=ON")
-        with self._transaction():
-            version = self._connection.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise RuntimeError(
-                    f"{self.path} has schema version {version}; this flatminima reads "
-                    f"version {SCHEMA_VERSION}"
+        try:
+            # Autocommit mode: transactions are opened explicitly and kept short.
+            self._connection = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot open {self.path} as a database: {error}") from error
+        try:
+            self._connection.row_factory = sqlite3.Row
+            self._connection.execute("PRAGMA foreign_keys=ON")
+            if self._schema_version() != SCHEMA_VERSION:
+                self._create_or_migrate()
+            self._connection.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.DatabaseError as error:
+            self._connection.close()
+            raise StoreError(f"{self.path} is not a flatminima database: {error}") from error
+        except BaseException:
+            self._connection.close()
+            raise
+
+    def _schema_version(self) -> int:
+        return int(self._connection.execute("PRAGMA user_version").fetchone()[0])
+
+    def _create_or_migrate(self) -> None:
+        """Bring the file to ``SCHEMA_VERSION`` (only when it is not there: readers of an
+        up-to-date database write nothing)."""
+        if self._connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            # Outside any transaction: the journal mode cannot change inside one.
+            self._connection.execute("PRAGMA journal_mode=WAL")
+        with self._transaction("IMMEDIATE") as db:
+            version = self._schema_version()  # again: another process may have just done it
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} was written by a newer flatminima (schema version {version}); "
+                    f"this one reads versions up to {SCHEMA_VERSION}"
                 )
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    self._connection.execute(statement)
-            self._connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if version == SCHEMA_VERSION:
+                return
+            if version == 0:
+                foreign = [
+                    row[0]
+                    for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                ]
+                if foreign:
+                    raise StoreError(
+                        f"{self.path} is an SQLite database of something else (tables: "
+                        f"{', '.join(sorted(foreign))}), not a flatminima database"
+                    )
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            else:
+                for step in range(version, SCHEMA_VERSION):
+                    for statement in MIGRATIONS[step]:
+                        db.execute(statement)
+                # Tables added since `version` (CREATE ... IF NOT EXISTS leaves the others).
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @property
     def weights_dir(self) -> Path:
@@ -264,24 +348,33 @@ class Store:
         config: Mapping[str, Any],
         environment: Mapping[str, Any],
         passes_per_step: int,
+        *,
+        stale_after_s: float = DEFAULT_STALE_AFTER_S,
     ) -> int | None:
         """Reserve the run of ``config`` for this process and return its id, or ``None`` when
         it is already finished or being trained by another live process.
 
         A run left ``running`` by a process that died, or ``failed``, is redone: its epochs are
-        deleted and its attempt count goes up.
+        deleted and its attempt count goes up. Whether the owner died is known on its own host;
+        an owner on another host counts as dead once the run's last heartbeat (its last epoch,
+        or its start) is older than ``stale_after_s`` seconds.
         """
+        if not stale_after_s > 0:
+            raise ValueError(f"stale_after_s must be > 0, got {stale_after_s}")
         owner = _this_process()
         now = _now()
         with self._transaction("IMMEDIATE") as db:
             row = db.execute(
-                "SELECT id, status, owner FROM runs WHERE config_hash = ?", (config_hash,)
+                "SELECT id, status, owner, COALESCE(heartbeat_at, started_at) AS heartbeat "
+                "FROM runs WHERE config_hash = ?",
+                (config_hash,),
             ).fetchone()
             if row is None:
                 cursor = db.execute(
                     "INSERT INTO runs (config_hash, config, dataset, model, method, seed, "
                     "label_noise, status, attempts, owner, environment, created_at, started_at, "
-                    "passes_per_step) VALUES (?, ?, ?, ?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?)",
+                    "heartbeat_at, passes_per_step) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?)",
                     (
                         config_hash,
                         json.dumps(config, sort_keys=True),
@@ -294,6 +387,7 @@ class Store:
                         json.dumps(environment, sort_keys=True),
                         now,
                         now,
+                        now,
                         passes_per_step,
                     ),
                 )
@@ -303,15 +397,15 @@ class Store:
             if (
                 row["status"] == "running"
                 and row["owner"] != owner
-                and _owner_is_alive(row["owner"])
+                and _owner_is_alive(row["owner"], _age_s(row["heartbeat"]), stale_after_s)
             ):
                 return None
             db.execute("DELETE FROM epochs WHERE run_id = ?", (row["id"],))
             db.execute(
                 "UPDATE runs SET status = 'running', attempts = attempts + 1, owner = ?, "
-                "environment = ?, error = NULL, started_at = ?, finished_at = NULL "
-                "WHERE id = ?",
-                (owner, json.dumps(environment, sort_keys=True), now, row["id"]),
+                "environment = ?, error = NULL, started_at = ?, heartbeat_at = ?, "
+                "finished_at = NULL, diverged_at_epoch = NULL WHERE id = ?",
+                (owner, json.dumps(environment, sort_keys=True), now, now, row["id"]),
             )
             return int(row["id"])
 
@@ -327,6 +421,8 @@ class Store:
                 f"VALUES (?, {placeholders})",
                 (run_id, *values),
             )
+            # The heartbeat that tells processes on other hosts this run is still alive.
+            db.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", (_now(), run_id))
 
     def save_weights(self, config_hash: str, state_dict: Mapping[str, torch.Tensor]) -> str:
         """Write the weights beside the database (atomically) and return their relative path."""
@@ -338,7 +434,9 @@ class Store:
         return str(target.relative_to(self.path.parent))
 
     def finish(self, run_id: int, final: Mapping[str, Any], weights_path: str) -> None:
-        """Mark the run finished with its final metrics (keys: ``FINAL_COLUMNS``)."""
+        """Mark the run finished with its final metrics (keys: ``FINAL_COLUMNS``;
+        ``diverged_at_epoch`` may be left out for a run that did not diverge)."""
+        final = {"diverged_at_epoch": None, **final}
         assignments = ", ".join(f"{column} = ?" for column in FINAL_COLUMNS)
         values = [_finite_or_none(final[column]) for column in FINAL_COLUMNS]
         with self._transaction() as db:
