@@ -209,3 +209,32 @@ def test_a_killed_grid_resumes_and_finishes_without_duplicates(
         assert run in after_runs
     redone = next(run for run in after_runs if run[0] == interrupted[0][0])
     assert redone[3] == 2
+
+
+def test_a_diverged_run_stops_at_once_and_is_kept_as_diverged(
+    tiny: dict[str, Any], db_path: Path
+) -> None:
+    # A learning rate no model survives: the loss is not finite after the first epoch.
+    config = make_run_config(method="sam", seed=0, **{**tiny, "epochs": 4}, lr=1e6)
+    summary = run_grid([config], db_path, progress=False)
+    assert (summary.finished, summary.failed) == (1, [])
+    with Store(db_path) as store:
+        [run] = store.runs()
+        epochs = store.epochs(run.id)
+    # A real outcome of its configuration, not a failure to retry: finished, marked, short.
+    assert run.status == "finished" and run.final["diverged_at_epoch"] == 1
+    assert [row["epoch"] for row in epochs] == [1]
+    assert run.final["final_test_loss"] is None  # NaN, stored as NULL
+    steps = math.ceil(tiny["train_size"] / tiny["batch_size"])
+    assert run.final["passes"] == 2 * steps
+    assert run_grid([config], db_path, progress=False).already_finished == 1
+
+
+def test_a_healthy_run_is_not_marked_diverged(tiny: dict[str, Any], db_path: Path) -> None:
+    config = make_run_config(method="sgd", seed=0, **tiny)
+    run_grid([config], db_path, progress=False)
+    with Store(db_path) as store:
+        [run] = store.runs()
+    assert run.final["diverged_at_epoch"] is None
+    assert run.environment["flatminima_commit"] != ""
+    assert "scikit-learn" in run.environment

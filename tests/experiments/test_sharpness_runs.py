@@ -277,3 +277,14 @@ def test_record_sharpness_refuses_a_run_that_is_not_finished(db_path: Path) -> N
 def test_module_example_runs() -> None:
     result = doctest.testmod(sharpness_runs, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_diverged_run_is_listed_not_measured(tmp_path: Path) -> None:
+    diverged = make_run_config(method="sam", seed=0, **{**TINY, "epochs": 1}, lr=1e6)
+    healthy = make_run_config(method="sgd", seed=0, **{**TINY, "epochs": 1})
+    db_path = tmp_path / "runs.db"
+    run_grid([diverged, healthy], db_path, progress=False)
+    summary = measure_runs(db_path, SMALL, landscape=True, progress=False)
+    assert summary.failed == []
+    assert summary.measured == [healthy.config_hash]
+    assert len(summary.diverged) == 1 and diverged.config_hash[:8] in summary.diverged[0]

@@ -18,6 +18,7 @@ import multiprocessing
 import platform
 import queue
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from flatminima.experiments.config import RunConfig
 from flatminima.experiments.data import DATASETS, Dataset, load_dataset
 from flatminima.experiments.models import build_model
-from flatminima.experiments.store import Store
+from flatminima.experiments.store import DEFAULT_STALE_AFTER_S, Store
 from flatminima.registry import get_method
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ def train(
     passes = 0
     train_time = 0.0
     history: list[EpochMetrics] = []
+    diverged_at_epoch = None
     model.train()
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
@@ -158,6 +160,12 @@ def train(
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics)
+        if not math.isfinite(metrics.train_loss) or not _weights_are_finite(model):
+            # Every later step would be NaN too: stop, and keep the run as the outcome of its
+            # configuration (a reader must see that it diverged, not a retried failure).
+            diverged_at_epoch = epoch
+            logger.warning("%s diverged at epoch %d: training stopped", config.label, epoch)
+            break
     _, accuracy_noisy = evaluate(model, data.x_train, data.y_train)
     _, accuracy_clean = evaluate(model, data.x_train, data.y_train_clean)
     last = history[-1]
@@ -169,9 +177,14 @@ def train(
         "final_test_loss": last.test_loss,
         "final_train_accuracy_noisy": accuracy_noisy,
         "final_train_accuracy_clean": accuracy_clean,
+        "diverged_at_epoch": diverged_at_epoch,
     }
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     return TrainingOutcome(history, final, state)
+
+
+def _weights_are_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(tensor).all()) for tensor in model.state_dict().values())
 
 
 def load_trained_model(db_path: str | Path, config_hash: str) -> tuple[nn.Module, RunConfig]:
@@ -193,6 +206,28 @@ def model_from_weights(config: RunConfig, weights_path: str | Path) -> nn.Module
     return model.eval()
 
 
+def _source_commit() -> str:
+    """The git commit flatminima runs from (``+dirty`` with uncommitted changes), or
+    ``unknown`` outside a checkout: a version number alone does not pin a development tree."""
+    source = Path(__file__).resolve().parent
+
+    def git(*arguments: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(source), *arguments],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", str(source))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def environment() -> dict[str, Any]:
     """Versions and settings that can change a run's numbers without changing its config."""
 
@@ -204,9 +239,11 @@ def environment() -> dict[str, Any]:
 
     return {
         "flatminima": version("flatminima"),
+        "flatminima_commit": _source_commit(),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "mnist1d": version("mnist1d"),
+        "scikit-learn": version("scikit-learn"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
@@ -218,15 +255,18 @@ def execute_run(
     store: Store,
     data_dir: Path | None = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    stale_after_s: float = DEFAULT_STALE_AFTER_S,
 ) -> str:
     """Train ``config`` unless the database already holds it; returns ``"finished"`` or
-    ``"skipped"``. A failure is recorded as such and raised again."""
+    ``"skipped"``. A failure is recorded as such and raised again. ``stale_after_s``: see
+    :meth:`Store.claim`."""
     spec = get_method(config.method)
     run_id = store.claim(
         config.config_hash,
         config.to_dict(),
         environment(),
         spec.passes_per_step(config.hyperparameters),
+        stale_after_s=stale_after_s,
     )
     if run_id is None:
         return "skipped"
@@ -332,11 +372,13 @@ def run_grid(
     jobs: int = 1,
     threads: int = 1,
     progress: bool = True,
+    stale_after_s: float = DEFAULT_STALE_AFTER_S,
 ) -> GridSummary:
     """Run every configuration not yet finished in ``db_path``.
 
     Finished runs are skipped; a run that was interrupted (or failed) is redone from scratch.
-    A failing run is recorded and the grid goes on with the others.
+    A failing run is recorded and the grid goes on with the others. A run another host is
+    training is left to it unless silent for ``stale_after_s`` (see :meth:`Store.claim`).
     """
     todo = unique_configs(configs)
     with Store(db_path) as store:
@@ -350,12 +392,18 @@ def run_grid(
                 for config in pending:
                     bars.start(0, config.label, config.epochs)
                     outcome = _attempt(
-                        config, store, data_dir, lambda m: bars.epoch(0, m.test_accuracy)
+                        config,
+                        store,
+                        data_dir,
+                        lambda m: bars.epoch(0, m.test_accuracy),
+                        stale_after_s,
                     )
                     _count(summary, config.label, *outcome)
                     bars.end(0)
         else:
-            _run_in_workers(pending, Path(db_path), data_dir, workers, threads, bars, summary)
+            _run_in_workers(
+                pending, Path(db_path), data_dir, workers, threads, stale_after_s, bars, summary
+            )
     finally:
         bars.close()
     return summary
@@ -366,11 +414,12 @@ def _attempt(
     store: Store,
     data_dir: Path | None,
     on_epoch: Callable[[EpochMetrics], None],
+    stale_after_s: float,
 ) -> tuple[str, str | None]:
     """Run one configuration of a grid: ``(status, error)``, where a failure does not stop the
     grid (it is in the database, and the next ``compare`` retries it)."""
     try:
-        return execute_run(config, store, data_dir, on_epoch), None
+        return execute_run(config, store, data_dir, on_epoch, stale_after_s), None
     except Exception as error:
         logger.exception("run %s failed", config.label)
         return "failed", f"{type(error).__name__}: {error}"
@@ -395,6 +444,7 @@ def _worker(
     db_path: Path,
     data_dir: Path | None,
     threads: int,
+    stale_after_s: float,
     tasks: multiprocessing.Queue,  # type: ignore[type-arg]
     events: multiprocessing.Queue,  # type: ignore[type-arg]
 ) -> None:
@@ -410,7 +460,11 @@ def _worker(
                 break  # the grid was killed: leave the rest to the next `compare`
             events.put(("start", slot, config.label, config.epochs))
             outcome = _attempt(
-                config, store, data_dir, lambda m: events.put(("epoch", slot, m.test_accuracy))
+                config,
+                store,
+                data_dir,
+                lambda m: events.put(("epoch", slot, m.test_accuracy)),
+                stale_after_s,
             )
             events.put(("end", slot, config.label, *outcome))
 
@@ -421,6 +475,7 @@ def _run_in_workers(
     data_dir: Path | None,
     workers: int,
     threads: int,
+    stale_after_s: float,
     bars: _ProgressBars,
     summary: GridSummary,
 ) -> None:
@@ -435,7 +490,9 @@ def _run_in_workers(
         tasks.put(None)
     processes = [
         context.Process(
-            target=_worker, args=(slot, db_path, data_dir, threads, tasks, events), daemon=True
+            target=_worker,
+            args=(slot, db_path, data_dir, threads, stale_after_s, tasks, events),
+            daemon=True,
         )
         for slot in range(workers)
     ]

@@ -255,6 +255,9 @@ class SharpnessSummary:
     already_measured: int = 0
     without_weights: list[str] = field(default_factory=list)
     """Labels of selected runs whose weights file is missing (nothing to measure)."""
+    diverged: list[str] = field(default_factory=list)
+    """Labels of selected runs that diverged: their weights are not finite, and neither would
+    any measurement of them be."""
     failed: list[str] = field(default_factory=list)
     """``label: error`` of each measurement that failed."""
 
@@ -329,6 +332,12 @@ def _label(config: RunConfig) -> str:
     return f"{config.label} [{config.config_hash[:8]}]"
 
 
+def run_diverged(run: RunRecord) -> bool:
+    """Whether a finished run's training diverged: recorded as such, or, in a database written
+    before that was recorded, its final test loss was not finite (stored as NULL)."""
+    return run.final.get("diverged_at_epoch") is not None or run.final["final_test_loss"] is None
+
+
 def _plan(
     store: Store,
     selected: list[RunRecord],
@@ -342,6 +351,9 @@ def _plan(
     tasks = []
     for run in selected:
         config = RunConfig(**run.config)
+        if run_diverged(run):
+            summary.diverged.append(_label(config))
+            continue
         weights = store.path.parent / run.weights_path if run.weights_path else None
         if weights is None or not weights.exists():
             summary.without_weights.append(_label(config))
