@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +35,7 @@ from flatminima.experiments.config import (
 from flatminima.experiments.data import DatasetUnavailableError, check_dataset
 from flatminima.experiments.grid import Assignment, expand_grid, parse_list, parse_seeds
 from flatminima.experiments.runner import GridSummary, run_grid
-from flatminima.experiments.store import Store
+from flatminima.experiments.store import DEFAULT_STALE_AFTER_S, Store, StoreError
 from flatminima.registry import get_method, method_names
 
 EXIT_BAD_INPUT = 2
@@ -68,7 +71,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="learning rate (default: 0.05 for sgd, 0.001 for adamw)",
     )
-    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    group.add_argument(
+        "--momentum", type=float, default=None, help="SGD momentum (default: 0.9; sgd only)"
+    )
     group.add_argument("--weight-decay", type=float, default=5e-4, help="(default: 5e-4)")
     group.add_argument(
         "--schedule",
@@ -107,6 +112,15 @@ def _add_storage_options(parser: argparse.ArgumentParser, db_default: str = DEFA
         "reproducible for a given thread count)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--stale-after",
+        type=float,
+        default=DEFAULT_STALE_AFTER_S / 3600,
+        metavar="HOURS",
+        help="take over a run that a process on another machine sharing the database left "
+        "running with no epoch recorded for this long (default: "
+        f"{DEFAULT_STALE_AFTER_S / 3600:g}; a dead process on this machine is noticed at once)",
+    )
     parser.add_argument(
         "--data-dir",
         type=Path,
@@ -354,10 +368,19 @@ def _check_positive(value: int, option: str) -> None:
         raise ConfigError(f"{option} must be >= 1, got {value}")
 
 
+def _check_output_directory(path: Path | None, option: str) -> None:
+    if path is not None and path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} must be a directory; {path} is a file")
+
+
 def _run_and_summarize(configs: list[RunConfig], args: argparse.Namespace, jobs: int) -> int:
     """Check the data, run the grid, print what happened; the exit status."""
     _check_positive(jobs, "--jobs")
     _check_positive(args.threads, "--threads")
+    if not (math.isfinite(args.stale_after) and args.stale_after > 0):
+        raise ConfigError(
+            f"--stale-after must be a positive number of hours, got {args.stale_after}"
+        )
     for dataset in {config.dataset for config in configs}:
         check_dataset(dataset, args.data_dir)
     summary = run_grid(
@@ -367,6 +390,7 @@ def _run_and_summarize(configs: list[RunConfig], args: argparse.Namespace, jobs:
         jobs=jobs,
         threads=args.threads,
         progress=not args.quiet,
+        stale_after_s=args.stale_after * 3600,
     )
     _print_summary(summary, args.db)
     return EXIT_RUN_FAILED if summary.failed else 0
@@ -398,9 +422,11 @@ def command_run(args: argparse.Namespace) -> int:
         run = store.find(config.config_hash)
     if run is not None and run.status == "finished":
         final = run.final
+        diverged = final["diverged_at_epoch"]
+        epochs = config.epochs if diverged is None else f"{diverged} (diverged: stopped)"
         print(
             f"{config.label}: test accuracy {100 * final['final_test_accuracy']:.2f}% "
-            f"after {config.epochs} epochs, {final['passes']} forward/backward passes, "
+            f"after {epochs} epochs, {final['passes']} forward/backward passes, "
             f"{final['train_time_s']:.1f} s (run {run.id}, weights {run.weights_path})"
         )
     return status
@@ -416,6 +442,7 @@ def command_compare(args: argparse.Namespace) -> int:
         [Assignment.parse(text, "--sweep") for text in args.sweep],
         _training(args),
     )
+    _check_output_directory(args.report, "--report")
     status = _run_and_summarize(configs, args, args.jobs)
     if args.report is not None:
         _print_report(args.db, args.report)
@@ -424,6 +451,8 @@ def command_compare(args: argparse.Namespace) -> int:
 
 def command_demo(args: argparse.Namespace) -> int:
     _check_positive(args.seeds, "--seeds")
+    _check_positive(args.epochs, "--epochs")
+    _check_output_directory(args.out, "--out")
     configs = demo.demo_configs(seeds=args.seeds, epochs=args.epochs)
     print(
         f"flatminima demo: {len(configs)} runs ({len(demo.DEMO_ARMS)} methods × {args.seeds} "
@@ -488,11 +517,15 @@ def _measure_and_summarize(
         parts.append(f"{summary.landscapes_added} given their missing landscape")
     if summary.without_weights:
         parts.append(f"{len(summary.without_weights)} without a weights file")
+    if summary.diverged:
+        parts.append(f"{len(summary.diverged)} diverged (not finite, not measured)")
     if summary.failed:
         parts.append(f"{len(summary.failed)} failed")
     print(f"{summary.selected} run(s): " + ", ".join(parts))
     for label in summary.without_weights:
         print(f"  no weights file: {label}", file=sys.stderr)
+    for label in summary.diverged:
+        print(f"  diverged in training: {label}", file=sys.stderr)
     for failure in summary.failed:
         print(f"  failed: {failure}", file=sys.stderr)
     with Store(args.db) as store:
@@ -536,8 +569,8 @@ def command_sharpness(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     _check_positive(args.jobs, "--jobs")
-    if not args.db.exists():
-        raise FileNotFoundError(f"no database at {args.db}")
+    _check_output_directory(args.out, "--out")
+    Store(args.db, create=False).close()  # a missing or foreign file: one line, before any work
     methods = (
         [name for text in args.methods for name in parse_list(text, "--methods")]
         if args.methods
@@ -573,6 +606,8 @@ def _print_report(db: Path, out: Path) -> None:
 
 
 def command_report(args: argparse.Namespace) -> int:
+    _check_output_directory(args.out, "--out")
+    Store(args.db, create=False).close()  # a missing or foreign file: one line, not a new one
     _print_report(args.db, args.out)
     return 0
 
@@ -601,10 +636,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="flatminima: %(levelname)s: %(message)s")
     try:
-        return COMMANDS[args.command](args)
-    except (ConfigError, DatasetUnavailableError, FileNotFoundError) as error:
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return status
+    except (ConfigError, DatasetUnavailableError, FileNotFoundError, StoreError) as error:
         print(f"flatminima {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (sqlite3.Error, NotADirectoryError, IsADirectoryError, PermissionError) as error:
+        # The database or an output path went wrong mid-way (another program locked the file
+        # past the timeout, a full disk, a path without permission): one line, and the runs
+        # already finished stay in the database.
+        print(f"flatminima {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    except BrokenPipeError:
+        # The reader of our output went away (`flatminima methods | head`): not an error of
+        # ours. Point stdout at /dev/null so that the interpreter's final flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         print(
             "\nflatminima: interrupted; finished runs are kept, run the same command again "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,16 +41,29 @@ TINY_FLAGS = [
         (["compare", "--methods", "sam", "--seeds", "a"], "--seeds takes"),
         (["compare", "--methods", "sam", "--jobs", "0"], "--jobs must be >= 1"),
         (["demo", "--seeds", "0"], "--seeds must be >= 1"),
+        (["demo", "--epochs", "0"], "--epochs must be >= 1"),
+        (["demo", "--out", "{file}"], "--out must be a directory"),
+        (["compare", "--methods", "sam", "--seeds", "3-1"], "range '3-1' is empty"),
+        (["compare", "--methods", "sam", "--param", "rho=0.1", "--sweep", "rho=0.05,0.2"],
+         "rho is set more than once for sam"),
+        (["compare", "--methods", "sam", "--report", "{file}"], "--report must be a directory"),
+        (["run", "--optimizer", "adamw", "--momentum", "0.5"], "adamw takes none"),
+        (["run", "--stale-after", "0"], "--stale-after must be a positive number of hours"),
+        (["report"], "no database at"),
+        (["sharpness"], "no database at"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_with_what_is_accepted_and_writes_nothing(
     arguments: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "empty").mkdir()
-    arguments = [str(tmp_path / "empty") if a == "{empty}" else a for a in arguments]
+    (tmp_path / "a-file").write_text("")
+    placeholders = {"{empty}": str(tmp_path / "empty"), "{file}": str(tmp_path / "a-file")}
+    arguments = [placeholders.get(a, a) for a in arguments]
     db_path = tmp_path / "runs.db"
     try:
-        status = main([*arguments, "--db", str(db_path), "--quiet"])
+        quiet = [] if arguments[0] == "report" else ["--quiet"]  # report draws no bars
+        status = main([*arguments, "--db", str(db_path), *quiet])
     except SystemExit as exit_:  # argparse's own type errors exit from inside main
         status = exit_.code
     assert status == 2
@@ -55,6 +71,52 @@ def test_bad_input_is_one_line_with_what_is_accepted_and_writes_nothing(
     assert expected in error
     assert error.count("\n") == 1, error
     assert not db_path.exists()
+
+
+@pytest.mark.parametrize("command", ["report", "sharpness", "run"])
+def test_a_database_argument_that_is_not_a_database_is_one_line(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_a_database = tmp_path / "notes.db"
+    text = "these are my notes, not a database\n" * 100
+    not_a_database.write_text(text)
+    assert (
+        main([command, "--db", str(not_a_database), *(TINY_FLAGS if command == "run" else [])]) == 2
+    )
+    error = capsys.readouterr().err
+    assert "is not a flatminima database" in error and error.count("\n") == 1, error
+    assert not_a_database.read_text() == text
+
+
+def test_report_reads_while_a_writer_holds_the_database(
+    trained_db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A grid's worker in the middle of a write: the report neither waits nor fails.
+    writer = sqlite3.connect(trained_db, isolation_level=None, timeout=0)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("UPDATE runs SET error = NULL")
+    try:
+        assert main(["report", "--db", str(trained_db), "--out", str(tmp_path / "out")]) == 0
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert "test acc." in capsys.readouterr().out
+
+
+def test_a_closed_output_pipe_ends_quietly(tmp_path: Path) -> None:
+    # `flatminima methods | head -1`: the reader is gone before we write.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    finished = subprocess.run(
+        [sys.executable, "-m", "flatminima", "methods"],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    os.close(write_end)
+    assert "Traceback" not in finished.stderr and "Exception" not in finished.stderr
+    assert finished.returncode == 1
 
 
 def test_run_trains_once_and_reports_the_stored_result_when_asked_again(

@@ -132,7 +132,7 @@ def make_run_config(
     hyperparameters: Mapping[str, Any] | None = None,
     optimizer: str = "sgd",
     lr: float | None = None,
-    momentum: float = 0.9,
+    momentum: float | None = None,
     weight_decay: float = 5e-4,
     schedule: str = "cosine",
     epochs: int = 100,
@@ -143,8 +143,9 @@ def make_run_config(
 ) -> RunConfig:
     """A validated :class:`RunConfig`; :class:`ConfigError` names the first bad argument.
 
-    ``lr=None`` takes the base optimizer's default (0.05 for SGD, 1e-3 for AdamW) and
-    ``train_size=None`` the dataset's whole training set.
+    ``lr=None`` takes the base optimizer's default (0.05 for SGD, 1e-3 for AdamW),
+    ``momentum=None`` SGD's 0.9 (AdamW takes no momentum: giving one is an error rather than
+    silently ignored) and ``train_size=None`` the dataset's whole training set.
     """
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r}; accepted: {', '.join(DATASETS)}")
@@ -164,7 +165,15 @@ def make_run_config(
     lr = DEFAULT_LEARNING_RATE[optimizer] if lr is None else lr
     _require(math.isfinite(lr) and lr > 0, f"learning rate must be positive, got {lr}")
     _require(weight_decay >= 0, f"weight decay must be >= 0, got {weight_decay}")
-    _require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
+    if optimizer == "adamw":
+        _require(
+            momentum is None,
+            f"momentum is SGD's; adamw takes none (its betas are PyTorch's defaults), "
+            f"got {momentum}",
+        )
+    else:
+        momentum = 0.9 if momentum is None else momentum
+        _require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
     _require(epochs >= 1, f"epochs must be >= 1, got {epochs}")
     _require(batch_size >= 1, f"batch size must be >= 1, got {batch_size}")
     _require(seed >= 0, f"seed must be >= 0, got {seed}")
@@ -180,7 +189,7 @@ def make_run_config(
         hyperparameters=resolve_hyperparameters(method, hyperparameters or {}),
         optimizer=optimizer,
         lr=float(lr),
-        momentum=float(momentum) if optimizer == "sgd" else None,
+        momentum=None if momentum is None else float(momentum),
         weight_decay=float(weight_decay),
         schedule=schedule,
         epochs=int(epochs),

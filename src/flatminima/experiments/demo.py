@@ -70,7 +70,7 @@ DEMO_REPORT_DIR = "flatminima-demo/report"
 
 def demo_configs(seeds: int = DEMO_SEEDS, epochs: int | None = None) -> list[RunConfig]:
     """The demo grid, seed by seed (so that an interrupted demo holds complete comparisons)."""
-    training = {**DEMO_TRAINING, "epochs": epochs or DEMO_TRAINING["epochs"]}
+    training = {**DEMO_TRAINING, "epochs": DEMO_TRAINING["epochs"] if epochs is None else epochs}
     return [
         make_run_config(method=method, hyperparameters=hyperparameters, seed=seed, **training)
         for seed in range(seeds)

@@ -66,6 +66,8 @@ def parse_seeds(texts: Sequence[str]) -> list[int]:
                 raise ConfigError(
                     f"--seeds takes non-negative integers or ranges such as 0-4, got {item!r}"
                 ) from None
+            if not values:
+                raise ConfigError(f"--seeds range {item!r} is empty: write it as LOW-HIGH")
             seeds += [seed for seed in values if seed not in seeds]
     return seeds
 
@@ -98,6 +100,14 @@ def expand_grid(
     for assignment in fixed:
         if len(assignment.values) != 1:
             raise ConfigError(f"--param {assignment.name} takes one value; use --sweep for several")
+    for method in methods:
+        names = [a.name for a in [*fixed, *sweeps] if a.applies_to(method)]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ConfigError(
+                f"{', '.join(repeated)} is set more than once for {method} (by --param and/or "
+                "--sweep): give each hyperparameter one value or one sweep"
+            )
     arms: list[tuple[str, dict[str, str]]] = []
     for method in methods:
         own_fixed = {a.name: a.values[0] for a in fixed if a.applies_to(method)}
