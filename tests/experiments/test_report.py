@@ -6,16 +6,25 @@ import json
 import math
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+import matplotlib.axes
 import matplotlib.image
 import numpy as np
 import pytest
 from scipy import stats
 
 from flatminima.experiments.config import make_run_config
-from flatminima.experiments.report import Interval, summarize, write_report
+from flatminima.experiments.report import (
+    TABLE_HEADERS,
+    Interval,
+    summarize,
+    table_rows,
+    write_report,
+)
 from flatminima.experiments.runner import run_grid
 from flatminima.experiments.store import Store
+from flatminima.registry import BASE_OPTIMIZER
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SEEDS = (0, 1, 2)
@@ -144,3 +153,330 @@ def test_report_of_a_missing_database_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no database"):
         write_report(tmp_path / "absent.db", tmp_path / "out")
     assert not (tmp_path / "absent.db").exists()
+
+
+# --- hand-made databases: chosen accuracies, failures and divergence, no training ------------
+
+
+def _record_run(
+    store: Store,
+    training: dict[str, Any],
+    *,
+    method: str,
+    seed: int,
+    accuracy: float = 0.5,
+    hyperparameters: dict[str, Any] | None = None,
+    error: str | None = None,
+    diverged_at_epoch: int | None = None,
+) -> None:
+    """One run written as the runner would: failed with ``error``, or finished with the final
+    test accuracy ``accuracy`` at every epoch (up to ``diverged_at_epoch`` when it diverged,
+    its passes and time then covering only those epochs)."""
+    config = make_run_config(method=method, hyperparameters=hyperparameters, seed=seed, **training)
+    passes_per_step = 1 if method == "sgd" else 2
+    run_id = store.claim(config.config_hash, config.to_dict(), {}, passes_per_step)
+    assert run_id is not None
+    if error is not None:
+        store.fail(run_id, error)
+        return
+    epochs = diverged_at_epoch or config.epochs
+    for epoch in range(1, epochs + 1):
+        store.record_epoch(
+            run_id,
+            {
+                "epoch": epoch, "train_loss": 1.0, "test_loss": 1.0, "test_accuracy": accuracy,
+                "learning_rate": config.lr, "train_time_s": 0.5 * passes_per_step,
+                "passes": 10 * passes_per_step * epoch,
+            },
+        )  # fmt: skip
+    final = {
+        "train_time_s": 0.5 * passes_per_step * epochs,
+        "passes": 10 * passes_per_step * epochs,
+        "passes_per_step": passes_per_step,
+        "final_test_accuracy": accuracy,
+        "final_test_loss": 1.0,
+        "final_train_accuracy_noisy": accuracy,
+        "final_train_accuracy_clean": accuracy,
+        "diverged_at_epoch": diverged_at_epoch,
+    }
+    store.finish(run_id, final, weights_path=f"{config.config_hash}.pt")
+
+
+def _table_cells(markdown: str, label: str, heading: str = "") -> dict[str, str]:
+    """The main table's row of ``label`` (the first one after ``heading``), by column name."""
+    section = markdown[markdown.index(heading) :] if heading else markdown
+    row = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
+    cells = [cell.strip() for cell in row.strip().strip("|").split(" | ")]
+    return dict(zip(TABLE_HEADERS, cells, strict=True))
+
+
+def test_a_method_whose_runs_all_failed_keeps_a_row(
+    db_path: Path, tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    with Store(db_path) as store:
+        for seed in SEEDS:
+            _record_run(store, tiny, method="sgd", seed=seed, accuracy=0.5)
+            _record_run(store, tiny, method="sam", seed=seed, error=f"RuntimeError: boom {seed}")
+            failed = {"error": "ValueError: bad\nTraceback line"} if seed == 1 else {}
+            _record_run(store, tiny, method="asam", seed=seed, accuracy=0.625, **failed)
+    report = write_report(db_path, tmp_path / "out")
+    [setting] = report.settings
+    assert [arm.label for arm in setting.arms] == ["sgd", "sam", "asam"]
+    markdown = report.markdown_path.read_text()
+
+    sam = _table_cells(markdown, "sam")
+    assert sam["seeds"] == "0 of 3"
+    assert sam["test acc. % (mean ± std)"] == "all 3 runs failed"
+    assert sam["95% CI"] == sam["passes ×"] == "—"
+    assert "sam" in report.text and "all 3 runs failed" in report.text
+    # Failed runs are in no statistic: asam is paired with sgd over its two finished seeds.
+    asam = _table_cells(markdown, "asam")
+    assert asam["seeds"] == "2 of 3" and asam["notes"] == "1 of 3 seeds failed"
+    assert asam["test acc. % (mean ± std)"] == "62.50 ± 0.00"
+    assert asam[f"Δ vs {BASE_OPTIMIZER} (pts, 95% CI)"] == "+12.50 [+12.50, +12.50] (n=2)"
+    assert _table_cells(markdown, "sgd")["seeds"] == "3"
+    # Each failure listed with its error's first line.
+    assert "- sam, seed 0: RuntimeError: boom 0" in markdown
+    assert "- asam, seed 1: ValueError: bad\n" in markdown and "Traceback" not in markdown
+    assert "Not in the statistics: 4 failed" in markdown
+    # The plots draw only what finished (a failed arm has nothing to plot).
+    names = {path.name for path in report.plots}
+    assert names == {"test_accuracy_curves.png", "final_accuracy.png"}
+
+
+def test_a_setting_whose_runs_all_failed_is_shown_without_plots(
+    db_path: Path, tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    with Store(db_path) as store:
+        _record_run(store, tiny, method="sam", seed=0, error="RuntimeError: out of memory")
+    report = write_report(db_path, tmp_path / "out")
+    assert len(report.settings) == 1 and report.plots == []
+    cells = _table_cells(report.markdown_path.read_text(), "sam")
+    assert cells["seeds"] == "0 of 1" and cells["test acc. % (mean ± std)"] == "the run failed"
+
+
+def test_a_diverged_run_is_flagged_counted_in_the_mean_and_left_out_of_the_costs(
+    db_path: Path, tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    training = {**tiny, "epochs": 6}
+    with Store(db_path) as store:
+        for seed in SEEDS:
+            _record_run(store, training, method="sgd", seed=seed, accuracy=0.5)
+            diverged = 4 if seed == 2 else None
+            accuracy = 0.125 if diverged else 0.75
+            _record_run(
+                store, training, method="sam", seed=seed, accuracy=accuracy,
+                diverged_at_epoch=diverged,
+            )  # fmt: skip
+    drawn: list[tuple[int, str, str]] = []  # (epochs, line style, label) of each curve
+    plot = matplotlib.axes.Axes.plot
+
+    def recording_plot(self: Any, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
+        lines = plot(self, x, y, *args, **kwargs)
+        drawn.extend((len(x), line.get_linestyle(), line.get_label()) for line in lines)
+        return lines
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
+    report = write_report(db_path, tmp_path / "out")
+    [setting] = report.settings
+    sam = setting.arms_of("sam")[0]
+    assert sam.diverged == {2: 4}
+    # Its accuracy is real, in the mean: (0.75 + 0.75 + 0.125) / 3.
+    assert sam.accuracy.mean == pytest.approx((0.75 + 0.75 + 0.125) / 3, abs=1e-12)
+    assert sam.versus_base.n == 3
+    # Its cost covers 4 epochs of 6: the ratios come from the two full runs only (2 passes a
+    # step against sgd's 1, exactly), not (6 + 6 + 4) / 3 / 6 of that.
+    assert sam.passes_ratio == 2.0 and sam.time_ratio == 2.0
+    markdown = report.markdown_path.read_text()
+    notes = _table_cells(markdown, "sam")["notes"]
+    assert notes.startswith("1 of 3 seeds diverged (seed 2 at epoch 4")
+    assert "accuracy in the mean" in notes and "costs from the other 2" in notes
+    assert _table_cells(markdown, "sgd")["notes"] == ""
+    assert "diverged" in report.text
+    assert "counts in the mean" in markdown  # the notes explain what a diverged run means
+    # The diverged seed's curve is drawn apart, dotted, up to epoch 4; it does not cut the
+    # mean curve of the other two short.
+    # (The curves are the first figure drawn; the box plots draw lines after them.)
+    assert drawn[:2] == [(6, "-", "sgd, n=3"), (6, "-", "sam, n=2 (+1 diverged, dotted)")]
+    epochs, style, label = drawn[2]
+    assert (epochs, style) == (4, ":") and label.startswith("_")  # no legend entry of its own
+
+
+def test_an_arm_whose_runs_all_diverged_has_no_cost_ratio(
+    db_path: Path, tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    with Store(db_path) as store:
+        _record_run(store, tiny, method="sgd", seed=0)
+        _record_run(store, tiny, method="sam", seed=0, accuracy=0.25, diverged_at_epoch=1)
+    report = write_report(db_path, tmp_path / "out")
+    [setting] = report.settings
+    assert {path.name for path in report.plots} == {
+        "test_accuracy_curves.png",
+        "final_accuracy.png",
+    }
+    sam = setting.arms_of("sam")[0]
+    assert math.isnan(sam.passes_ratio) and math.isnan(sam.time_ratio)
+    assert sam.accuracy.mean == 0.25
+    [_, sam_row] = table_rows(setting)
+    assert sam_row[-3:-1] == ["—", "—"] and "no cost ratio: all diverged" in sam_row[-1]
+
+
+def test_accuracy_intervals_are_clipped_to_0_and_100_percent_in_table_and_plot(
+    db_path: Path, tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    near_one = (1.0, 1.0, 0.96875)  # its t-interval reaches past 100%
+    near_zero = (0.0, 0.0, 0.03125)  # and this one below 0%
+    with Store(db_path) as store:
+        for seed in SEEDS:
+            for rho, accuracies in ((0.05, near_one), (0.1, near_zero)):
+                _record_run(
+                    store, tiny, method="sam", seed=seed, accuracy=accuracies[seed],
+                    hyperparameters={"rho": rho},
+                )  # fmt: skip
+    raw_high = Interval.of(near_one).high
+    raw_low = Interval.of(near_zero).low
+    assert raw_high > 1 and raw_low < 0  # the case the clipping is for
+
+    drawn: list[tuple[np.ndarray, np.ndarray]] = []
+    errorbar = matplotlib.axes.Axes.errorbar
+
+    def recording_errorbar(self: Any, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
+        drawn.append((np.asarray(y, dtype=float), np.asarray(kwargs["yerr"], dtype=float)))
+        return errorbar(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", recording_errorbar)
+    report = write_report(db_path, tmp_path / "out")
+    [setting] = report.settings
+    high_arm, low_arm = setting.arms
+    assert high_arm.accuracy.high == 1.0 and low_arm.accuracy.low == 0.0
+    # The other bound and the mean are the t-interval's own.
+    assert high_arm.accuracy.low == pytest.approx(Interval.of(near_one).low, abs=1e-15)
+    assert high_arm.accuracy.mean == pytest.approx(np.mean(near_one), abs=1e-15)
+
+    markdown = report.markdown_path.read_text()
+    assert _table_cells(markdown, high_arm.label)["95% CI"].endswith(", 100.00]")
+    assert _table_cells(markdown, low_arm.label)["95% CI"].startswith("[0.00, ")
+
+    # The ρ-sweep plot's error bars end at 100% and 0%, not past them.
+    [(means, (below, above))] = drawn
+    assert means + above == pytest.approx([100.0, 100 * low_arm.accuracy.high], abs=1e-9)
+    assert means - below == pytest.approx([100 * high_arm.accuracy.low, 0.0], abs=1e-9)
+
+
+def test_titles_name_every_training_field_that_differs_between_settings(
+    db_path: Path, tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    with Store(db_path) as store:
+        for training in (
+            {"lr": 0.05},
+            {"lr": 0.1},
+            {"lr": 0.1, "weight_decay": 0.0},
+            {"lr": 0.1, "optimizer": "adamw"},
+        ):
+            _record_run(store, {**tiny, **training}, method="sgd", seed=0)
+    report = write_report(db_path, tmp_path / "out")
+    titles = [setting.title for setting in report.settings]
+    assert len(set(titles)) == len(titles) == 4
+    for setting in report.settings:
+        c = setting.config
+        assert setting.title.startswith(setting.headline)
+        momentum = "no momentum" if c["momentum"] is None else f"momentum {c['momentum']}"
+        assert setting.subtitle == (
+            f"base optimizer {c['optimizer']} · lr {c['lr']} · {momentum} · "
+            f"weight decay {c['weight_decay']}"
+        )
+        assert setting.plot_title == f"{setting.headline}\n{setting.subtitle}"
+    markdown = report.markdown_path.read_text()
+    headings = [line for line in markdown.splitlines() if line.startswith("## ")]
+    assert headings == [f"## {title}" for title in titles]
+
+
+def test_a_single_setting_and_fields_the_headline_shows_add_no_subtitle(
+    db_path: Path, tiny: dict[str, Any]
+) -> None:
+    with Store(db_path) as store:
+        _record_run(store, tiny, method="sgd", seed=0)
+        _record_run(store, {**tiny, "label_noise": 0.405}, method="sgd", seed=0)
+        settings = summarize(store)
+    assert [setting.subtitle for setting in settings] == ["", ""]
+    # Label noise is printed with its every digit, so 40% and 40.5% do not read the same.
+    assert [setting.title for setting in settings] == [
+        "mnist1d · cnn1d · 40% label noise · 256 training examples · 2 epochs",
+        "mnist1d · cnn1d · 40.5% label noise · 256 training examples · 2 epochs",
+    ]
+
+
+def test_writing_a_report_again_removes_its_stale_plots_only(
+    db_path: Path, tiny: dict[str, Any], tmp_path: Path
+) -> None:
+    with Store(db_path) as store:
+        for rho in (0.05, 0.1):
+            _record_run(store, tiny, method="sam", seed=0, hyperparameters={"rho": rho})
+    out = tmp_path / "out"
+    first = write_report(db_path, out)
+    [setting] = first.settings
+    directory = out / setting.slug
+    assert (directory / "accuracy_vs_rho.png").exists()
+    # Files a user put there, and report files of another report's setting, stay.
+    (directory / "my_notes.txt").write_text("mine")
+    (directory / "landscape_1d.json").write_text("{}")  # an earlier measurement's numbers
+    (out / "elsewhere.png").write_bytes(PNG_SIGNATURE)
+    (directory / "kept").mkdir()
+    (directory / "kept" / "inner.png").write_bytes(PNG_SIGNATURE)
+
+    # The same setting without the sweep (one ρ only): no accuracy_vs_rho.png any more.
+    with sqlite3.connect(db_path) as connection:
+        connection.execute(
+            "DELETE FROM runs WHERE json_extract(config, '$.hyperparameters.rho') = 0.1"
+        )
+    second = write_report(db_path, out)
+    assert [s.slug for s in second.settings] == [setting.slug]
+    assert (
+        {path.name for path in directory.glob("*.png")}
+        == {path.name for path in second.plots}
+        == {"test_accuracy_curves.png", "final_accuracy.png"}
+    )
+    assert not (directory / "landscape_1d.json").exists()
+    assert "landscape_1d.json" not in second.markdown_path.read_text()
+    assert (directory / "my_notes.txt").read_text() == "mine"
+    assert (out / "elsewhere.png").exists() and (directory / "kept" / "inner.png").exists()
+
+
+def test_paired_differences_use_only_the_seeds_both_arms_ran(
+    db_path: Path, tiny: dict[str, Any]
+) -> None:
+    # sgd ran seeds 0, 1, 2; SAM only 0 and 2. Pairing by position would pair SAM's seed 2
+    # with sgd's seed 1; an unpaired difference would use sgd's seed 1 as well.
+    sgd = {0: 0.5, 1: 0.25, 2: 0.75}
+    sam = {0: 0.625, 2: 0.8125}
+    with Store(db_path) as store:
+        for seed, accuracy in sgd.items():
+            _record_run(store, tiny, method="sgd", seed=seed, accuracy=accuracy)
+        for seed, accuracy in sam.items():
+            _record_run(store, tiny, method="sam", seed=seed, accuracy=accuracy)
+        [setting] = summarize(store)
+    difference = setting.arms_of("sam")[0].versus_base
+    paired = [sam[0] - sgd[0], sam[2] - sgd[2]]  # 0.125 and 0.0625
+    assert difference.n == 2
+    assert difference.mean == pytest.approx(np.mean(paired), abs=1e-15)
+    expected = stats.t.interval(0.95, 1, loc=np.mean(paired), scale=stats.sem(paired))
+    assert (difference.low, difference.high) == pytest.approx(expected, abs=1e-12)
+
+
+def test_an_interval_with_zero_spread_has_the_mean_as_both_bounds(
+    db_path: Path, tiny: dict[str, Any]
+) -> None:
+    assert Interval.of([0.25, 0.25, 0.25]) == Interval(0.25, 0.25, 0.25, 3)
+    # The same through the report: every seed of an arm at the same accuracy, and the same
+    # paired difference at every seed.
+    with Store(db_path) as store:
+        for seed in SEEDS:
+            _record_run(store, tiny, method="sgd", seed=seed, accuracy=0.25 + 0.125 * seed)
+            _record_run(store, tiny, method="sam", seed=seed, accuracy=0.5 + 0.125 * seed)
+            _record_run(store, tiny, method="asam", seed=seed, accuracy=0.75)
+        [setting] = summarize(store)
+    assert setting.arms_of("asam")[0].accuracy == Interval(0.75, 0.75, 0.75, 3)
+    assert setting.arms_of("sam")[0].versus_base == Interval(0.25, 0.25, 0.25, 3)
+    rows = {row[0]: row for row in table_rows(setting)}
+    assert rows["asam"][2:4] == ["75.00 ± 0.00", "[75.00, 75.00]"]
+    assert rows["sam"][4] == "+25.00 [+25.00, +25.00] (n=3)"

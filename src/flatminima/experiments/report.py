@@ -1,16 +1,21 @@
 """Tables and plots from the experiment database.
 
-Finished runs are grouped by *setting* (everything in the configuration except the method,
-its hyperparameters and the seed: dataset, model, label noise, training budget, base
+Finished and failed runs are grouped by *setting* (everything in the configuration except the
+method, its hyperparameters and the seed: dataset, model, label noise, training budget, base
 optimizer...) and, inside a setting, by *arm* (a method with one set of hyperparameters). For
-each arm the report gives the final test accuracy over seeds (mean ± sample standard deviation,
-Student-t 95% interval), the paired difference to the base optimizer and to SAM over the seeds
-both ran (same seed = same initialisation, data subset, label noise and batch order), and the
-cost relative to the base optimizer: measured forward/backward passes and training wall time.
+each arm the report gives the final test accuracy over its finished seeds (mean ± sample
+standard deviation, Student-t 95% interval clipped to [0, 100] %), the paired difference to the
+base optimizer and to SAM over the seeds both finished (same seed = same initialisation, data
+subset, label noise and batch order), and the cost relative to the base optimizer: measured
+forward/backward passes and training wall time. Failed runs are counted in their arm's row (an
+arm whose runs all failed still has one) and diverged runs are flagged there. A setting's title
+names every training field that differs between the settings of the report.
 
 Plots per setting: mean test-accuracy curves (± one std over seeds), the distribution of final
 accuracies per arm, and, for every hyperparameter that takes several values within a method
-(a ρ sweep), final accuracy against it.
+(a ρ sweep), final accuracy against it. Each setting's plots go to its own directory (named by
+its slug); writing that directory again first removes the PNG files (and the landscape JSON)
+left there by an earlier report, so that no stale plot survives beside the new ones.
 
 Where runs were measured with ``flatminima sharpness`` (the database's ``sharpness`` table), a
 second table per setting puts their sharpness beside their test accuracy (mean ± std over the
@@ -51,9 +56,14 @@ ARM_KEYS = ("method", "hyperparameters", "seed")
 """Configuration keys that distinguish runs within one setting."""
 
 
+ACCURACY_RANGE = (0.0, 1.0)
+"""The values an accuracy (a fraction) can take: its confidence intervals are clipped to it."""
+
+
 @dataclass(frozen=True)
 class Interval:
-    """A mean with its Student-t 95% confidence interval (``nan`` bounds for one sample)."""
+    """A mean with its Student-t 95% confidence interval (``nan`` bounds for fewer than two
+    samples, ``nan`` mean for none)."""
 
     mean: float
     low: float
@@ -63,6 +73,8 @@ class Interval:
     @classmethod
     def of(cls, values: Sequence[float]) -> Interval:
         array = np.asarray(values, dtype=float)
+        if len(array) == 0:
+            return cls(math.nan, math.nan, math.nan, 0)
         mean = float(array.mean())
         if len(array) < 2:
             return cls(mean, math.nan, math.nan, len(array))
@@ -70,6 +82,17 @@ class Interval:
         quantile = float(stdtrit(len(array) - 1, 0.975))
         half_width = quantile * float(array.std(ddof=1)) / math.sqrt(len(array))
         return cls(mean, mean - half_width, mean + half_width, len(array))
+
+    def clipped(self, lowest: float, highest: float) -> Interval:
+        """The interval with its bounds kept within [lowest, highest], the values the quantity
+        can take: with three seeds the t-interval of an accuracy near 100% reaches past it.
+        ``nan`` bounds stay ``nan``."""
+        return Interval(
+            self.mean,
+            float(np.clip(self.low, lowest, highest)),
+            float(np.clip(self.high, lowest, highest)),
+            self.n,
+        )
 
 
 @dataclass
@@ -79,6 +102,9 @@ class Arm:
     method: str
     hyperparameters: dict[str, Any]
     runs: list[RunRecord] = field(default_factory=list)
+    """The finished runs, by seed: the statistics are theirs."""
+    failed: list[RunRecord] = field(default_factory=list)
+    """The failed runs, by seed: counted and listed, never in the statistics."""
     label: str = ""
     """The method and the hyperparameters that tell it apart from the method's other arms."""
     curves: dict[int, list[float]] = field(default_factory=dict)
@@ -101,15 +127,41 @@ class Arm:
 
     @property
     def accuracy(self) -> Interval:
-        return Interval.of(list(self.final_accuracy.values()))
+        """Mean final test accuracy and its 95% interval, clipped to ``ACCURACY_RANGE``."""
+        return Interval.of(list(self.final_accuracy.values())).clipped(*ACCURACY_RANGE)
 
     @property
     def std(self) -> float:
         values = list(self.final_accuracy.values())
         return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
-    def mean_of(self, column: str) -> float:
-        return float(np.mean([run.final[column] for run in self.runs]))
+    @property
+    def attempted(self) -> int:
+        """How many seeds were tried (finished or failed; running ones are not counted)."""
+        return len(self.runs) + len(self.failed)
+
+    @property
+    def diverged(self) -> dict[int, int]:
+        """The epoch at which each diverged finished run stopped, by seed. A diverged run is
+        finished: its accuracy is that of its last (non-finite) weights and counts in the mean.
+        ``final`` has no ``diverged_at_epoch`` in databases older than the key."""
+        return {
+            run.config["seed"]: run.final["diverged_at_epoch"]
+            for run in self.runs
+            if run.final.get("diverged_at_epoch") is not None
+        }
+
+    @property
+    def completed(self) -> list[RunRecord]:
+        """The finished runs that trained every epoch (did not diverge)."""
+        diverged = self.diverged
+        return [run for run in self.runs if run.config["seed"] not in diverged]
+
+    def mean_cost(self, column: str) -> float:
+        """Mean of a cost (``passes``, ``train_time_s``) over the runs that trained every epoch:
+        a diverged run stopped early, so its cost is not that of the full budget."""
+        completed = self.completed
+        return float(np.mean([run.final[column] for run in completed])) if completed else math.nan
 
     def sharpness_of(self, metric: str) -> dict[int, float]:
         """One sharpness measure (a key of ``measure_sharpness``'s result) by measured seed."""
@@ -123,14 +175,36 @@ class Setting:
     config: dict[str, Any]
     arms: list[Arm]
     slug: str
+    distinguishing: tuple[str, ...] = ()
+    """Training fields not in the headline whose values differ between the settings of the
+    report: the subtitle names them, so that no two settings read the same."""
+
+    @property
+    def headline(self) -> str:
+        c = self.config
+        # Label noise with every digit it has (not rounded to a whole percent), so that two
+        # noise levels never print the same.
+        return (
+            f"{c['dataset']} · {c['model']} · {100 * c['label_noise']:g}% label noise · "
+            f"{c['train_size']} training examples · {c['epochs']} epochs"
+        )
+
+    @property
+    def subtitle(self) -> str:
+        """The distinguishing fields and their values here, e.g. ``lr 0.1 · momentum 0.9``."""
+        return " · ".join(
+            _describe_field(name, self.config.get(name)) for name in self.distinguishing
+        )
 
     @property
     def title(self) -> str:
-        c = self.config
-        return (
-            f"{c['dataset']} · {c['model']} · {c['label_noise']:.0%} label noise · "
-            f"{c['train_size']} training examples · {c['epochs']} epochs"
-        )
+        """One line: the headline, then the subtitle where there is one."""
+        return " · ".join(part for part in (self.headline, self.subtitle) if part)
+
+    @property
+    def plot_title(self) -> str:
+        """The title on two lines (the subtitle under the headline), to fit a figure."""
+        return "\n".join(part for part in (self.headline, self.subtitle) if part)
 
     @property
     def training(self) -> str:
@@ -143,6 +217,11 @@ class Setting:
 
     def arms_of(self, method: str) -> list[Arm]:
         return [arm for arm in self.arms if arm.method == method]
+
+    @property
+    def finished_arms(self) -> list[Arm]:
+        """The arms with at least one finished run (those that have numbers to plot)."""
+        return [arm for arm in self.arms if arm.runs]
 
     @property
     def measured(self) -> bool:
@@ -211,17 +290,52 @@ def _label(arms: list[Arm]) -> None:
             arm.label = f"{arm.method} {shown}" if shown else arm.method
 
 
+HEADLINE_FIELDS = ("dataset", "model", "label_noise", "train_size", "epochs")
+"""Setting fields every title shows."""
+
+SUBTITLE_ORDER = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "batch_size")
+"""The order of the other training fields in a subtitle (fields not listed come after these,
+by name)."""
+
+
+def _describe_field(name: str, value: Any) -> str:
+    """A training field and its value in words, as the subtitle shows it."""
+    if name == "optimizer":
+        return f"base optimizer {value}"
+    if name == "momentum" and value is None:
+        return "no momentum"
+    if name == "schedule":
+        return f"{value} schedule"
+    return f"{name.replace('_', ' ')} {value}"
+
+
+def _distinguishing_fields(configs: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """The fields outside the headline that take more than one value among ``configs``."""
+    names = {name for config in configs for name in config} - set(HEADLINE_FIELDS)
+    varying = {
+        name
+        for name in names
+        if len({json.dumps(c.get(name), sort_keys=True) for c in configs}) > 1
+    }
+    order = {name: index for index, name in enumerate(SUBTITLE_ORDER)}
+    return tuple(sorted(varying, key=lambda name: (order.get(name, len(order)), name)))
+
+
 def _slug(config: dict[str, Any], index: int) -> str:
     text = f"{index + 1}-{config['dataset']}-{config['model']}-noise{config['label_noise']:g}"
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text)
 
 
 def summarize(store: Store) -> list[Setting]:
-    """Every setting with its arms, statistics and costs, from the finished runs."""
+    """Every setting with its arms, statistics and costs, from the finished runs; the failed
+    runs are counted in their arms (a setting or an arm whose runs all failed is kept, so the
+    report shows that it was tried). Running runs are left out."""
     grouped: dict[str, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     setting_configs: dict[str, dict[str, Any]] = {}
     sharpness = store.sharpness()
-    for run in store.runs(status="finished"):
+    for run in store.runs():
+        if run.status not in ("finished", "failed"):
+            continue
         setting = {k: v for k, v in run.config.items() if k not in ARM_KEYS}
         setting_key = json.dumps(setting, sort_keys=True)
         arm_key = json.dumps([run.config["method"], run.config["hyperparameters"]])
@@ -233,10 +347,12 @@ def summarize(store: Store) -> list[Setting]:
         arms = []
         for arm_key, runs in grouped[setting_key].items():
             method, hyperparameters = json.loads(arm_key)
+            by_seed = sorted(runs, key=lambda r: r.config["seed"])
             arm = Arm(
                 method,
                 _in_registry_order(method, hyperparameters),
-                sorted(runs, key=lambda r: r.config["seed"]),
+                runs=[run for run in by_seed if run.status == "finished"],
+                failed=[run for run in by_seed if run.status == "failed"],
             )
             arm.curves = {
                 run.config["seed"]: [row["test_accuracy"] for row in store.epochs(run.id)]
@@ -255,18 +371,22 @@ def summarize(store: Store) -> list[Setting]:
         )
         _compare(setting)
         settings.append(setting)
+    distinguishing = _distinguishing_fields([setting.config for setting in settings])
+    for setting in settings:
+        setting.distinguishing = distinguishing
     return settings
 
 
 def _compare(setting: Setting) -> None:
-    """Fill in each arm's paired differences and cost ratios."""
-    bases = setting.arms_of(BASE_OPTIMIZER)
+    """Fill in each arm's paired differences and cost ratios (costs over the runs of both arms
+    that trained every epoch; ``nan`` where either has none)."""
+    bases = [arm for arm in setting.arms_of(BASE_OPTIMIZER) if arm.runs]
     base = bases[0] if bases else None
-    references = setting.arms_of(REFERENCE_METHOD)
+    references = [arm for arm in setting.arms_of(REFERENCE_METHOD) if arm.runs]
     for arm in setting.arms:
         if base is not None:
-            arm.passes_ratio = arm.mean_of("passes") / base.mean_of("passes")
-            arm.time_ratio = arm.mean_of("train_time_s") / base.mean_of("train_time_s")
+            arm.passes_ratio = arm.mean_cost("passes") / base.mean_cost("passes")
+            arm.time_ratio = arm.mean_cost("train_time_s") / base.mean_cost("train_time_s")
             if arm is not base:
                 arm.versus_base = _paired(arm, base)
         if arm.method != REFERENCE_METHOD:
@@ -286,6 +406,7 @@ TABLE_HEADERS = (
     f"Δ vs {REFERENCE_METHOD} (pts, 95% CI)",
     "passes ×",
     "time ×",
+    "notes",
 )
 
 
@@ -302,10 +423,41 @@ def _difference(interval: Interval | None) -> str:
     return f"{text} (n={interval.n})"
 
 
+def _seeds(arm: Arm) -> str:
+    """How many seeds are in the statistics: ``3``, or ``2 of 3`` when some failed."""
+    return str(len(arm.runs)) if not arm.failed else f"{len(arm.runs)} of {arm.attempted}"
+
+
+def _notes(arm: Arm) -> str:
+    """The arm's caveats: failed seeds, diverged seeds (and what that does to its costs)."""
+    notes = []
+    if arm.failed and arm.runs:
+        notes.append(f"{len(arm.failed)} of {arm.attempted} seeds failed")
+    diverged = arm.diverged
+    if diverged:
+        where = ", ".join(f"seed {seed} at epoch {epoch}" for seed, epoch in diverged.items())
+        completed = len(arm.completed)
+        cost = f"costs from the other {completed}" if completed else "no cost ratio: all diverged"
+        notes.append(
+            f"{len(diverged)} of {arm.attempted} seeds diverged ({where}; accuracy in the mean, "
+            f"{cost})"
+        )
+    return "; ".join(notes)
+
+
+def _failed_accuracy(arm: Arm) -> str:
+    """The accuracy cell of an arm whose runs all failed."""
+    return f"all {len(arm.failed)} runs failed" if len(arm.failed) > 1 else "the run failed"
+
+
 def table_rows(setting: Setting) -> list[list[str]]:
-    """The report table of one setting, as strings (``TABLE_HEADERS`` columns)."""
+    """The report table of one setting, as strings (``TABLE_HEADERS`` columns); an arm whose
+    runs all failed has a row that says so, its numbers ``—``."""
     rows = []
     for arm in setting.arms:
+        if not arm.runs:
+            rows.append([arm.label, _seeds(arm), _failed_accuracy(arm), *["—"] * 5, _notes(arm)])
+            continue
         accuracy = arm.accuracy
         spread = "" if math.isnan(arm.std) else f" ± {100 * arm.std:.2f}"
         interval = (
@@ -314,16 +466,34 @@ def table_rows(setting: Setting) -> list[list[str]]:
         rows.append(
             [
                 arm.label,
-                str(accuracy.n),
+                _seeds(arm),
                 f"{_percent(accuracy.mean)}{spread}",
                 interval,
                 "—" if arm.method == BASE_OPTIMIZER else _difference(arm.versus_base),
                 _difference(arm.versus_reference),
                 "—" if math.isnan(arm.passes_ratio) else f"{arm.passes_ratio:.2f}",
                 "—" if math.isnan(arm.time_ratio) else f"{arm.time_ratio:.2f}",
+                _notes(arm),
             ]
         )
     return rows
+
+
+ERROR_SHOWN = 200
+"""How many characters of a failed run's error the report quotes (its first line)."""
+
+
+def failure_lines(setting: Setting) -> list[str]:
+    """``label, seed s: error`` for each failed run of the setting (the error's first line)."""
+    lines = []
+    for arm in setting.arms:
+        for run in arm.failed:
+            error_lines = (run.error or "").strip().splitlines()
+            error = error_lines[0] if error_lines else "no error recorded"
+            if len(error) > ERROR_SHOWN:
+                error = error[: ERROR_SHOWN - 1] + "…"
+            lines.append(f"{arm.label}, seed {run.config['seed']}: {error}")
+    return lines
 
 
 # --- sharpness beside accuracy ----------------------------------------------------------------
@@ -517,35 +687,72 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def plot_curves(setting: Setting, path: Path) -> None:
+    """Mean ± std test accuracy per epoch over the seeds that trained every epoch; each
+    diverged seed dotted on its own, up to the epoch it stopped at (marked ×), in its arm's
+    colour, rather than cutting the arm's other curves short."""
     figure, axes = plt.subplots(figsize=(8, 5))
-    for arm in setting.arms:
-        length = min(len(curve) for curve in arm.curves.values())
-        curves = 100 * np.array([curve[:length] for curve in arm.curves.values()], dtype=float)
-        epochs = np.arange(1, length + 1)
-        mean = curves.mean(axis=0)
-        (line,) = axes.plot(epochs, mean, label=f"{arm.label}, n={len(curves)}")
-        if len(curves) > 1:
-            spread = curves.std(axis=0, ddof=1)
-            axes.fill_between(
-                epochs, mean - spread, mean + spread, color=line.get_color(), alpha=0.2
+    for arm in setting.finished_arms:
+        diverged = arm.diverged
+        full = [curve for seed, curve in arm.curves.items() if seed not in diverged]
+        label = f"{arm.label}, n={len(full)}"
+        if diverged:
+            label += f" (+{len(diverged)} diverged, dotted)"
+        color = None
+        if full:
+            length = min(len(curve) for curve in full)
+            curves = 100 * np.array([curve[:length] for curve in full], dtype=float)
+            epochs = np.arange(1, length + 1)
+            mean = curves.mean(axis=0)
+            (line,) = axes.plot(epochs, mean, label=label)
+            color = line.get_color()
+            if len(curves) > 1:
+                spread = curves.std(axis=0, ddof=1)
+                axes.fill_between(epochs, mean - spread, mean + spread, color=color, alpha=0.2)
+        for seed in diverged:
+            curve = 100 * np.array(arm.curves[seed], dtype=float)
+            (line,) = axes.plot(
+                np.arange(1, len(curve) + 1),
+                curve,
+                linestyle=":",
+                marker="x",
+                markevery=[len(curve) - 1],
+                color=color,
+                label=None if color is not None else label,  # one legend entry per arm
             )
-    axes.set(xlabel="epoch", ylabel="test accuracy (%)", title=setting.title)
+            color = line.get_color()
+    axes.set(xlabel="epoch", ylabel="test accuracy (%)", title=setting.plot_title)
     _finish_and_save(figure, axes, path)
 
 
 def plot_final_distribution(setting: Setting, path: Path) -> None:
-    figure, axes = plt.subplots(figsize=(max(6, 1.3 * len(setting.arms)), 5))
-    values = [100 * np.array(list(arm.final_accuracy.values())) for arm in setting.arms]
+    """A box per arm over its finished seeds, each seed a point (× for a diverged one)."""
+    arms = setting.finished_arms
+    figure, axes = plt.subplots(figsize=(max(6, 1.3 * len(arms)), 5))
+    values = [100 * np.array(list(arm.final_accuracy.values())) for arm in arms]
     positions = np.arange(1, len(values) + 1)
     axes.boxplot(values, positions=positions, widths=0.5, showfliers=False)
     jitter = np.random.default_rng(0)  # fixed, so the same database draws the same figure
-    for position, points in zip(positions, values, strict=True):
+    for index, (position, points, arm) in enumerate(zip(positions, values, arms, strict=True)):
         offsets = jitter.uniform(-0.12, 0.12, size=len(points))
-        axes.scatter(position + offsets, points, s=18, alpha=0.8, zorder=3)
-    axes.set_xticks(
-        positions, [arm.label for arm in setting.arms], rotation=30, ha="right", fontsize=7
-    )
-    axes.set(ylabel="final test accuracy (%)", title=setting.title)
+        diverged = np.array([seed in arm.diverged for seed in arm.final_accuracy])
+        color = f"C{index % 10}"  # the arm's colour from the default cycle, for both markers
+        axes.scatter(
+            position + offsets[~diverged], points[~diverged], s=18, alpha=0.8, color=color, zorder=3
+        )
+        if diverged.any():
+            axes.scatter(
+                position + offsets[diverged],
+                points[diverged],
+                s=30,
+                marker="x",
+                color=color,
+                zorder=3,
+            )
+    axes.set_xticks(positions, [arm.label for arm in arms], rotation=30, ha="right", fontsize=7)
+    title = setting.plot_title
+    if any(arm.diverged for arm in arms):
+        title += "  (× diverged run)"
+    axes.set(ylabel="final test accuracy (%)", title=title)
     _finish_and_save(figure, axes, path, legend=False, grid_axis="y")
 
 
@@ -556,7 +763,7 @@ def swept_hyperparameters(setting: Setting) -> dict[str, dict[str, list[Arm]]]:
     names = {name for arm in setting.arms for name in arm.hyperparameters}
     for name in sorted(names):
         lines: dict[str, list[Arm]] = defaultdict(list)
-        for arm in setting.arms:
+        for arm in setting.finished_arms:
             value = arm.hyperparameters.get(name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
@@ -569,22 +776,35 @@ def swept_hyperparameters(setting: Setting) -> dict[str, dict[str, list[Arm]]]:
     return dict(sweeps)
 
 
+def _error_bars(intervals: Sequence[Interval]) -> np.ndarray:
+    """``yerr`` for ``errorbar`` in percent: the distance from each mean down to its low bound
+    and up to its high bound (apart, since clipping makes them unequal); 0 without bounds."""
+    return np.array(
+        [
+            [
+                0.0 if interval.n < 2 else 100 * (interval.mean - interval.low)
+                for interval in intervals
+            ],
+            [
+                0.0 if interval.n < 2 else 100 * (interval.high - interval.mean)
+                for interval in intervals
+            ],
+        ]
+    )
+
+
 def plot_sweep(setting: Setting, name: str, lines: dict[str, list[Arm]], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(8, 5))
     all_values = []
     for line, arms in lines.items():
         values = [arm.hyperparameters[name] for arm in arms]
         all_values += values
-        intervals = [arm.accuracy for arm in arms]
+        intervals = [arm.accuracy for arm in arms]  # clipped to [0, 100] %
         means = np.array([100 * interval.mean for interval in intervals])
-        errors = np.array(
-            [
-                0.0 if interval.n < 2 else 100 * (interval.high - interval.mean)
-                for interval in intervals
-            ]
-        )
-        axes.errorbar(values, means, yerr=errors, marker="o", capsize=3, label=line)
+        axes.errorbar(values, means, yerr=_error_bars(intervals), marker="o", capsize=3, label=line)
     for base in setting.arms_of(BASE_OPTIMIZER):
+        if not base.runs:
+            continue
         axes.axhline(
             100 * base.accuracy.mean,
             color="black",
@@ -593,7 +813,9 @@ def plot_sweep(setting: Setting, name: str, lines: dict[str, list[Arm]], path: P
         )
     if min(all_values) > 0:
         axes.set_xscale("log")
-    axes.set(xlabel=name, ylabel="final test accuracy (%, mean and 95% CI)", title=setting.title)
+    axes.set(
+        xlabel=name, ylabel="final test accuracy (%, mean and 95% CI)", title=setting.plot_title
+    )
     _finish_and_save(figure, axes, path)
 
 
@@ -620,7 +842,7 @@ def plot_accuracy_vs_sharpness(
     axes.set(
         xlabel=f"{name} (training loss, final weights)",
         ylabel="final test accuracy (%)",
-        title=setting.title + summary,
+        title=setting.plot_title + summary,
     )
     _finish_and_save(figure, axes, path)
 
@@ -633,6 +855,10 @@ def first_seed_landscapes(setting: Setting) -> dict[str, dict[str, Any]]:
         if seeds:
             lines[arm.label] = {"seed": seeds[0], **arm.sharpness[seeds[0]].landscape}
     return lines
+
+
+LANDSCAPE_NUMBERS = "landscape_1d.json"
+"""The one non-PNG file the report writes into a setting's directory (beside its plot)."""
 
 
 def write_landscape(setting: Setting, directory: Path) -> list[Path]:
@@ -652,7 +878,7 @@ def write_landscape(setting: Setting, directory: Path) -> list[Path]:
         )
         for label, line in lines.items()
     }
-    png, numbers = directory / "landscape_1d.png", directory / "landscape_1d.json"
+    png, numbers = directory / "landscape_1d.png", directory / LANDSCAPE_NUMBERS
     examples = sorted({line["examples"] for line in lines.values()})
     plot_landscape_1d(
         curves,
@@ -663,7 +889,27 @@ def write_landscape(setting: Setting, directory: Path) -> list[Path]:
     return [png, numbers]
 
 
+def remove_earlier_plots(directory: Path) -> list[Path]:
+    """Delete the files an earlier report wrote into a setting's directory, before it is
+    written again: every ``*.png`` directly in it and the landscape numbers. Without this a
+    plot the new report no longer draws (a sweep since removed, a setting now at another
+    place in the order) would stay, and the landscape JSON would still be linked. Nothing
+    else is touched: other files, subdirectories, and everything outside the directory stay."""
+    if not directory.is_dir():
+        return []
+    owned = [*directory.glob("*.png"), directory / LANDSCAPE_NUMBERS]
+    removed = [path for path in owned if path.is_file()]
+    for path in removed:
+        path.unlink()
+    return removed
+
+
 def write_plots(setting: Setting, directory: Path) -> list[Path]:
+    """The setting's plots, in ``directory`` after clearing the earlier ones out of it
+    (:func:`remove_earlier_plots`); none for a setting whose runs all failed."""
+    remove_earlier_plots(directory)
+    if not setting.finished_arms:
+        return []
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / "test_accuracy_curves.png", directory / "final_accuracy.png"]
     plot_curves(setting, paths[0])
@@ -684,12 +930,19 @@ def write_plots(setting: Setting, directory: Path) -> list[Path]:
 
 NOTES = f"""\
 Final test accuracy is the last epoch's, on the clean test set. The 95% CI is Student-t over
-seeds. Δ columns are paired over the seeds both arms ran (same initialisation, data subset,
+seeds, clipped to [0, 100] % (with few seeds the interval can reach past what an accuracy can
+be). Δ columns are paired over the seeds both arms finished (same initialisation, data subset,
 label noise and batch order), in percentage points; Δ vs {REFERENCE_METHOD} pairs with the
 {REFERENCE_METHOD} arm that has the same ρ when several were run. "passes ×" is the measured
 number of forward/backward passes relative to {BASE_OPTIMIZER}; "time ×" the training wall time
 (evaluation excluded) relative to {BASE_OPTIMIZER}: with several worker processes on a busy
-machine it is noisier than the pass count."""
+machine it is noisier than the pass count. "seeds" counts the finished runs in the statistics,
+"2 of 3" when a run failed; a failed run is in no statistic, and an arm whose runs all failed
+keeps a row that says so. A diverged run (its weights became non-finite and training stopped
+at that epoch) is finished: its final test accuracy, that of the model when it stopped, counts
+in the mean, the CI and the Δ columns, and its note gives the epoch. Its passes and time cover
+fewer epochs than the budget, so the cost ratios leave out diverged runs, of the arm and of
+{BASE_OPTIMIZER} alike."""
 
 SHARPNESS_NOTES = """\
 Sharpness (`flatminima sharpness`) is measured from each run's final weights on its own training
@@ -737,7 +990,7 @@ def _sharpness_section(setting: Setting, out_dir: Path) -> tuple[list[str], list
         markdown_table(CORRELATION_HEADERS, correlations),
         "",
     ]
-    numbers = out_dir / setting.slug / "landscape_1d.json"
+    numbers = out_dir / setting.slug / LANDSCAPE_NUMBERS
     if numbers.exists():
         markdown += [f"Landscape numbers: [{numbers.name}]({numbers.relative_to(out_dir)}).", ""]
     text = [
@@ -757,7 +1010,7 @@ def write_report(db_path: str | Path, out_dir: str | Path) -> Report:
     db_path, out_dir = Path(db_path), Path(out_dir)
     if not db_path.exists():
         raise FileNotFoundError(f"no database at {db_path}")
-    with Store(db_path) as store:
+    with Store(db_path, create=False) as store:
         settings = summarize(store)
         unfinished: dict[str, int] = defaultdict(int)
         for run in store.runs():
@@ -772,7 +1025,10 @@ def write_report(db_path: str | Path, out_dir: str | Path) -> Report:
     ]
     if unfinished:
         counts = ", ".join(f"{count} {status}" for status, count in sorted(unfinished.items()))
-        markdown.append(f"Not included: {counts}.")
+        where_failed = (
+            " (failed runs are counted in their setting's table)" if "failed" in unfinished else ""
+        )
+        markdown.append(f"Not in the statistics: {counts}{where_failed}.")
     text = []
     plots: list[Path] = []
     for setting in settings:
@@ -785,14 +1041,19 @@ def write_report(db_path: str | Path, out_dir: str | Path) -> Report:
         markdown += [f"- {line}" for line in hyperparameters] + [""]
         text += [setting.title, setting.training, "", text_table(TABLE_HEADERS, rows), ""]
         text += ["hyperparameters:", *(f"  {line}" for line in hyperparameters), ""]
+        failures = failure_lines(setting)
+        if failures:
+            markdown += ["Failed runs (in no statistic):", ""]
+            markdown += [f"- {line}" for line in failures] + [""]
+            text += ["failed runs:", *(f"  {line}" for line in failures), ""]
         if setting.measured:
             markdown_part, text_part = _sharpness_section(setting, out_dir)
             markdown += markdown_part
             text += text_part
         markdown += [f"![{path.stem}]({path.relative_to(out_dir)})" for path in setting_plots]
     if not settings:
-        markdown += ["", "No finished runs yet."]
-        text.append("No finished runs yet.")
+        markdown += ["", "No finished or failed runs yet."]
+        text.append("No finished or failed runs yet.")
     markdown += ["", NOTES.replace("\n", " "), ""]
     if any(setting.measured for setting in settings):
         markdown += [SHARPNESS_NOTES.replace("\n", " "), ""]
