@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flatminima.experiments.store import SCHEMA_VERSION, Store, StoreError
+from flatminima.experiments.store import SCHEMA_VERSION, RunLostError, Store, StoreError
 
 CONFIG = {"dataset": "mnist1d", "model": "cnn1d", "method": "sgd", "seed": 0, "label_noise": 0.0}
 EPOCH = {
@@ -51,7 +52,7 @@ def test_a_finished_run_is_not_claimed_again(db_path: Path) -> None:
         run_id = store.claim("abc", CONFIG, {}, 1)
         assert run_id is not None
         store.record_epoch(run_id, EPOCH)
-        path = store.save_weights("abc", {"w": torch.ones(2)})
+        path = store.save_weights(run_id, "abc", {"w": torch.ones(2)})
         store.finish(run_id, FINAL, path)
         assert store.claim("abc", CONFIG, {}, 1) is None
         [run] = store.runs()
@@ -123,6 +124,16 @@ def test_readers_see_committed_rows_while_a_writer_is_open(db_path: Path) -> Non
     reader.close()
 
 
+def _set_heartbeat(db_path: Path, hours_ago: float) -> None:
+    heartbeat = datetime.now(timezone.utc) - timedelta(hours=hours_ago)
+    connection = sqlite3.connect(db_path)
+    with connection:
+        connection.execute(
+            "UPDATE runs SET heartbeat_at = ?", (heartbeat.isoformat(timespec="seconds"),)
+        )
+    connection.close()
+
+
 def _set_owner_elsewhere(db_path: Path, heartbeat_hours_ago: float) -> None:
     """Pretend a process on another machine sharing the file owns the run."""
     heartbeat = datetime.now(timezone.utc) - timedelta(hours=heartbeat_hours_ago)
@@ -162,15 +173,60 @@ def test_a_run_on_another_host_with_a_stale_heartbeat_is_taken_over(db_path: Pat
 def test_every_epoch_refreshes_the_heartbeat(db_path: Path) -> None:
     with Store(db_path) as store:
         run_id = store.claim("abc", CONFIG, {}, 1)
-    _set_owner_elsewhere(db_path, heartbeat_hours_ago=3)
+    _set_heartbeat(db_path, hours_ago=3)
     with Store(db_path) as store:
-        store.record_epoch(run_id, EPOCH)  # as the owner would: its heartbeat is now
+        store.record_epoch(run_id, EPOCH)  # its heartbeat is now
     connection = sqlite3.connect(db_path)
     with connection:
         connection.execute("UPDATE runs SET owner = 'some-other-host:12345'")
     connection.close()
     with Store(db_path) as store:
         assert store.claim("abc", CONFIG, {}, 1) is None
+
+
+def test_a_run_taken_over_is_no_longer_written_by_its_old_owner(db_path: Path) -> None:
+    # Process A (this one) looked dead to process B on another host, which took the run over.
+    with Store(db_path) as store:
+        run_id = store.claim("abc", CONFIG, {}, 1)
+        store.record_epoch(run_id, EPOCH)
+    connection = sqlite3.connect(db_path)
+    with connection:
+        connection.execute("UPDATE runs SET owner = 'some-other-host:12345', attempts = 2")
+        connection.execute("DELETE FROM epochs")
+    connection.close()
+    with Store(db_path) as store:
+        with pytest.raises(RunLostError):
+            store.record_epoch(run_id, {**EPOCH, "epoch": 2})
+        with pytest.raises(RunLostError):
+            store.save_weights(run_id, "abc", {"w": torch.ones(2)})
+        with pytest.raises(RunLostError):
+            store.finish(run_id, FINAL, "runs-weights/abc.pt")
+        assert store.fail(run_id, "RuntimeError: late") is False
+        [run] = store.runs()
+        assert run.status == "running" and run.error is None and store.epochs(run_id) == []
+    assert not (db_path.parent / "runs-weights" / "abc.pt").exists()
+    assert list((db_path.parent / "runs-weights").glob("*.partial")) == []
+
+
+def test_a_taken_over_run_does_not_fail_a_grid(db_path: Path, monkeypatch) -> None:
+    # The runner stops a run it lost and leaves the new owner's outcome alone.
+    from flatminima.experiments import runner
+    from flatminima.experiments.config import make_run_config
+
+    config = make_run_config(
+        method="sgd", dataset="digits", model="mlp", epochs=1, train_size=64, seed=0
+    )
+    original_record = Store.record_epoch
+
+    def taken_over_before_the_epoch(self, run_id, metrics):
+        self._connection.execute("UPDATE runs SET owner = 'some-other-host:12345'")
+        original_record(self, run_id, metrics)
+
+    monkeypatch.setattr(Store, "record_epoch", taken_over_before_the_epoch)
+    summary = runner.run_grid([config], db_path, progress=False)
+    assert (summary.finished, summary.skipped, summary.failed) == (0, 1, [])
+    row = sqlite3.connect(db_path).execute("SELECT status, owner, error FROM runs").fetchone()
+    assert row == ("running", "some-other-host:12345", None)
 
 
 def test_opening_an_up_to_date_database_writes_nothing(db_path: Path) -> None:
@@ -235,3 +291,95 @@ def _host() -> str:
     import socket
 
     return socket.gethostname()
+
+
+def _open_and_claim(path: str, name: str, start: object) -> None:
+    start.wait()  # type: ignore[attr-defined]
+    with Store(path) as store:
+        assert store.claim(name, CONFIG, {}, 1) is not None
+
+
+def test_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Path) -> None:
+    # SQLite answers "database is locked" at once, without waiting, to a process that switches
+    # a new file to WAL while another does: the store retries. Forked (cheap: no new import).
+    context = multiprocessing.get_context("fork")
+    for round_ in range(8):
+        path = tmp_path / f"new-{round_}.db"
+        start = context.Barrier(4)
+        processes = [
+            context.Process(target=_open_and_claim, args=(str(path), f"run{i}", start))
+            for i in range(4)
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=120)
+        assert [process.exitcode for process in processes] == [0, 0, 0, 0], f"round {round_}"
+        with Store(path) as store:
+            assert len(store.runs()) == 4
+
+
+def test_a_file_that_is_not_ours_is_left_exactly_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "photos.db"
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE photos (x)")
+    connection.commit()
+    connection.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="something else"):
+        Store(path)
+    assert path.read_bytes() == before
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_a_database_copied_out_of_wal_mode_is_switched_back_by_writers_only(db_path: Path) -> None:
+    Store(db_path).close()
+    sqlite3.connect(db_path).execute("PRAGMA journal_mode=DELETE").close()
+    Store(db_path, create=False).close()  # a reader changes nothing
+    assert sqlite3.connect(db_path).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    Store(db_path).close()
+    assert sqlite3.connect(db_path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_locked_database_is_reported_as_locked_not_as_foreign(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A version-1 file needs migrating, and another process holds the write lock past the
+    # (shortened) timeout: the error says so, it does not call the file foreign.
+    Store(db_path).close()
+    connection = sqlite3.connect(db_path, isolation_level=None)
+    connection.execute("PRAGMA user_version=1")
+    connection.execute("BEGIN IMMEDIATE")
+    monkeypatch.setattr("flatminima.experiments.store.BUSY_TIMEOUT_S", 0.2)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            Store(db_path)
+    finally:
+        connection.execute("ROLLBACK")
+        connection.close()
+
+
+def test_a_database_path_under_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(StoreError, match="cannot open"):
+        Store(tmp_path / "a-file" / "runs.db")
+
+
+def test_a_run_an_older_version_was_training_gets_a_grace_period_after_migration(
+    db_path: Path,
+) -> None:
+    with Store(db_path) as store:
+        store.claim("abc", CONFIG, {}, 1)
+    started = (datetime.now(timezone.utc) - timedelta(hours=5)).isoformat(timespec="seconds")
+    connection = sqlite3.connect(db_path)
+    with connection:  # as version 1 wrote it: no heartbeat, started five hours ago elsewhere
+        connection.execute("ALTER TABLE runs DROP COLUMN heartbeat_at")
+        connection.execute("ALTER TABLE runs DROP COLUMN diverged_at_epoch")
+        connection.execute(
+            "UPDATE runs SET owner = 'some-other-host:12345', started_at = ?", (started,)
+        )
+        connection.execute("PRAGMA user_version=1")
+    connection.close()
+    with Store(db_path) as store:
+        assert store.claim("abc", CONFIG, {}, 1) is None
+        assert store.claim("abc", CONFIG, {}, 1, stale_after_s=1e-9) is not None

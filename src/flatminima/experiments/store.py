@@ -24,10 +24,14 @@ run is claimed inside an ``IMMEDIATE`` transaction so that two processes never t
 configuration, and opening a database that is already up to date writes nothing, so that a
 reader never competes with the writers for the lock.
 
-A run's owner (``host:pid``) refreshes the run's ``heartbeat_at`` at every epoch. A run left
-``running`` is taken over by another process when its owner is known to be dead (same host, no
-such process) or, for an owner on another host sharing the file, when its heartbeat is older
-than ``stale_after_s`` (see :meth:`Store.claim`).
+The processes must run on one machine: WAL mode shares an index through memory, and SQLite
+does not support it over a network filesystem. Containers on one machine sharing a volume are
+fine, and they are why hostnames can differ. A run's owner (``hostname:pid``) refreshes the
+run's ``heartbeat_at`` at every epoch. A run left ``running`` is taken over by another process
+when its owner is known to be dead (same hostname, no such process) or, for an owner under
+another hostname (another container, or the machine a database was copied from), when its
+heartbeat is older than ``stale_after_s`` (see :meth:`Store.claim`). A process whose run was
+taken over can no longer write it (:class:`RunLostError`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import math
 import os
 import socket
 import sqlite3
+import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +54,9 @@ from typing import Any
 import torch
 
 SCHEMA_VERSION = 2
+
+BUSY_TIMEOUT_S = 60.0
+"""How long a connection waits for another process's write to end before giving up."""
 
 DEFAULT_STALE_AFTER_S = 2 * 3600.0
 """How long a run another host left ``running`` may go without a heartbeat (an epoch recorded)
@@ -121,6 +130,9 @@ MIGRATIONS = {
     1: (
         "ALTER TABLE runs ADD COLUMN heartbeat_at TEXT",
         "ALTER TABLE runs ADD COLUMN diverged_at_epoch INTEGER",
+        # A run an older flatminima is still training gets a full grace period from now.
+        "UPDATE runs SET heartbeat_at = strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now') "
+        "WHERE status = 'running'",
     ),
 }
 
@@ -216,6 +228,16 @@ class RunRecord:
     """The final metrics and costs (``FINAL_COLUMNS``), ``None`` where not yet known."""
     weights_path: str | None
 
+    @property
+    def diverged(self) -> bool:
+        """Whether this finished run's training diverged: recorded so (``diverged_at_epoch``),
+        or, in a database written before that was recorded, a final test loss that was not
+        finite (stored as NULL)."""
+        return self.status == "finished" and (
+            self.final.get("diverged_at_epoch") is not None
+            or self.final.get("final_test_loss") is None
+        )
+
 
 @dataclass(frozen=True)
 class SharpnessRecord:
@@ -244,6 +266,10 @@ class StoreError(Exception):
     """The file is not an experiment database this version of flatminima can use."""
 
 
+class RunLostError(Exception):
+    """The run was taken over by another process: this one must stop writing it."""
+
+
 class Store:
     """A connection to the experiment database.
 
@@ -257,18 +283,30 @@ class Store:
             raise StoreError(f"{self.path} is a directory, not a database file")
         if not create and not self.path.exists():
             raise FileNotFoundError(f"no database at {self.path}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             # Autocommit mode: transactions are opened explicitly and kept short.
-            self._connection = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-        except sqlite3.Error as error:
+            self._connection = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None
+            )
+        except (OSError, sqlite3.Error) as error:
             raise StoreError(f"cannot open {self.path} as a database: {error}") from error
         try:
             self._connection.row_factory = sqlite3.Row
             self._connection.execute("PRAGMA foreign_keys=ON")
+            self._refuse_what_is_not_ours()
+            if create:
+                # Before anything is written: writers need WAL (a copy made by VACUUM INTO or a
+                # restored dump comes back in the default rollback mode).
+                self._use_write_ahead_log()
             if self._schema_version() != SCHEMA_VERSION:
                 self._create_or_migrate()
             self._connection.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.OperationalError:
+            # Locked past the timeout, read-only, disk I/O...: the file may well be ours; the
+            # caller reports the error as it is.
+            self._connection.close()
+            raise
         except sqlite3.DatabaseError as error:
             self._connection.close()
             raise StoreError(f"{self.path} is not a flatminima database: {error}") from error
@@ -279,42 +317,67 @@ class Store:
     def _schema_version(self) -> int:
         return int(self._connection.execute("PRAGMA user_version").fetchone()[0])
 
+    def _refuse_what_is_not_ours(self) -> None:
+        """Raise :class:`StoreError` for a database of a newer flatminima or of another
+        program, by reading only: such a file is left exactly as it was."""
+        # One read transaction: the version and the tables of the same moment (another
+        # process may be creating the schema right now).
+        with self._transaction():
+            self._refuse_in_snapshot()
+
+    def _refuse_in_snapshot(self) -> None:
+        version = self._schema_version()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} was written by a newer flatminima (schema version {version}); "
+                f"this one reads versions up to {SCHEMA_VERSION}"
+            )
+        if version == 0:
+            tables = [
+                row[0]
+                for row in self._connection.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                )
+            ]
+            if tables:
+                raise StoreError(
+                    f"{self.path} is an SQLite database of something else (tables: "
+                    f"{', '.join(sorted(tables))}), not a flatminima database"
+                )
+
+    def _use_write_ahead_log(self) -> None:
+        """Switch the file to WAL mode unless it is in it already.
+
+        SQLite does not wait on its busy timeout for this switch: a process that opens a new
+        file while another is switching it gets "database is locked" at once, so retry.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                mode = self._connection.execute("PRAGMA journal_mode").fetchone()[0]
+                if mode == "wal":
+                    return
+                # Outside any transaction: the journal mode cannot change inside one.
+                self._connection.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
     def _create_or_migrate(self) -> None:
         """Bring the file to ``SCHEMA_VERSION`` (only when it is not there: readers of an
         up-to-date database write nothing)."""
-        if self._connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            # Outside any transaction: the journal mode cannot change inside one.
-            self._connection.execute("PRAGMA journal_mode=WAL")
         with self._transaction("IMMEDIATE") as db:
             version = self._schema_version()  # again: another process may have just done it
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} was written by a newer flatminima (schema version {version}); "
-                    f"this one reads versions up to {SCHEMA_VERSION}"
-                )
             if version == SCHEMA_VERSION:
                 return
-            if version == 0:
-                foreign = [
-                    row[0]
-                    for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-                ]
-                if foreign:
-                    raise StoreError(
-                        f"{self.path} is an SQLite database of something else (tables: "
-                        f"{', '.join(sorted(foreign))}), not a flatminima database"
-                    )
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-            else:
-                for step in range(version, SCHEMA_VERSION):
-                    for statement in MIGRATIONS[step]:
-                        db.execute(statement)
-                # Tables added since `version` (CREATE ... IF NOT EXISTS leaves the others).
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+            for step in range(version, SCHEMA_VERSION) if version else ():
+                for statement in MIGRATIONS[step]:
+                    db.execute(statement)
+            # A new file's tables, or those added since `version` (IF NOT EXISTS keeps the rest).
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @property
@@ -409,49 +472,75 @@ class Store:
             )
             return int(row["id"])
 
+    def _check_still_owned(self, db: sqlite3.Connection, run_id: int) -> None:
+        """Raise :class:`RunLostError` unless this process still trains ``run_id``: a run
+        taken over by another process (its heartbeat looked stale) is no longer ours to write."""
+        row = db.execute(
+            "SELECT 1 FROM runs WHERE id = ? AND owner = ? AND status = 'running'",
+            (run_id, _this_process()),
+        ).fetchone()
+        if row is None:
+            raise RunLostError(f"run {run_id} was taken over by another process")
+
     def record_epoch(self, run_id: int, metrics: Mapping[str, Any]) -> None:
-        """Store one epoch's metrics (keys: ``EPOCH_COLUMNS``)."""
+        """Store one epoch's metrics (keys: ``EPOCH_COLUMNS``) and refresh the run's heartbeat.
+        :class:`RunLostError` when the run is no longer this process's."""
         values = [metrics["epoch"]] + [
             _finite_or_none(metrics[column]) for column in EPOCH_COLUMNS[1:]
         ]
         placeholders = ", ".join("?" for _ in EPOCH_COLUMNS)
-        with self._transaction() as db:
+        with self._transaction("IMMEDIATE") as db:
+            self._check_still_owned(db, run_id)
             db.execute(
                 f"INSERT INTO epochs (run_id, {', '.join(EPOCH_COLUMNS)}) "
                 f"VALUES (?, {placeholders})",
                 (run_id, *values),
             )
-            # The heartbeat that tells processes on other hosts this run is still alive.
             db.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", (_now(), run_id))
 
-    def save_weights(self, config_hash: str, state_dict: Mapping[str, torch.Tensor]) -> str:
-        """Write the weights beside the database (atomically) and return their relative path."""
+    def save_weights(
+        self, run_id: int, config_hash: str, state_dict: Mapping[str, torch.Tensor]
+    ) -> str:
+        """Write the run's final weights beside the database and return their path relative to
+        it. The file appears whole (written aside, then renamed) and only while the run is
+        still this process's (else :class:`RunLostError`, and nothing is replaced)."""
         self.weights_dir.mkdir(parents=True, exist_ok=True)
         target = self.weights_dir / f"{config_hash}.pt"
-        partial = target.with_suffix(f".{os.getpid()}.partial")
+        partial = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
         torch.save(dict(state_dict), partial)
-        os.replace(partial, target)
+        try:
+            with self._transaction("IMMEDIATE") as db:
+                self._check_still_owned(db, run_id)
+                os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
         return str(target.relative_to(self.path.parent))
 
     def finish(self, run_id: int, final: Mapping[str, Any], weights_path: str) -> None:
         """Mark the run finished with its final metrics (keys: ``FINAL_COLUMNS``;
-        ``diverged_at_epoch`` may be left out for a run that did not diverge)."""
+        ``diverged_at_epoch`` may be left out for a run that did not diverge).
+        :class:`RunLostError` when the run is no longer this process's."""
         final = {"diverged_at_epoch": None, **final}
         assignments = ", ".join(f"{column} = ?" for column in FINAL_COLUMNS)
         values = [_finite_or_none(final[column]) for column in FINAL_COLUMNS]
-        with self._transaction() as db:
+        with self._transaction("IMMEDIATE") as db:
+            self._check_still_owned(db, run_id)
             db.execute(
                 f"UPDATE runs SET status = 'finished', finished_at = ?, weights_path = ?, "
                 f"{assignments} WHERE id = ?",
                 (_now(), weights_path, *values, run_id),
             )
 
-    def fail(self, run_id: int, error: str) -> None:
+    def fail(self, run_id: int, error: str) -> bool:
+        """Mark the run failed with ``error``; ``False``, and nothing written, when the run is
+        no longer this process's (its new owner's outcome stands)."""
         with self._transaction() as db:
-            db.execute(
-                "UPDATE runs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
-                (error, _now(), run_id),
+            cursor = db.execute(
+                "UPDATE runs SET status = 'failed', error = ?, finished_at = ? "
+                "WHERE id = ? AND owner = ? AND status = 'running'",
+                (error, _now(), run_id, _this_process()),
             )
+            return cursor.rowcount == 1
 
     def record_sharpness(
         self,
