@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from flatminima.experiments.config import RunConfig
 from flatminima.experiments.data import DATASETS, Dataset, load_dataset
 from flatminima.experiments.models import build_model
-from flatminima.experiments.store import DEFAULT_STALE_AFTER_S, Store
+from flatminima.experiments.store import DEFAULT_STALE_AFTER_S, RunLostError, Store
 from flatminima.registry import get_method
 
 logger = logging.getLogger(__name__)
@@ -221,6 +221,9 @@ def _source_commit() -> str:
         ).stdout.strip()
 
     try:
+        # Installed inside some other project's checkout, the package is not tracked there:
+        # that checkout's commit would say nothing about this code.
+        git("ls-files", "--error-unmatch", str(Path(__file__).resolve()))
         commit = git("rev-parse", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", str(source))
     except (OSError, subprocess.SubprocessError):
@@ -258,7 +261,8 @@ def execute_run(
     stale_after_s: float = DEFAULT_STALE_AFTER_S,
 ) -> str:
     """Train ``config`` unless the database already holds it; returns ``"finished"`` or
-    ``"skipped"``. A failure is recorded as such and raised again. ``stale_after_s``: see
+    ``"skipped"`` (another process trains it, or took it over from this one). A failure is
+    recorded as such and raised again. ``stale_after_s``: see
     :meth:`Store.claim`."""
     spec = get_method(config.method)
     run_id = store.claim(
@@ -285,8 +289,12 @@ def execute_run(
                 on_epoch(metrics)
 
         outcome = train(config, data, on_epoch=record)
-        weights_path = store.save_weights(config.config_hash, outcome.state_dict)
+        weights_path = store.save_weights(run_id, config.config_hash, outcome.state_dict)
         store.finish(run_id, outcome.final, weights_path)
+    except RunLostError:
+        # Another process took the run over (this one looked dead to it): its outcome stands.
+        logger.warning("%s was taken over by another process: stopped", config.label)
+        return "skipped"
     except Exception as error:
         store.fail(run_id, f"{type(error).__name__}: {error}")
         raise
