@@ -141,14 +141,15 @@ class Arm:
         return len(self.runs) + len(self.failed)
 
     @property
-    def diverged(self) -> dict[int, int]:
-        """The epoch at which each diverged finished run stopped, by seed. A diverged run is
-        finished: its accuracy is that of its last (non-finite) weights and counts in the mean.
-        ``final`` has no ``diverged_at_epoch`` in databases older than the key."""
+    def diverged(self) -> dict[int, int | None]:
+        """The epoch at which each diverged finished run stopped, by seed (``None`` where a
+        database older than that record only shows a non-finite final loss: such a run trained
+        every epoch). A diverged run is finished: its accuracy is that of its last (non-finite)
+        weights and counts in the mean."""
         return {
-            run.config["seed"]: run.final["diverged_at_epoch"]
+            run.config["seed"]: run.final.get("diverged_at_epoch")
             for run in self.runs
-            if run.final.get("diverged_at_epoch") is not None
+            if run.diverged
         }
 
     @property
@@ -435,7 +436,10 @@ def _notes(arm: Arm) -> str:
         notes.append(f"{len(arm.failed)} of {arm.attempted} seeds failed")
     diverged = arm.diverged
     if diverged:
-        where = ", ".join(f"seed {seed} at epoch {epoch}" for seed, epoch in diverged.items())
+        where = ", ".join(
+            f"seed {seed} at epoch {epoch}" if epoch is not None else f"seed {seed}"
+            for seed, epoch in diverged.items()
+        )
         completed = len(arm.completed)
         cost = f"costs from the other {completed}" if completed else "no cost ratio: all diverged"
         notes.append(

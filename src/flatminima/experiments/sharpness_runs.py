@@ -332,12 +332,6 @@ def _label(config: RunConfig) -> str:
     return f"{config.label} [{config.config_hash[:8]}]"
 
 
-def run_diverged(run: RunRecord) -> bool:
-    """Whether a finished run's training diverged: recorded as such, or, in a database written
-    before that was recorded, its final test loss was not finite (stored as NULL)."""
-    return run.final.get("diverged_at_epoch") is not None or run.final["final_test_loss"] is None
-
-
 def _plan(
     store: Store,
     selected: list[RunRecord],
@@ -351,7 +345,7 @@ def _plan(
     tasks = []
     for run in selected:
         config = RunConfig(**run.config)
-        if run_diverged(run):
+        if run.diverged:
             summary.diverged.append(_label(config))
             continue
         weights = store.path.parent / run.weights_path if run.weights_path else None
