@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sqlite3
 import sys
@@ -117,9 +116,10 @@ def _add_storage_options(parser: argparse.ArgumentParser, db_default: str = DEFA
         type=float,
         default=DEFAULT_STALE_AFTER_S / 3600,
         metavar="HOURS",
-        help="take over a run that a process on another machine sharing the database left "
-        "running with no epoch recorded for this long (default: "
-        f"{DEFAULT_STALE_AFTER_S / 3600:g}; a dead process on this machine is noticed at once)",
+        help="take over a run that a process under another hostname (another container on "
+        "this machine, or the machine the database was copied from) left running with no "
+        f"epoch recorded for this long (default: {DEFAULT_STALE_AFTER_S / 3600:g}; inf: never; "
+        "a dead process under this hostname is noticed at once)",
     )
     parser.add_argument(
         "--data-dir",
@@ -377,7 +377,7 @@ def _run_and_summarize(configs: list[RunConfig], args: argparse.Namespace, jobs:
     """Check the data, run the grid, print what happened; the exit status."""
     _check_positive(jobs, "--jobs")
     _check_positive(args.threads, "--threads")
-    if not (math.isfinite(args.stale_after) and args.stale_after > 0):
+    if not args.stale_after > 0:  # inf: never take a run over; NaN fails this too
         raise ConfigError(
             f"--stale-after must be a positive number of hours, got {args.stale_after}"
         )
@@ -423,10 +423,14 @@ def command_run(args: argparse.Namespace) -> int:
     if run is not None and run.status == "finished":
         final = run.final
         diverged = final["diverged_at_epoch"]
-        epochs = config.epochs if diverged is None else f"{diverged} (diverged: stopped)"
+        epochs = (
+            f"{config.epochs} epochs"
+            if diverged is None
+            else f"{diverged} epochs (diverged: training stopped)"
+        )
         print(
             f"{config.label}: test accuracy {100 * final['final_test_accuracy']:.2f}% "
-            f"after {epochs} epochs, {final['passes']} forward/backward passes, "
+            f"after {epochs}, {final['passes']} forward/backward passes, "
             f"{final['train_time_s']:.1f} s (run {run.id}, weights {run.weights_path})"
         )
     return status

@@ -95,7 +95,7 @@ def _worker(rank: int, init_file: str, out_dir: str, method: str) -> None:
         # otherwise outlive the group and abort the process at exit ("terminate called
         # without an active exception", SIGABRT in about one run in six), goes first.
         dist.barrier()
-        del optimizer, ddp
+        optimizer = ddp = None  # the closure's reference too
         gc.collect()
     finally:
         dist.destroy_process_group()

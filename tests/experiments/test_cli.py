@@ -45,7 +45,7 @@ TINY_FLAGS = [
         (["demo", "--out", "{file}"], "--out must be a directory"),
         (["compare", "--methods", "sam", "--seeds", "3-1"], "range '3-1' is empty"),
         (["compare", "--methods", "sam", "--param", "rho=0.1", "--sweep", "rho=0.05,0.2"],
-         "rho is set more than once for sam"),
+         "rho is set more than once as NAME"),
         (["compare", "--methods", "sam", "--report", "{file}"], "--report must be a directory"),
         (["run", "--optimizer", "adamw", "--momentum", "0.5"], "adamw takes none"),
         (["run", "--stale-after", "0"], "--stale-after must be a positive number of hours"),

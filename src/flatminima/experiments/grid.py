@@ -100,21 +100,14 @@ def expand_grid(
     for assignment in fixed:
         if len(assignment.values) != 1:
             raise ConfigError(f"--param {assignment.name} takes one value; use --sweep for several")
-    for method in methods:
-        names = [a.name for a in [*fixed, *sweeps] if a.applies_to(method)]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ConfigError(
-                f"{', '.join(repeated)} is set more than once for {method} (by --param and/or "
-                "--sweep): give each hyperparameter one value or one sweep"
-            )
     arms: list[tuple[str, dict[str, str]]] = []
     for method in methods:
-        own_fixed = {a.name: a.values[0] for a in fixed if a.applies_to(method)}
-        own_sweeps = [a for a in sweeps if a.applies_to(method)]
+        chosen = _settings_of(method, fixed, sweeps)
+        fixed_values = {a.name: a.values[0] for a in chosen if a in fixed}
+        own_sweeps = [a for a in chosen if a not in fixed]
         for combination in itertools.product(*(a.values for a in own_sweeps)):
             swept = {a.name: value for a, value in zip(own_sweeps, combination, strict=True)}
-            arms.append((method, {**own_fixed, **swept}))
+            arms.append((method, {**fixed_values, **swept}))
     # Seeds outermost: an interrupted grid already holds complete paired comparisons.
     configs = [
         make_run_config(method=method, hyperparameters=overrides, seed=seed, **training)
@@ -122,6 +115,31 @@ def expand_grid(
         for method, overrides in arms
     ]
     return unique_configs(configs)
+
+
+def _settings_of(
+    method: str, fixed: Sequence[Assignment], sweeps: Sequence[Assignment]
+) -> list[Assignment]:
+    """The settings (fixed or swept) that apply to ``method``, one per hyperparameter: one
+    naming the method (``sam:rho=0.1``) overrides one for every method (``rho=0.05``), in any
+    order; two at the same level are an error rather than a silent choice."""
+    chosen: dict[str, Assignment] = {}
+    for specific in (False, True):
+        level = [
+            a
+            for a in [*fixed, *sweeps]
+            if a.applies_to(method) and (a.method is not None) == specific
+        ]
+        names = [a.name for a in level]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            given = f"{method}:NAME" if specific else "NAME"
+            raise ConfigError(
+                f"{', '.join(repeated)} is set more than once as {given} (by --param and/or "
+                f"--sweep) for {method}: give each hyperparameter one value or one sweep"
+            )
+        chosen.update({a.name: a for a in level})
+    return list(chosen.values())
 
 
 def get_method_or_error(method: str) -> None:
