@@ -1,7 +1,7 @@
 """The ``flatminima`` command: train, compare, measure sharpness, report, and the demo that does
 all of them.
 
-    flatminima demo                                   # the main job, ~10 minutes on 2 cores
+    flatminima demo                                   # the main job, 3-6 minutes on 2 cores
     flatminima run --method sam --param rho=0.1 --label-noise 0.4 --seed 0
     flatminima compare --methods sgd,sam --sweep rho=0.05,0.1,0.2 --seeds 0-2 --jobs 2
     flatminima sharpness --db flatminima.db --landscape --jobs 2
