@@ -135,14 +135,11 @@ def _set_heartbeat(db_path: Path, hours_ago: float) -> None:
 
 
 def _set_owner_elsewhere(db_path: Path, heartbeat_hours_ago: float) -> None:
-    """Pretend a process on another machine sharing the file owns the run."""
-    heartbeat = datetime.now(timezone.utc) - timedelta(hours=heartbeat_hours_ago)
+    """Pretend a process under another hostname (another container) owns the run."""
+    _set_heartbeat(db_path, hours_ago=heartbeat_hours_ago)
     connection = sqlite3.connect(db_path)
     with connection:
-        connection.execute(
-            "UPDATE runs SET owner = 'some-other-host:12345', heartbeat_at = ?",
-            (heartbeat.isoformat(timespec="seconds"),),
-        )
+        connection.execute("UPDATE runs SET owner = 'some-other-host:12345'")
     connection.close()
 
 
