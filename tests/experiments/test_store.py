@@ -67,10 +67,7 @@ def test_a_run_left_running_by_a_dead_process_is_redone_from_scratch(db_path: Pa
         run_id = store.claim("abc", CONFIG, {}, 1)
         store.record_epoch(run_id, EPOCH)
     # Pretend a process that has exited owned it (a crash or a kill mid-run).
-    connection = sqlite3.connect(db_path)
-    with connection:
-        connection.execute("UPDATE runs SET owner = ?", (f"{_host()}:{_dead_pid()}",))
-    connection.close()
+    _edit(db_path, "UPDATE runs SET owner = ?", (f"{_host()}:{_dead_pid()}",))
     with Store(db_path) as store:
         assert store.claim("abc", CONFIG, {}, 1) == run_id
         [run] = store.runs()
@@ -84,10 +81,7 @@ def test_a_run_owned_by_a_live_process_is_left_alone(db_path: Path) -> None:
         with Store(db_path) as store:
             run_id = store.claim("abc", CONFIG, {}, 1)
             store.record_epoch(run_id, EPOCH)
-        connection = sqlite3.connect(db_path)
-        with connection:
-            connection.execute("UPDATE runs SET owner = ?", (f"{_host()}:{sleeper.pid}",))
-        connection.close()
+        _edit(db_path, "UPDATE runs SET owner = ?", (f"{_host()}:{sleeper.pid}",))
         with Store(db_path) as store:
             assert store.claim("abc", CONFIG, {}, 1) is None
             assert len(store.epochs(run_id)) == 1
@@ -124,23 +118,23 @@ def test_readers_see_committed_rows_while_a_writer_is_open(db_path: Path) -> Non
     reader.close()
 
 
-def _set_heartbeat(db_path: Path, hours_ago: float) -> None:
-    heartbeat = datetime.now(timezone.utc) - timedelta(hours=hours_ago)
+def _edit(db_path: Path, statement: str, parameters: tuple = ()) -> None:
+    """Change the file behind the store's back, as another process would."""
     connection = sqlite3.connect(db_path)
     with connection:
-        connection.execute(
-            "UPDATE runs SET heartbeat_at = ?", (heartbeat.isoformat(timespec="seconds"),)
-        )
+        connection.execute(statement, parameters)
     connection.close()
+
+
+def _set_heartbeat(db_path: Path, hours_ago: float) -> None:
+    heartbeat = datetime.now(timezone.utc) - timedelta(hours=hours_ago)
+    _edit(db_path, "UPDATE runs SET heartbeat_at = ?", (heartbeat.isoformat(timespec="seconds"),))
 
 
 def _set_owner_elsewhere(db_path: Path, heartbeat_hours_ago: float) -> None:
     """Pretend a process under another hostname (another container) owns the run."""
     _set_heartbeat(db_path, hours_ago=heartbeat_hours_ago)
-    connection = sqlite3.connect(db_path)
-    with connection:
-        connection.execute("UPDATE runs SET owner = 'some-other-host:12345'")
-    connection.close()
+    _edit(db_path, "UPDATE runs SET owner = 'some-other-host:12345'")
 
 
 def test_a_run_on_another_host_is_left_alone_while_its_heartbeat_is_fresh(db_path: Path) -> None:
@@ -173,10 +167,7 @@ def test_every_epoch_refreshes_the_heartbeat(db_path: Path) -> None:
     _set_heartbeat(db_path, hours_ago=3)
     with Store(db_path) as store:
         store.record_epoch(run_id, EPOCH)  # its heartbeat is now
-    connection = sqlite3.connect(db_path)
-    with connection:
-        connection.execute("UPDATE runs SET owner = 'some-other-host:12345'")
-    connection.close()
+    _edit(db_path, "UPDATE runs SET owner = 'some-other-host:12345'")
     with Store(db_path) as store:
         assert store.claim("abc", CONFIG, {}, 1) is None
 
@@ -186,11 +177,8 @@ def test_a_run_taken_over_is_no_longer_written_by_its_old_owner(db_path: Path) -
     with Store(db_path) as store:
         run_id = store.claim("abc", CONFIG, {}, 1)
         store.record_epoch(run_id, EPOCH)
-    connection = sqlite3.connect(db_path)
-    with connection:
-        connection.execute("UPDATE runs SET owner = 'some-other-host:12345', attempts = 2")
-        connection.execute("DELETE FROM epochs")
-    connection.close()
+    _edit(db_path, "UPDATE runs SET owner = 'some-other-host:12345', attempts = 2")
+    _edit(db_path, "DELETE FROM epochs")
     with Store(db_path) as store:
         with pytest.raises(RunLostError):
             store.record_epoch(run_id, {**EPOCH, "epoch": 2})
