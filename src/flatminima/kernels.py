@@ -214,6 +214,29 @@ def sqrt_(tensors: TensorList, *, foreach: bool) -> None:
             t.sqrt_()
 
 
+def root_one_plus_scaled_square_(
+    out: TensorList, tensors: TensorList, scale: float, *, foreach: bool
+) -> None:
+    """out ← √(1 + scale·t²) for every tensor: Fisher SAM's √f.
+
+    float16 tensors are squared in float32, one at a time: in float16 t² overflows to inf for
+    |t| > 256, which would make f infinite and silently drop that coordinate from the norm.
+    The result itself fits float16 as long as |t|·√scale does.
+    """
+    half = [i for i, t in enumerate(tensors) if t.dtype == torch.float16]
+    for i in half:
+        wide = tensors[i].float()
+        out[i].copy_(wide.mul_(wide).mul_(scale).add_(1.0).sqrt_())
+    skip = set(half)
+    rest_out = [o for i, o in enumerate(out) if i not in skip]
+    rest = [t for i, t in enumerate(tensors) if i not in skip]
+    copy_(rest_out, rest, foreach=foreach)
+    mul_(rest_out, rest, foreach=foreach)  # t²
+    scale_(rest_out, scale, foreach=foreach)
+    add_scalar_(rest_out, 1.0, foreach=foreach)  # 1 + scale·t²
+    sqrt_(rest_out, foreach=foreach)
+
+
 def zero_(tensors: TensorList, *, foreach: bool) -> None:
     """t ← 0 for every tensor (also clears inf and NaN, which multiplying by 0 would not)."""
     if not tensors:

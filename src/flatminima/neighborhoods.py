@@ -119,11 +119,9 @@ class FisherEllipsoid:
         roots = []
         for view in views:
             root = view.scratch_or_new()
-            kernels.copy_(root, view.grads, foreach=foreach)
-            kernels.mul_(root, view.grads, foreach=foreach)  # g²
-            kernels.scale_(root, float(view.hyperparameters["eta"]), foreach=foreach)
-            kernels.add_scalar_(root, 1.0, foreach=foreach)  # f = 1 + η g²
-            kernels.sqrt_(root, foreach=foreach)
+            kernels.root_one_plus_scaled_square_(
+                root, view.grads, float(view.hyperparameters["eta"]), foreach=foreach
+            )  # √f = √(1 + η g²)
             kernels.div_(view.grads, root, foreach=foreach)  # v = g/√f
             roots.append(root)
         norm = kernels.global_norm(all_grads(views), foreach=foreach)  # √(gᵀF⁻¹g)

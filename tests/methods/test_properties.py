@@ -424,3 +424,19 @@ def test_tilted_sam_step_level_hyperparameters_must_agree_across_groups():
     optimizer = flatminima.TiltedSAM(torch.optim.SGD(model[0].parameters(), lr=0.1))
     with pytest.raises(ValueError, match="num_samples"):
         optimizer.add_param_group({"params": list(model[2].parameters()), "num_samples": 5})
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_fisher_sam_in_float16_keeps_a_large_gradient_coordinate(foreach: bool) -> None:
+    # In float16 g² overflows beyond |g| = 256: f would be inf, that coordinate would drop out
+    # of the norm and inflate every other one (by 73% here). √f is built in float32 instead.
+    gradient = torch.tensor([300.0, 1.0, 0.01, 0.001], dtype=torch.float64)
+    fisher = 1 + gradient**2
+    expected = 0.1 * (gradient / fisher) / (gradient**2 / fisher).sum().sqrt()
+    weight = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    optimizer = flatminima.FisherSAM(
+        torch.optim.SGD([weight], lr=0.1), rho=0.1, eta=1.0, foreach=foreach
+    )
+    weight.grad = gradient.to(torch.float16)
+    optimizer.first_step()
+    torch.testing.assert_close(weight.detach().double(), expected, rtol=2e-3, atol=1e-6)

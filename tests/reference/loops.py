@@ -72,14 +72,16 @@ def fisher_sam_step(weights, grad_fn: GradFn, base: ReferenceSGD, *, rho, eta):
 
 
 def monge_sam_step(weights, grad_fn: GradFn, base: ReferenceSGD, *, rho):
-    """δ = ρ·G⁻¹g/√(gᵀG⁻¹g) with G = I + ggᵀ, written with G⁻¹ = I − ggᵀ/(1+‖g‖²)."""
+    """δ = ρ·G⁻¹g/(√(gᵀG⁻¹g) + ξ) with the Monge metric G = I + ggᵀ, G⁻¹g found by solving
+    the dense linear system on the flattened gradient (no closed form: the library uses one)."""
     _, g = grad_fn(weights)
-    n2 = norm(g) ** 2
-    g_inv_g = [gi - gi * n2 / (1 + n2) for gi in g]  # G⁻¹g
-    quadratic = sum(float((gi * hi).sum()) for gi, hi in zip(g, g_inv_g, strict=True))
-    # √(gᵀG⁻¹g) = ‖g‖/√(1+‖g‖²); the library adds ξ to ‖g‖ as SAM does.
-    scale = rho / ((math.sqrt(n2) + XI) / math.sqrt(1 + n2)) if quadratic > 0 else 0.0
-    eps = [scale * hi for hi in g_inv_g]
+    flat = torch.cat([gi.reshape(-1) for gi in g])
+    metric = torch.eye(len(flat), dtype=flat.dtype) + torch.outer(flat, flat)
+    solved = torch.linalg.solve(metric, flat)  # G⁻¹g
+    quadratic = float(flat @ solved)
+    scale = rho / (math.sqrt(quadratic) + XI) if quadratic > 0 else 0.0
+    pieces = solved.split([gi.numel() for gi in g])
+    eps = [scale * hi.reshape(gi.shape) for gi, hi in zip(g, pieces, strict=True)]
     _, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
     return base.step(weights, g_tilde)
 

@@ -28,7 +28,10 @@ class ASAM(SharpnessAwareOptimizer):
     paper   argument    meaning
     ======  ==========  =============================================================
     ρ       ``rho``     radius of the adaptive ball; default 0.5, the CIFAR-10 value of
-                        the official README (1.0 for CIFAR-100)
+                        the official README (1.0 for CIFAR-100), tuned there with η = 0
+                        and T = 1 on the parameters whose name lacks "weight"; here T
+                        covers every parameter, so biases and norm shifts move less at
+                        the same ρ
     η       ``eta``     offset keeping T invertible; default 0.01, the default of the
                         official ``ASAM`` class (its CIFAR script passes 0.0)
     ======  ==========  =============================================================

@@ -27,7 +27,8 @@ class SAM(SharpnessAwareOptimizer):
     paper   argument    meaning
     ======  ==========  =============================================================
     ρ       ``rho``     radius of the Euclidean ball; default 0.05, the CIFAR-10 value
-                        of google-research/sam's README (0.1 for CIFAR-100)
+                        of google-research/sam's README (0.1 for CIFAR-100 in the
+                        SamsungLabs/ASAM README's commands)
     ======  ==========  =============================================================
 
     Args:
