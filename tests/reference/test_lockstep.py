@@ -88,7 +88,8 @@ def lockstep_deviation(cls, hyperparameters, make_reference, foreach=True) -> fl
 
         optimizer.step(closure)
         step_deviation = max(
-            float((p.detach() - w).abs().max()) for p, w in zip(model.parameters(), weights, strict=True)
+            float((p.detach() - w).abs().max())
+            for p, w in zip(model.parameters(), weights, strict=True)
         )
         worst = max(worst, step_deviation)
     return worst
