@@ -227,9 +227,11 @@ def root_one_plus_scaled_square_(
     for i in half:
         wide = tensors[i].float()
         out[i].copy_(wide.mul_(wide).mul_(scale).add_(1.0).sqrt_())
-    skip = set(half)
-    rest_out = [o for i, o in enumerate(out) if i not in skip]
-    rest = [t for i, t in enumerate(tensors) if i not in skip]
+    rest_out, rest = list(out), list(tensors)
+    if half:
+        skip = set(half)
+        rest_out = [o for i, o in enumerate(out) if i not in skip]
+        rest = [t for i, t in enumerate(tensors) if i not in skip]
     copy_(rest_out, rest, foreach=foreach)
     mul_(rest_out, rest, foreach=foreach)  # t²
     scale_(rest_out, scale, foreach=foreach)
