@@ -130,6 +130,17 @@ def _add_storage_options(parser: argparse.ArgumentParser, db_default: str = DEFA
     )
 
 
+def _seed_count(text: str) -> int:
+    """The demo's --seeds: a count, where `compare` takes a list or range (say so if given one)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"demo takes a number of seeds (3 runs seeds 0, 1 and 2), got {text!r}; "
+            "`flatminima compare --seeds` takes lists and ranges"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="flatminima",
@@ -146,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_parser.add_argument(
         "--seeds",
-        type=int,
+        type=_seed_count,
         default=demo.DEMO_SEEDS,
-        help=f"number of seeds (default: {demo.DEMO_SEEDS})",
+        metavar="N",
+        help=f"how many seeds: N runs seeds 0 to N-1 (default: {demo.DEMO_SEEDS})",
     )
     demo_parser.add_argument(
         "--epochs",

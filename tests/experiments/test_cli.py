@@ -42,6 +42,7 @@ TINY_FLAGS = [
         (["compare", "--methods", "sam", "--jobs", "0"], "--jobs must be >= 1"),
         (["demo", "--seeds", "0"], "--seeds must be >= 1"),
         (["demo", "--epochs", "0"], "--epochs must be >= 1"),
+        (["demo", "--seeds", "0-1"], "demo takes a number of seeds"),
         (["demo", "--out", "{file}"], "--out must be a directory"),
         (["compare", "--methods", "sam", "--seeds", "3-1"], "range '3-1' is empty"),
         (["compare", "--methods", "sam", "--param", "rho=0.1", "--sweep", "rho=0.05,0.2"],
@@ -151,6 +152,8 @@ def test_compare_runs_a_sweep_and_writes_the_report(
     assert "6 run(s): 6 trained" in output
     assert (out / "report.md").exists()
     assert "accuracy_vs_rho.png" in output
+    # Two SAM arms: the terminal says which one each Δ vs sam is against.
+    assert "Δ vs sam: against the sam arm with the same values" in output
     counts = sqlite3.connect(db_path).execute(
         "SELECT method, COUNT(*) FROM runs GROUP BY method ORDER BY method"
     )

@@ -3,6 +3,7 @@ its plots valid; databases from before the sharpness table still report."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -109,14 +110,34 @@ def test_rank_correlations_are_scipys_over_the_measured_runs(
     markdown = write_report(measured_db, tmp_path / "out").markdown_path.read_text()
     assert "Spearman rank correlation with final test accuracy" in markdown
     for metric, correlation in correlations.items():
-        expected = stats.spearmanr(
-            [row[metric] for row in rows], [row["final_test_accuracy"] for row in rows]
-        )
+        sharpness = [row[metric] for row in rows]
+        accuracy = [row["final_test_accuracy"] for row in rows]
+        expected = stats.spearmanr(sharpness, accuracy)
         assert correlation.n == len(rows) == 6
         assert correlation.coefficient == pytest.approx(expected.statistic, abs=1e-12)
-        assert correlation.p_value == pytest.approx(expected.pvalue, rel=1e-9)
+        # Six runs: the exact p-value over all 720 pairings.
+        assert correlation.p_value == pytest.approx(_exact_p(sharpness, accuracy), rel=1e-9)
         cells = _cells(markdown, "Spearman rank correlation", correlation.name)
         assert cells[1:] == [f"{correlation.coefficient:+.2f}", f"{correlation.p_value:.2g}", "6"]
+
+
+def _exact_p(x: list[float], y: list[float]) -> float:
+    """Brute force with SciPy's coefficient: the share of all pairings of x with y at least as
+    correlated, in absolute value, as the observed one."""
+    observed = abs(stats.spearmanr(x, y).statistic)
+    pairings = list(itertools.permutations(y))
+    extreme = sum(abs(stats.spearmanr(x, p).statistic) >= observed - 1e-12 for p in pairings)
+    return extreme / len(pairings)
+
+
+def test_spearman_p_value_is_exact_for_few_runs() -> None:
+    # A perfect ranking of n runs: only it and its reverse reach |ρ| = 1, p = 2/n!.
+    assert spearman([1.0, 2.0, 3.0, 4.0], [0.1, 0.5, 0.7, 0.9]) == (1.0, pytest.approx(2 / 24))
+    assert spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == (-1.0, pytest.approx(2 / 6))
+    rng = np.random.default_rng(0)
+    for n in (5, 6, 7):
+        x, y = rng.normal(size=n), rng.normal(size=n)
+        assert spearman(x, y)[1] == pytest.approx(_exact_p(list(x), list(y)), rel=1e-9)
 
 
 def test_spearman_handles_ties_and_undefined_cases() -> None:
@@ -127,7 +148,7 @@ def test_spearman_handles_ties_and_undefined_cases() -> None:
     expected = stats.spearmanr(x, y)
     assert coefficient == pytest.approx(expected.statistic, abs=1e-12)
     assert p_value == pytest.approx(expected.pvalue, rel=1e-9)
-    assert spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == (-1.0, 0.0)
+    assert spearman(list(range(10)), list(range(10, 0, -1))) == (-1.0, 0.0)  # t approx.
     assert all(math.isnan(v) for v in spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
     assert all(math.isnan(v) for v in spearman([1.0, 2.0], [1.0, 2.0]))
     with pytest.raises(ValueError, match="same length"):

@@ -27,6 +27,7 @@ point per run) and, where measured, the 1-D loss landscape of each arm's first s
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -588,10 +589,18 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
+EXACT_SPEARMAN_UP_TO = 8
+"""Up to this many pairs the p-value is exact, over all n! pairings (40,320 at n = 8): the
+Student-t approximation is poor for few runs (it gives p = 0 to a perfect ranking of 4 runs,
+whose exact p is 2/24)."""
+
+
 def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
-    """Spearman's rank correlation of ``x`` and ``y`` and its two-sided p-value (Student-t
-    approximation with n − 2 degrees of freedom, as ``scipy.stats.spearmanr``); NaN when it is
-    undefined (fewer than three pairs, or a constant sequence)."""
+    """Spearman's rank correlation of ``x`` and ``y`` and its two-sided p-value: exact (the
+    share of all pairings of x with y whose |ρ| is at least the observed one) up to
+    ``EXACT_SPEARMAN_UP_TO`` pairs, beyond that the Student-t approximation with n − 2 degrees
+    of freedom, as ``scipy.stats.spearmanr``. NaN when it is undefined (fewer than three
+    pairs, or a constant sequence)."""
     if len(x) != len(y):
         raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
     if len(x) < 3:
@@ -602,6 +611,11 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     if denominator == 0:
         return math.nan, math.nan
     coefficient = float(rx @ ry) / denominator
+    if len(x) <= EXACT_SPEARMAN_UP_TO:
+        pairings = np.array(list(itertools.permutations(range(len(x)))))
+        null = (ry[pairings] @ rx) / denominator
+        # A small tolerance: the observed pairing must count itself despite rounding.
+        return coefficient, float(np.mean(np.abs(null) >= abs(coefficient) - 1e-12))
     if abs(coefficient) >= 1.0:
         return coefficient, 0.0
     t = coefficient * math.sqrt((len(x) - 2) / (1 - coefficient**2))
@@ -956,9 +970,10 @@ probes' standard error is in the database), worst-case sharpness the mean over b
 max over ‖ε‖₂ ≤ ρ of L(w + ε) − L(w) (projected ascent); all are in the database's `sharpness`
 table with the settings used. The Spearman coefficient ranks every measured run of the setting
 together, whatever its method or seed: negative means the sharper runs had the lower test
-accuracy. Its p-value (Student-t approximation) is per measure and not corrected for testing
-six of them; with a handful of runs, and methods that differ in more than flatness, it
-describes these runs, it does not show that flatness causes accuracy. The landscape is the
+accuracy. Its p-value (exact over all pairings up to 8 runs, Student-t beyond) is per
+measure and not corrected for testing six of them; with a handful of runs, and methods that
+differ in more than flatness, it describes these runs, it does not show that flatness causes
+accuracy. The landscape is the
 training loss along one random filter-normalised direction (Li et al., 2018) through each
 arm's first measured seed, the same random draw for every arm."""
 
@@ -1045,6 +1060,15 @@ def write_report(db_path: str | Path, out_dir: str | Path) -> Report:
         markdown += [f"- {line}" for line in hyperparameters] + [""]
         text += [setting.title, setting.training, "", text_table(TABLE_HEADERS, rows), ""]
         text += ["hyperparameters:", *(f"  {line}" for line in hyperparameters), ""]
+        if len(setting.arms_of(REFERENCE_METHOD)) > 1:
+            # Several SAM arms (a ρ sweep): say which one each Δ is against, here and not
+            # only in the notes at the end of the markdown.
+            pairing = (
+                f"Δ vs {REFERENCE_METHOD}: against the {REFERENCE_METHOD} arm with the same "
+                f"values of the hyperparameters both take (the same ρ); — where none matches."
+            )
+            markdown += [pairing, ""]
+            text += [pairing, ""]
         failures = failure_lines(setting)
         if failures:
             markdown += ["Failed runs (in no statistic):", ""]

@@ -353,8 +353,8 @@ class _ProgressBars:
         self.slots[slot].update(1)
 
     def end(self, slot: int) -> None:
+        # The slot's bar keeps the finished run's label at 100% until its next run starts.
         self.overall.update(1)
-        self.slots[slot].set_description("idle")
 
     def close(self) -> None:
         for bar in self.slots:
