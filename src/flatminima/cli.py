@@ -586,7 +586,6 @@ def command_sharpness(args: argparse.Namespace) -> int:
     )
     _check_positive(args.jobs, "--jobs")
     _check_output_directory(args.out, "--out")
-    Store(args.db, create=False).close()  # a missing or foreign file: one line, before any work
     methods = (
         [name for text in args.methods for name in parse_list(text, "--methods")]
         if args.methods
@@ -623,7 +622,6 @@ def _print_report(db: Path, out: Path) -> None:
 
 def command_report(args: argparse.Namespace) -> int:
     _check_output_directory(args.out, "--out")
-    Store(args.db, create=False).close()  # a missing or foreign file: one line, not a new one
     _print_report(args.db, args.out)
     return 0
 

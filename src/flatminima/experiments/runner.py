@@ -12,6 +12,7 @@ only draws the progress bars.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import multiprocessing
@@ -206,9 +207,11 @@ def model_from_weights(config: RunConfig, weights_path: str | Path) -> nn.Module
     return model.eval()
 
 
+@functools.cache
 def _source_commit() -> str:
     """The git commit flatminima runs from (``+dirty`` with uncommitted changes), or
-    ``unknown`` outside a checkout: a version number alone does not pin a development tree."""
+    ``unknown`` outside a checkout: a version number alone does not pin a development tree.
+    Asked of git once per process: the code a process runs was read when it started."""
     source = Path(__file__).resolve().parent
 
     def git(*arguments: str) -> str:

@@ -322,23 +322,17 @@ class Store:
         program, by reading only: such a file is left exactly as it was."""
         # One read transaction: the version and the tables of the same moment (another
         # process may be creating the schema right now).
-        with self._transaction():
-            self._refuse_in_snapshot()
-
-    def _refuse_in_snapshot(self) -> None:
-        version = self._schema_version()
+        with self._transaction() as db:
+            version = self._schema_version()
+            tables = [
+                row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            ]
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} was written by a newer flatminima (schema version {version}); "
                 f"this one reads versions up to {SCHEMA_VERSION}"
             )
         if version == 0:
-            tables = [
-                row[0]
-                for row in self._connection.execute(
-                    "SELECT name FROM sqlite_master WHERE type = 'table'"
-                )
-            ]
             if tables:
                 raise StoreError(
                     f"{self.path} is an SQLite database of something else (tables: "
@@ -534,13 +528,16 @@ class Store:
     def fail(self, run_id: int, error: str) -> bool:
         """Mark the run failed with ``error``; ``False``, and nothing written, when the run is
         no longer this process's (its new owner's outcome stands)."""
-        with self._transaction() as db:
-            cursor = db.execute(
-                "UPDATE runs SET status = 'failed', error = ?, finished_at = ? "
-                "WHERE id = ? AND owner = ? AND status = 'running'",
-                (error, _now(), run_id, _this_process()),
+        with self._transaction("IMMEDIATE") as db:
+            try:
+                self._check_still_owned(db, run_id)
+            except RunLostError:
+                return False
+            db.execute(
+                "UPDATE runs SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
+                (error, _now(), run_id),
             )
-            return cursor.rowcount == 1
+            return True
 
     def record_sharpness(
         self,
