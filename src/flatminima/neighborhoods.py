@@ -15,6 +15,7 @@ import math
 from typing import Protocol
 
 import torch
+from torch import Tensor
 
 from flatminima import kernels
 from flatminima.groups import GroupView, all_grads
@@ -40,6 +41,18 @@ def _zero_all(views: list[GroupView], *, foreach: bool) -> None:
     kernels.zero_(all_grads(views), foreach=foreach)
 
 
+def _scale_to_radius_(
+    views: list[GroupView], norm: float, norm_tensor: Tensor, xi: float, *, foreach: bool
+) -> None:
+    """d ← ρ·d/(D + ξ) in every view, with the view's group's ρ and the global normaliser D
+    (a float in eager mode, a traced tensor under ``torch.compile``: see
+    :func:`kernels.traced_factor`)."""
+    for view in views:
+        rho = float(view.hyperparameters["rho"])
+        factor = kernels.traced_factor(rho, norm + xi, norm_tensor + xi)
+        kernels.scale_(view.grads, factor, foreach=foreach)
+
+
 class EuclideanBall:
     """ε = ρ·d / (‖d‖ + ξ): SAM's ball, M = I (Foret et al. 2021, eq. 2).
 
@@ -52,13 +65,7 @@ class EuclideanBall:
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
-        for view in views:
-            scale = kernels.traced_factor(
-                float(view.hyperparameters["rho"]),
-                norm + GRADIENT_NORM_EPSILON,
-                norm_tensor + GRADIENT_NORM_EPSILON,
-            )
-            kernels.scale_(view.grads, scale, foreach=foreach)
+        _scale_to_radius_(views, norm, norm_tensor, GRADIENT_NORM_EPSILON, foreach=foreach)
 
 
 class MongeBall:
@@ -109,12 +116,7 @@ class AdaptiveEllipsoid:
             return
         for view, scale in zip(views, scales, strict=True):
             kernels.mul_(view.grads, scale, foreach=foreach)  # T² d
-            factor = kernels.traced_factor(
-                float(view.hyperparameters["rho"]),
-                norm + ASAM_NORM_EPSILON,
-                norm_tensor + ASAM_NORM_EPSILON,
-            )
-            kernels.scale_(view.grads, factor, foreach=foreach)
+        _scale_to_radius_(views, norm, norm_tensor, ASAM_NORM_EPSILON, foreach=foreach)
 
 
 class FisherEllipsoid:
@@ -139,10 +141,4 @@ class FisherEllipsoid:
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
-        for view in views:
-            scale = kernels.traced_factor(
-                float(view.hyperparameters["rho"]),
-                norm + GRADIENT_NORM_EPSILON,
-                norm_tensor + GRADIENT_NORM_EPSILON,
-            )
-            kernels.scale_(view.grads, scale, foreach=foreach)
+        _scale_to_radius_(views, norm, norm_tensor, GRADIENT_NORM_EPSILON, foreach=foreach)
