@@ -6,10 +6,12 @@ all of them.
     flatminima compare --methods sgd,sam --sweep rho=0.05,0.1,0.2 --seeds 0-2 --jobs 2
     flatminima sharpness --db flatminima.db --landscape --jobs 2
     flatminima report --db flatminima.db --out flatminima-report
+    flatminima forget 3f2a --db flatminima.db          # a run, its rows and weights (or --failed)
     flatminima methods                                # every method and its hyperparameters
 
 Bad input ends with one line naming the argument and what it accepts, exit status 2, before
-anything is written to the database.
+anything is written to the database. Exit status 1: a run failed, or the grid stopped (a full
+disk); 3: the grid is incomplete because another process still trains some of its runs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import sqlite3
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -33,12 +36,14 @@ from flatminima.experiments.config import (
 )
 from flatminima.experiments.data import DatasetUnavailableError, check_dataset
 from flatminima.experiments.grid import Assignment, expand_grid, parse_list, parse_seeds
-from flatminima.experiments.runner import GridSummary, run_grid
+from flatminima.experiments.runner import GridSummary, WeightsFileError, run_grid
 from flatminima.experiments.store import DEFAULT_STALE_AFTER_S, Store, StoreError
 from flatminima.registry import get_method, method_names
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
+EXIT_INCOMPLETE = 3
+"""Nothing failed, but runs of the grid are still being trained by another process."""
 DEFAULT_DB = "flatminima.db"
 DEFAULT_REPORT_DIR = "flatminima-report"
 
@@ -269,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"directory for report.md and the plots (default: {DEFAULT_REPORT_DIR})",
     )
 
+    forget = commands.add_parser(
+        "forget",
+        help="delete runs from the database: their rows, sharpness and weights",
+        description="Delete each named run (a configuration hash or a unique prefix of one) "
+        "with its epochs, sharpness measurements and weights file, or with --failed every "
+        "failed run; the next `compare` of its configuration trains it again.",
+    )
+    forget.add_argument("runs", nargs="*", metavar="RUN", help="configuration hashes or prefixes")
+    forget.add_argument("--failed", action="store_true", help="every failed run")
+    forget.add_argument(
+        "--db", type=Path, default=Path(DEFAULT_DB), help=f"(default: {DEFAULT_DB})"
+    )
+
     commands.add_parser("methods", help="every registered method, its hyperparameters and cost")
     return parser
 
@@ -405,7 +423,9 @@ def _run_and_summarize(configs: list[RunConfig], args: argparse.Namespace, jobs:
         stale_after_s=args.stale_after * 3600,
     )
     _print_summary(summary, args.db)
-    return EXIT_RUN_FAILED if summary.failed else 0
+    if summary.failed or summary.stopped:
+        return EXIT_RUN_FAILED
+    return 0 if summary.complete else EXIT_INCOMPLETE
 
 
 def _print_summary(summary: GridSummary, db: Path) -> None:
@@ -417,6 +437,14 @@ def _print_summary(summary: GridSummary, db: Path) -> None:
     print(f"{summary.total} run(s): " + ", ".join(parts))
     for failure in summary.failed:
         print(f"  failed: {failure}", file=sys.stderr)
+    if summary.stopped:
+        print(f"flatminima: grid stopped: {summary.stopped}", file=sys.stderr)
+    elif summary.skipped and not summary.failed:
+        print(
+            f"flatminima: the grid is incomplete: {summary.skipped} run(s) are being trained "
+            "by another process; run the same command again when it ends",
+            file=sys.stderr,
+        )
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -546,7 +574,7 @@ def _measure_and_summarize(
         print(f"  failed: {failure}", file=sys.stderr)
     with Store(args.db) as store:
         selected = select_runs(store, runs, methods)
-        rows = store.sharpness()
+        rows = store.sharpness(asdict(settings))
     measured = [run for run in selected if run.config_hash in rows]
     if measured:
         print()
@@ -595,14 +623,17 @@ def command_sharpness(args: argparse.Namespace) -> int:
         args, settings, runs=args.runs, methods=methods, landscape=args.landscape, force=args.force
     )
     if args.landscape:
-        from flatminima.experiments.report import summarize, write_landscape
+        from flatminima.experiments.report import measurement_views, summarize, write_landscape
 
         with Store(args.db) as store:
             settings_measured = summarize(store)
         print()
         for setting in settings_measured:
-            for path in write_landscape(setting, args.out / setting.slug):
-                print(f"landscape: {path}")
+            for view in measurement_views(setting):
+                if view.sharpness_settings != asdict(settings):
+                    continue  # another measurement's landscapes
+                for path in write_landscape(view, args.out / view.slug):
+                    print(f"landscape: {path}")
     print(f"\n`flatminima report --db {args.db}` shows them beside test accuracy.")
     return status
 
@@ -626,6 +657,34 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_forget(args: argparse.Namespace) -> int:
+    if bool(args.runs) == args.failed:
+        raise ConfigError("forget takes RUN hashes or --failed (one of the two)")
+    with Store(args.db, create=False) as store:
+        everything = store.runs()
+        if args.failed:
+            chosen = [run for run in everything if run.status == "failed"]
+        else:
+            chosen = []
+            for name in args.runs:
+                matches = [run for run in everything if run.config_hash.startswith(name.strip())]
+                if not name.strip() or len(matches) != 1:
+                    found = "no run" if not matches else f"{len(matches)} runs"
+                    raise ConfigError(
+                        f"RUN {name!r} matches {found} in {args.db}: give a configuration hash "
+                        "or a unique prefix of one (`flatminima report` lists them)"
+                    )
+                chosen += matches
+    if not chosen:
+        print(f"no failed run in {args.db}")
+        return 0
+    with Store(args.db) as store:
+        for run in chosen:
+            store.forget(run.config_hash)
+            print(f"forgot {run.config_hash} ({RunConfig(**run.config).label}, {run.status})")
+    return 0
+
+
 def command_methods(args: argparse.Namespace) -> int:
     for name in method_names():
         spec = get_method(name)
@@ -641,6 +700,7 @@ COMMANDS = {
     "compare": command_compare,
     "sharpness": command_sharpness,
     "report": command_report,
+    "forget": command_forget,
     "methods": command_methods,
 }
 
@@ -656,16 +716,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DatasetUnavailableError, FileNotFoundError, StoreError) as error:
         print(f"flatminima {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (sqlite3.Error, NotADirectoryError, IsADirectoryError, PermissionError) as error:
-        # The database or an output path went wrong mid-way (another program locked the file
-        # past the timeout, a full disk, a path without permission): one line, and the runs
-        # already finished stay in the database.
-        print(f"flatminima {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
-        return EXIT_RUN_FAILED
     except BrokenPipeError:
         # The reader of our output went away (`flatminima methods | head`): not an error of
         # ours. Point stdout at /dev/null so that the interpreter's final flush stays quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_RUN_FAILED
+    except (sqlite3.Error, OSError, WeightsFileError) as error:
+        # The database or an output path went wrong mid-way (another program locked the file
+        # past the timeout, a full disk, a path without permission, a damaged weights file):
+        # one line, and the runs already finished stay in the database.
+        print(f"flatminima {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         print(

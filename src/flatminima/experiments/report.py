@@ -33,7 +33,7 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,8 @@ import numpy as np
 import torch
 from scipy.special import stdtr, stdtrit
 
-from flatminima.experiments.store import RunRecord, SharpnessRecord, Store
+from flatminima.experiments.files import write_atomically, write_text_atomically
+from flatminima.experiments.store import RunRecord, SharpnessRecord, Store, settings_key
 from flatminima.registry import BASE_OPTIMIZER, METHODS, method_names
 
 REFERENCE_METHOD = "sam"
@@ -115,7 +116,10 @@ class Arm:
     passes_ratio: float = math.nan
     time_ratio: float = math.nan
     sharpness: dict[int, SharpnessRecord] = field(default_factory=dict)
-    """The sharpness measured from the final weights, by seed (only the measured seeds)."""
+    """The sharpness measured from the final weights with one measurement's settings, by seed
+    (only the measured seeds); see :func:`measurement_views`."""
+    measurements: dict[str, dict[int, SharpnessRecord]] = field(default_factory=dict)
+    """Every sharpness row of the arm, by measurement settings (``settings_key``), then seed."""
 
     @property
     def settings(self) -> str:
@@ -180,6 +184,8 @@ class Setting:
     distinguishing: tuple[str, ...] = ()
     """Training fields not in the headline whose values differ between the settings of the
     report: the subtitle names them, so that no two settings read the same."""
+    sharpness_settings: dict[str, Any] | None = None
+    """The measurement settings of the arms' ``sharpness`` rows (one measurement's)."""
 
     @property
     def headline(self) -> str:
@@ -334,7 +340,9 @@ def summarize(store: Store) -> list[Setting]:
     report shows that it was tried). Running runs are left out."""
     grouped: dict[str, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     setting_configs: dict[str, dict[str, Any]] = {}
-    sharpness = store.sharpness()
+    sharpness: dict[str, dict[str, SharpnessRecord]] = defaultdict(dict)
+    for record in store.sharpness_records():
+        sharpness[record.config_hash][settings_key(record.settings)] = record
     for run in store.runs():
         if run.status not in ("finished", "failed"):
             continue
@@ -360,16 +368,22 @@ def summarize(store: Store) -> list[Setting]:
                 run.config["seed"]: [row["test_accuracy"] for row in store.epochs(run.id)]
                 for run in arm.runs
             }
-            arm.sharpness = {
-                run.config["seed"]: sharpness[run.config_hash]
-                for run in arm.runs
-                if run.config_hash in sharpness
-            }
+            for run in arm.runs:
+                for key, record in sharpness[run.config_hash].items():
+                    arm.measurements.setdefault(key, {})[run.config["seed"]] = record
             arms.append(arm)
+        kinds = {key for arm in arms for key in arm.measurements}
+        if len(kinds) == 1:  # one measurement: the arms carry it (see measurement_views)
+            [key] = kinds
+            for arm in arms:
+                arm.sharpness = arm.measurements.get(key, {})
         _label(arms)
         arms.sort(key=lambda a: (order.get(a.method, len(order)), a.method, _numeric_first(a)))
         setting = Setting(
-            setting_configs[setting_key], arms, _slug(setting_configs[setting_key], index)
+            setting_configs[setting_key],
+            arms,
+            _slug(setting_configs[setting_key], index),
+            sharpness_settings=json.loads(kinds.pop()) if len(kinds) == 1 else None,
         )
         _compare(setting)
         settings.append(setting)
@@ -377,6 +391,39 @@ def summarize(store: Store) -> list[Setting]:
     for setting in settings:
         setting.distinguishing = distinguishing
     return settings
+
+
+def measurement_views(setting: Setting) -> list[Setting]:
+    """The setting once per sharpness measurement settings its runs were measured with, each
+    view's arms carrying that measurement's rows only: measurements with different settings
+    (another ρ, other examples) are never averaged or ranked together. ``[setting]`` itself
+    when they all share one; ``[]`` when none was measured. Several views write their plots
+    into ``<slug>/sharpness-<i>``."""
+    kinds = sorted({key for arm in setting.arms for key in arm.measurements})
+    if len(kinds) <= 1:
+        return [setting] if setting.measured else []
+    return [
+        replace(
+            setting,
+            arms=[replace(arm, sharpness=arm.measurements.get(key, {})) for arm in setting.arms],
+            slug=f"{setting.slug}/sharpness-{index + 1}",
+            sharpness_settings=json.loads(key),
+        )
+        for index, key in enumerate(kinds)
+    ]
+
+
+def _measurement_differences(views: list[Setting]) -> dict[str, str]:
+    """For each view of several, the measurement settings that tell it from the others."""
+    if len(views) < 2:
+        return {}
+    settings = [view.sharpness_settings or {} for view in views]
+    names = sorted({name for values in settings for name in values})
+    varying = [name for name in names if len({json.dumps(s.get(name)) for s in settings}) > 1]
+    return {
+        view.slug: ", ".join(f"{name}={values.get(name)}" for name in varying)
+        for view, values in zip(views, settings, strict=True)
+    }
 
 
 def _compare(setting: Setting) -> None:
@@ -898,12 +945,15 @@ def write_landscape(setting: Setting, directory: Path) -> list[Path]:
     }
     png, numbers = directory / "landscape_1d.png", directory / LANDSCAPE_NUMBERS
     examples = sorted({line["examples"] for line in lines.values()})
-    plot_landscape_1d(
-        curves,
+    write_atomically(
         png,
-        title=f"training loss on {', '.join(map(str, examples))} examples, final weights",
+        lambda path: plot_landscape_1d(
+            curves,
+            path,
+            title=f"training loss on {', '.join(map(str, examples))} examples, final weights",
+        ),
     )
-    numbers.write_text(json.dumps(lines, indent=1) + "\n")
+    write_text_atomically(numbers, json.dumps(lines, indent=1) + "\n")
     return [png, numbers]
 
 
@@ -916,6 +966,8 @@ def remove_earlier_plots(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     owned = [*directory.glob("*.png"), directory / LANDSCAPE_NUMBERS]
+    for view in directory.glob("sharpness-*"):  # the views of measurement_views
+        owned += [*view.glob("*.png"), view / LANDSCAPE_NUMBERS]
     removed = [path for path in owned if path.is_file()]
     for path in removed:
         path.unlink()
@@ -937,11 +989,17 @@ def write_plots(setting: Setting, directory: Path) -> list[Path]:
         plot_sweep(setting, name, lines, path)
         paths.append(path)
     if setting.measured:
-        path = directory / "accuracy_vs_top_eigenvalue.png"
-        plot_accuracy_vs_sharpness(setting, path)
-        paths.append(path)
-        paths += [path for path in write_landscape(setting, directory) if path.suffix == ".png"]
+        paths += write_sharpness_plots(setting, directory)
     return paths
+
+
+def write_sharpness_plots(setting: Setting, directory: Path) -> list[Path]:
+    """Accuracy against λ_max and the landscapes of one measurement (a view of
+    :func:`measurement_views`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "accuracy_vs_top_eigenvalue.png"
+    plot_accuracy_vs_sharpness(setting, path)
+    return [path, *(path for path in write_landscape(setting, directory) if path.suffix == ".png")]
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -1072,8 +1130,20 @@ def write_report(db_path: str | Path, out_dir: str | Path) -> Report:
             markdown += ["Failed runs (in no statistic):", ""]
             markdown += [f"- {line}" for line in failures] + [""]
             text += ["failed runs:", *(f"  {line}" for line in failures), ""]
-        if setting.measured:
-            markdown_part, text_part = _sharpness_section(setting, out_dir)
+        views = measurement_views(setting)
+        differences = _measurement_differences(views)
+        for view in views:
+            if view is not setting:
+                view_plots = write_sharpness_plots(view, out_dir / view.slug)
+                setting_plots += view_plots
+                plots += view_plots
+            markdown_part, text_part = _sharpness_section(view, out_dir)
+            if view.slug in differences:
+                heading = f"measured with {differences[view.slug]}"
+                markdown_part[0] += f" ({heading})"
+                text_part[0] = text_part[0].replace(
+                    "sharpness beside test accuracy", f"sharpness ({heading}) beside test accuracy"
+                )
             markdown += markdown_part
             text += text_part
         markdown += [f"![{path.stem}]({path.relative_to(out_dir)})" for path in setting_plots]
@@ -1084,7 +1154,7 @@ def write_report(db_path: str | Path, out_dir: str | Path) -> Report:
     if any(setting.measured for setting in settings):
         markdown += [SHARPNESS_NOTES.replace("\n", " "), ""]
     markdown_path = out_dir / "report.md"
-    markdown_path.write_text("\n".join(markdown))
+    write_text_atomically(markdown_path, "\n".join(markdown))
     return Report(settings, markdown_path, plots, "\n".join(text).rstrip(), dict(unfinished))
 
 
@@ -1097,5 +1167,7 @@ def _finish_and_save(
     if legend:
         axes.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110))
+    finally:
+        plt.close(figure)
