@@ -27,6 +27,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -229,17 +230,27 @@ def model_from_weights(config: RunConfig, weights_path: str | Path) -> nn.Module
     model = build_model(config.model, source.input_shape, source.num_classes)
     try:
         state = torch.load(weights_path, weights_only=True)
-        model.load_state_dict(state)
     except FileNotFoundError:
         raise
     except Exception as error:
-        # torch's own message runs to many lines (the weights_only explanation): its first line
-        # says what is wrong.
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        # torch's own message runs to many lines (the weights_only explanation): say what is
+        # wrong in one.
+        what = (
+            "not a PyTorch archive: truncated or overwritten"
+            if not zipfile.is_zipfile(weights_path)
+            else f"unreadable: {type(error).__name__}"
+        )
         raise WeightsFileError(
-            f"the weights file {weights_path} is damaged or not this run's "
-            f"({type(error).__name__}: {first_line[:200]}): `flatminima forget` the run and "
-            "train it again"
+            f"the weights file {weights_path} is damaged ({what}): `flatminima forget` the run "
+            "and train it again"
+        ) from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise WeightsFileError(
+            f"the weights file {weights_path} is damaged: it does not hold the weights of a "
+            f"{config.model} ({type(error).__name__}); `flatminima forget` the run and train it "
+            "again"
         ) from None
     return model.eval()
 

@@ -410,10 +410,18 @@ class Store:
             if create:
                 self._delete_orphans()
             self._connection.execute("PRAGMA synchronous=NORMAL")
-        except sqlite3.OperationalError:
-            # Locked past the timeout, read-only, disk I/O...: the file may well be ours; the
-            # caller reports the error as it is.
+        except sqlite3.OperationalError as error:
             self._connection.close()
+            if create and not (
+                os.access(self.path.parent, os.W_OK)
+                and (not self.path.exists() or os.access(self.path, os.W_OK))
+            ):
+                raise StoreError(
+                    f"cannot write the database {self.path}: it or its folder is read-only "
+                    f"({error}); `flatminima report` reads it as it is"
+                ) from error
+            # Locked past the timeout, disk I/O...: the file may well be ours; the caller
+            # reports the error as it is.
             raise
         except sqlite3.DatabaseError as error:
             self._connection.close()
@@ -457,8 +465,9 @@ class Store:
         reading on would give wrong numbers or fail half-way."""
         problems = [row[0] for row in self._connection.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
+            first = " ".join(problems[0].replace("*** in database main ***", "").split())
             raise StoreError(
-                f"{self.path} is damaged ({problems[0]}; {len(problems)} problem(s) found by "
+                f"{self.path} is damaged ({first}; {len(problems)} problem(s) found by "
                 "PRAGMA quick_check): restore a copy, or recover it with the sqlite3 shell's "
                 "`.recover` into a new file"
             )
