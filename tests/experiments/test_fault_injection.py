@@ -113,7 +113,7 @@ def _contents(db_path: Path) -> dict[str, Any]:
                 "status": run["status"],
                 "config": run["config"],
                 "error": run["error"],
-                "data": run["data_fingerprint"],
+                "data": run["data_fingerprint"] if "data_fingerprint" in run.keys() else None,
                 "final": {c: run[c] for c in FINAL_COLUMNS if c not in TIMED},
                 "epochs": [{c: row[c] for c in EPOCH_COLUMNS if c not in TIMED} for row in epochs],
                 "weights": (db_path.parent / run["weights_path"]).read_bytes()

@@ -254,17 +254,22 @@ def check_dataset(name: str, data_dir: Path | None = None) -> None:
 def _raw_split(name: str, data_dir: Path | None) -> RawSplit:
     """The dataset's source arrays, read once per process while its files are unchanged (every
     run of a grid uses the same data)."""
+    return _cached_raw_split(name, data_dir, _stamp(name, data_dir))
+
+
+def _stamp(name: str, data_dir: Path | None) -> tuple[Any, ...]:
+    """The dataset's files with their modification times and sizes: a cache key that changes
+    when a file is replaced."""
     if name == "mnist1d":
         files = [(data_dir or default_cache_dir()) / "mnist1d.npz"]
     elif name == "fashion-mnist":
         files = [fashion_mnist_dir(data_dir) / file for file in FASHION_MNIST_FILES.values()]
     else:
         files = []
-    stamp = tuple(
+    return tuple(
         (str(file), stat.st_mtime_ns, stat.st_size) if (stat := _stat(file)) else (str(file),)
         for file in files
     )
-    return _cached_raw_split(name, data_dir, stamp)
 
 
 def _stat(path: Path) -> os.stat_result | None:
@@ -285,7 +290,13 @@ def fingerprint(name: str, data_dir: Path | None = None) -> str:
     two runs of the same configuration trained on the same data exactly when it is equal.
     Raises as :func:`load_dataset` does when the data cannot be read."""
     check_dataset(name, data_dir)
-    return _fingerprint(_raw_split(name, data_dir))
+    _raw_split(name, data_dir)  # first: it may create the file the stamp names
+    return _cached_fingerprint(name, data_dir, _stamp(name, data_dir))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_fingerprint(name: str, data_dir: Path | None, stamp: tuple[Any, ...]) -> str:
+    return _fingerprint(_cached_raw_split(name, data_dir, stamp))
 
 
 def _fingerprint(raw: RawSplit) -> str:
