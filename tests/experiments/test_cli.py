@@ -35,13 +35,13 @@ TINY_FLAGS = [
         (["run", "--epochs", "two"], "invalid int value: 'two'"),
         (["run", "--dataset", "fashion-mnist", "--model", "cnn", "--data-dir", "{empty}"],
          "install the Debian package dataset-fashion-mnist"),
-        (["compare", "--methods", "sgd,sam", "--sweep", "eta=0.1,1"],
+        (["compare", "--methods", "base,sam", "--sweep", "eta=0.1,1"],
          "no method in the grid takes hyperparameter 'eta'"),
         (["compare", "--methods", "sam", "--param", "asam:eta=0.1"], "not in the grid"),
         (["compare", "--methods", "sam", "--seeds", "a"], "--seeds takes"),
-        (["compare", "--methods", "sam", "--jobs", "0"], "--jobs must be >= 1"),
-        (["demo", "--seeds", "0"], "--seeds must be >= 1"),
-        (["demo", "--epochs", "0"], "--epochs must be >= 1"),
+        (["compare", "--methods", "sam", "--jobs", "0"], "argument --jobs: must be >= 1"),
+        (["demo", "--seeds", "0"], "argument --seeds: must be >= 1"),
+        (["demo", "--epochs", "0"], "argument --epochs: must be >= 1"),
         (["demo", "--seeds", "0-1"], "demo takes a number of seeds"),
         (["demo", "--out", "{file}"], "--out must be a directory"),
         (["compare", "--methods", "sam", "--seeds", "3-1"], "range '3-1' is empty"),
@@ -127,7 +127,7 @@ def test_run_trains_once_and_reports_the_stored_result_when_asked_again(
     arguments = ["run", "--method", "sam", "--param", "rho=0.1", "--seed", "3", *TINY_FLAGS]
     assert main([*arguments, "--db", str(db_path)]) == 0
     first = capsys.readouterr().out
-    assert "1 trained" in first and "sam rho=0.1 seed=3: test accuracy" in first
+    assert "1 trained" in first and "sam ρ=0.1 seed=3: test accuracy" in first
     assert main([*arguments, "--db", str(db_path)]) == 0
     second = capsys.readouterr().out
     assert "0 trained, 1 already in" in second
@@ -142,13 +142,13 @@ def test_compare_runs_a_sweep_and_writes_the_report(
     db_path, out = tmp_path / "runs.db", tmp_path / "report"
     status = main(
         [
-            "compare", "--methods", "sgd,sam", "--sweep", "rho=0.05,0.2", "--seeds", "0-1",
+            "compare", "--methods", "base,sam", "--sweep", "rho=0.05,0.2", "--seeds", "0-1",
             *TINY_FLAGS, "--db", str(db_path), "--report", str(out),
         ]
     )  # fmt: skip
     assert status == 0
     output = capsys.readouterr().out
-    # sgd takes no rho: it runs once per seed, not once per swept value.
+    # base takes no rho: it runs once per seed, not once per swept value.
     assert "6 run(s): 6 trained" in output
     assert (out / "report.md").exists()
     assert "accuracy_vs_rho.png" in output
@@ -157,14 +157,14 @@ def test_compare_runs_a_sweep_and_writes_the_report(
     counts = sqlite3.connect(db_path).execute(
         "SELECT method, COUNT(*) FROM runs GROUP BY method ORDER BY method"
     )
-    assert counts.fetchall() == [("sam", 4), ("sgd", 2)]
+    assert counts.fetchall() == [("base", 2), ("sam", 4)]
 
 
 def test_report_command_prints_the_table(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db_path = tmp_path / "runs.db"
-    main(["run", "--method", "sgd", *TINY_FLAGS, "--db", str(db_path)])
+    main(["run", "--method", "base", *TINY_FLAGS, "--db", str(db_path)])
     capsys.readouterr()
     assert main(["report", "--db", str(db_path), "--out", str(tmp_path / "out")]) == 0
     output = capsys.readouterr().out
@@ -184,7 +184,7 @@ def test_methods_command_lists_every_registered_method(
 def test_demo_grid_is_valid_and_covers_the_base_optimizer_sam_and_the_four_variants() -> None:
     configs = demo_configs()
     methods = {config.method for config in configs}
-    expected = {"sgd", "sam", "fisher-sam", "monge-sam", "tilted-sam", "friendly-sam"}
+    expected = {"base", "sam", "fisher-sam", "monge-sam", "tilted-sam", "friendly-sam"}
     assert methods == expected
     assert len({config.config_hash for config in configs}) == len(DEMO_ARMS) * 3
     assert {config.epochs for config in configs} == {100}
@@ -214,7 +214,7 @@ def test_demo_runs_end_to_end_on_a_shortened_budget(
     assert f"{len(DEMO_ARMS)} run(s): 0 trained" in output
     assert f"{len(DEMO_ARMS)} run(s): {len(DEMO_ARMS)} measured" in output
     assert "λ_max (mean ± std)" in output and "Spearman" in output
-    assert "landscape_1d.png" in output and "accuracy_vs_top_eigenvalue.png" in output
+    assert "landscape_1d.png" in output and "accuracy_vs_sharpness.png" in output
     rows = sqlite3.connect(db_path).execute("SELECT examples, landscape FROM sharpness")
     assert [(examples, landscape is not None) for examples, landscape in rows] == [
         (128, True)
@@ -223,9 +223,9 @@ def test_demo_runs_end_to_end_on_a_shortened_budget(
 
 @pytest.fixture(scope="module")
 def trained_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """sgd and SAM, seeds 0 and 1, trained by the command line on the tiny setting."""
+    """The base optimizer and SAM, seeds 0 and 1, trained by the command line, tiny setting."""
     db_path = tmp_path_factory.mktemp("cli-sharpness") / "runs.db"
-    arguments = ["compare", "--methods", "sgd,sam", "--seeds", "0-1", *TINY_FLAGS]
+    arguments = ["compare", "--methods", "base,sam", "--seeds", "0-1", *TINY_FLAGS]
     assert main([*arguments, "--db", str(db_path)]) == 0
     return db_path
 
@@ -264,7 +264,7 @@ def test_sharpness_measures_once_force_replaces_and_the_report_shows_it(
     assert main(["report", "--db", str(db_path), "--out", str(tmp_path / "report")]) == 0
     output = capsys.readouterr().out
     assert "λ_max (mean ± std)" in output and "Spearman rank correlation" in output
-    assert "accuracy_vs_top_eigenvalue.png" in output
+    assert "accuracy_vs_sharpness.png" in output
 
 
 @pytest.mark.parametrize(
@@ -277,7 +277,7 @@ def test_sharpness_measures_once_force_replaces_and_the_report_shows_it(
         (["--top-k", "0"], "top_k (--top-k) must be an integer >= 1"),
         (["--num-probes", "0"], "num_probes (--num-probes) must be an integer >= 1"),
         (["--seed", "-1"], "seed (--seed) must be an integer >= 0"),
-        (["--jobs", "0"], "--jobs must be >= 1"),
+        (["--jobs", "0"], "argument --jobs: must be >= 1"),
         (["--examples", "many"], "invalid int value: 'many'"),
     ],
 )  # fmt: skip

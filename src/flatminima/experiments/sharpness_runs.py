@@ -67,6 +67,7 @@ from flatminima.experiments.config import ConfigError, RunConfig
 from flatminima.experiments.data import Dataset, load_dataset
 from flatminima.experiments.runner import environment, model_from_weights
 from flatminima.experiments.store import RunRecord, Store
+from flatminima.registry import canonical_method_name
 from flatminima.sharpness import landscape_1d, measure_sharpness
 
 logger = logging.getLogger(__name__)
@@ -303,14 +304,16 @@ def select_runs(
             picked[run.config_hash] = run
         chosen = sorted(picked.values(), key=lambda run: run.id)
     if methods:
-        available = sorted({run.config["method"] for run in finished})
-        unknown = [method for method in methods if method not in available]
+        # Today's names on both sides: a database of an older version says `sgd` for `base`.
+        available = sorted({canonical_method_name(run.config["method"]) for run in finished})
+        unknown = [method for method in methods if canonical_method_name(method) not in available]
         if unknown:
             raise ConfigError(
                 f"no finished run of method {unknown[0]!r} in {store.path}; methods with "
                 f"finished runs: {', '.join(available) or 'none'}"
             )
-        chosen = [run for run in chosen if run.config["method"] in methods]
+        wanted = {canonical_method_name(method) for method in methods}
+        chosen = [run for run in chosen if canonical_method_name(run.config["method"]) in wanted]
     return chosen
 
 
