@@ -41,7 +41,7 @@ from flatminima.experiments.data import DatasetUnavailableError
 from flatminima.experiments.sharpness_runs import select_runs
 from flatminima.experiments.store import Store, StoreError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "interrupted_message", "main"]
 
 
 def interrupted_message(args: argparse.Namespace, started_at: str) -> str:

@@ -61,10 +61,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from flatminima.experiments.config import ConfigError, RunConfig
 from flatminima.experiments.data import Dataset, load_dataset
+from flatminima.experiments.progress import CountProgress
 from flatminima.experiments.runner import environment, model_from_weights
 from flatminima.experiments.store import RunRecord, Store
 from flatminima.registry import canonical_method_name
@@ -397,11 +397,10 @@ def measure_runs(
         selected = select_runs(store, runs, methods)
         summary = SharpnessSummary(selected=len(selected))
         tasks = _plan(store, selected, landscape=landscape, force=force, summary=summary)
-        bar = tqdm(total=len(tasks), desc="sharpness", unit="run", disable=not progress)
+        bar = CountProgress(len(tasks), "sharpness", enabled=progress)
         try:
             for task, outcome in _measure_all(tasks, settings, data_dir, jobs):
-                bar.set_postfix_str(task.label, refresh=False)
-                bar.update(1)
+                bar.advance(task.label, "failed" if isinstance(outcome, str) else "measured")
                 if isinstance(outcome, str):
                     summary.failed.append(f"{task.label}: {outcome}")
                     continue
