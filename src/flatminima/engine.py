@@ -131,6 +131,17 @@ class Evaluations:
         self._generator.close()  # runs the engine's restore if the loop did not finish
 
 
+def _wrap_an_instance(method: str, given: Any) -> str:
+    """The error for anything but an optimizer instance, saying how to write the call (the
+    popular ports take ``SAM(params, torch.optim.SGD, rho=..., lr=...)``)."""
+    what = given.__name__ if isinstance(given, type) else type(given).__name__
+    return (
+        f"base_optimizer must be a torch.optim.Optimizer instance, got {what}; write "
+        f"{method}(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05), "
+        f"not {method}(model.parameters(), torch.optim.SGD, rho=..., lr=...)"
+    )
+
+
 class SharpnessAwareOptimizer(torch.optim.Optimizer):
     """A base optimizer wrapped with a sharpness-aware perturbation.
 
@@ -158,6 +169,17 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     hyperparameter_defaults: ClassVar[dict[str, Any]] = {}
     """The method's hyperparameters and their defaults (read by the registry and the CLI)."""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> SharpnessAwareOptimizer:
+        # SAM(params, torch.optim.SGD, rho=..., lr=...) fails in __init__'s signature (an
+        # "unexpected keyword argument 'lr'") before any check could name the fix.
+        if (
+            len(args) > 1
+            and isinstance(args[1], type)
+            and issubclass(args[1], torch.optim.Optimizer)
+        ):
+            raise TypeError(_wrap_an_instance(cls.__name__, args[0]))
+        return super().__new__(cls)
+
     def __init__(
         self,
         base_optimizer: torch.optim.Optimizer,
@@ -169,10 +191,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         foreach: bool | None = None,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"base_optimizer must be a torch.optim.Optimizer instance, got "
-                f"{type(base_optimizer).__name__}"
-            )
+            raise TypeError(_wrap_an_instance(type(self).__name__, base_optimizer))
         if isinstance(base_optimizer, SharpnessAwareOptimizer):
             raise TypeError("base_optimizer is already sharpness-aware; wrap a plain optimizer")
         clashes = sorted(set(hyperparameters) & set(base_optimizer.defaults))

@@ -543,7 +543,10 @@ def test_16_a_data_dir_that_is_a_file_is_refused_and_no_run_is_recorded_failed(
 ) -> None:
     not_a_folder = tmp_path / "data"
     not_a_folder.write_text("")
-    status = main(["run", *TINY_FLAGS, "--data-dir", str(not_a_folder), "--db", str(db_path)])
+    try:
+        status = main(["run", *TINY_FLAGS, "--data-dir", str(not_a_folder), "--db", str(db_path)])
+    except SystemExit as exit:  # refused by the option parser itself
+        status = exit.code
     assert status == 2
     assert "is a file, not a directory" in _one_line(capsys.readouterr().err)
     with pytest.raises(data_module.DatasetUnavailableError):

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from flatminima.experiments.data import DATASETS
+from flatminima.experiments.labels import run_label
 from flatminima.experiments.models import check_model
-from flatminima.registry import get_method
+from flatminima.registry import canonical_method_name, get_method
 
 BASE_OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_LEARNING_RATE = {"sgd": 0.05, "adamw": 1e-3}
@@ -64,15 +65,9 @@ class RunConfig:
 
     @property
     def label(self) -> str:
-        """A short name for progress bars and errors: the method, the hyperparameters that
-        differ from its defaults, and the seed."""
-        defaults = get_method(self.method).hyperparameters
-        changed = " ".join(
-            f"{name}={value}"
-            for name, value in self.hyperparameters.items()
-            if value != defaults.get(name)
-        )
-        return " ".join(part for part in (self.method, changed, f"seed={self.seed}") if part)
+        """A short name for progress bars and errors, as the report names the run:
+        ``sam ρ=0.1 seed=0`` (see :func:`~flatminima.experiments.labels.arm_labels`)."""
+        return run_label(self.method, self.hyperparameters, self.seed)
 
 
 def coerce_hyperparameter(method: str, name: str, default: Any, value: Any) -> Any:
@@ -192,7 +187,8 @@ def make_run_config(
     return RunConfig(
         dataset=dataset,
         model=model,
-        method=method,
+        # Today's name: `sgd`, the baseline's old name, gives a `base` run.
+        method=canonical_method_name(method),
         hyperparameters=resolve_hyperparameters(method, hyperparameters or {}),
         optimizer=optimizer,
         lr=float(lr),

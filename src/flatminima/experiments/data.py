@@ -235,10 +235,6 @@ DATASETS: dict[str, DatasetSource] = {
 }
 
 
-def dataset_names() -> list[str]:
-    return list(DATASETS)
-
-
 def check_dataset(name: str, data_dir: Path | None = None) -> None:
     """Raise ``ValueError`` for an unknown name and :class:`DatasetUnavailableError` when the
     dataset's files are missing or ``data_dir`` is not a directory, without loading anything

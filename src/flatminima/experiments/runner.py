@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from flatminima.experiments.config import RunConfig
 from flatminima.experiments.data import (
@@ -49,6 +48,7 @@ from flatminima.experiments.data import (
     load_dataset,
 )
 from flatminima.experiments.models import build_model
+from flatminima.experiments.progress import GridProgress
 from flatminima.experiments.store import (
     DEFAULT_STALE_AFTER_S,
     RunLostError,
@@ -417,44 +417,6 @@ def unique_configs(configs: Sequence[RunConfig]) -> list[RunConfig]:
     return list(seen.values())
 
 
-class _ProgressBars:
-    """One bar for the grid's runs and one per worker for the current run's epochs."""
-
-    def __init__(self, total: int, done: int, workers: int, enabled: bool) -> None:
-        self.overall = tqdm(
-            total=total, initial=done, desc="runs", unit="run", position=0, disable=not enabled
-        )
-        self.slots = [
-            tqdm(
-                total=0,
-                desc="idle",
-                unit="epoch",
-                position=1 + slot,
-                leave=False,
-                disable=not enabled,
-            )
-            for slot in range(workers)
-        ]
-
-    def start(self, slot: int, label: str, epochs: int) -> None:
-        bar = self.slots[slot]
-        bar.reset(total=epochs)
-        bar.set_description(label)
-
-    def epoch(self, slot: int, test_accuracy: float) -> None:
-        self.slots[slot].set_postfix(test_acc=f"{test_accuracy:.3f}", refresh=False)
-        self.slots[slot].update(1)
-
-    def end(self, slot: int) -> None:
-        # The slot's bar keeps the finished run's label at 100% until its next run starts.
-        self.overall.update(1)
-
-    def close(self) -> None:
-        for bar in self.slots:
-            bar.close()
-        self.overall.close()
-
-
 @contextmanager
 def _torch_threads(threads: int) -> Iterator[None]:
     previous = torch.get_num_threads()
@@ -496,7 +458,7 @@ def run_grid(
                 store.check_data(dataset, fingerprint(dataset, data_dir))
     summary = GridSummary(total=len(todo), already_finished=len(todo) - len(pending))
     workers = max(1, min(jobs, len(pending)))
-    bars = _ProgressBars(summary.total, summary.already_finished, workers, progress)
+    bars = GridProgress(summary.total, summary.already_finished, workers, progress)
     try:
         if workers == 1:
             with _torch_threads(threads), Store(db_path) as store:
@@ -510,7 +472,7 @@ def run_grid(
                         stale_after_s,
                     )
                     _count(summary, config.label, *outcome)
-                    bars.end(0)
+                    bars.end(0, outcome[0])
                     if summary.stopped:
                         break
         else:
@@ -595,7 +557,7 @@ def _run_in_workers(
     workers: int,
     threads: int,
     stale_after_s: float,
-    bars: _ProgressBars,
+    bars: GridProgress,
     summary: GridSummary,
 ) -> None:
     # spawn, not fork: a forked copy of a process that already ran PyTorch's thread pools can
@@ -636,7 +598,7 @@ def _run_in_workers(
                 bars.epoch(slot, *payload)
             else:
                 _count(summary, *payload)
-                bars.end(slot)
+                bars.end(slot, payload[1])
                 remaining -= 1
                 if summary.stopped:
                     # The other workers' runs meet the same fault: stop them (their runs stay

@@ -66,7 +66,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from flatminima.experiments.config import ConfigError, RunConfig
 from flatminima.experiments.data import (
@@ -74,8 +73,10 @@ from flatminima.experiments.data import (
     fingerprint,
     load_dataset,
 )
+from flatminima.experiments.progress import CountProgress
 from flatminima.experiments.runner import WeightsFileError, environment, model_from_weights
 from flatminima.experiments.store import DataMismatchError, RunRecord, Store
+from flatminima.registry import canonical_method_name
 from flatminima.sharpness import landscape_1d, measure_sharpness
 
 logger = logging.getLogger(__name__)
@@ -319,14 +320,16 @@ def select_runs(
             picked[run.config_hash] = run
         chosen = sorted(picked.values(), key=lambda run: run.id)
     if methods:
-        available = sorted({run.config["method"] for run in finished})
-        unknown = [method for method in methods if method not in available]
+        # Today's names on both sides: a database of an older version says `sgd` for `base`.
+        available = sorted({canonical_method_name(run.config["method"]) for run in finished})
+        unknown = [method for method in methods if canonical_method_name(method) not in available]
         if unknown:
             raise ConfigError(
                 f"no finished run of method {unknown[0]!r} in {store.path}; methods with "
                 f"finished runs: {', '.join(available) or 'none'}"
             )
-        chosen = [run for run in chosen if run.config["method"] in methods]
+        wanted = {canonical_method_name(method) for method in methods}
+        chosen = [run for run in chosen if canonical_method_name(run.config["method"]) in wanted]
     return chosen
 
 
@@ -414,11 +417,10 @@ def measure_runs(
         selected = select_runs(store, runs, methods)
         summary = SharpnessSummary(selected=len(selected))
         tasks = _plan(store, selected, settings, landscape=landscape, force=force, summary=summary)
-        bar = tqdm(total=len(tasks), desc="sharpness", unit="run", disable=not progress)
+        bar = CountProgress(len(tasks), "sharpness", enabled=progress)
         try:
             for task, outcome in _measure_all(tasks, settings, data_dir, jobs):
-                bar.set_postfix_str(task.label, refresh=False)
-                bar.update(1)
+                bar.advance(task.label, "failed" if isinstance(outcome, str) else "measured")
                 if isinstance(outcome, str):
                     summary.failed.append(f"{task.label}: {outcome}")
                     continue

@@ -394,6 +394,12 @@ class Store:
             self._connection.row_factory = sqlite3.Row
             self._connection.execute("PRAGMA foreign_keys=ON")
             self._refuse_what_is_not_ours()
+            if not create and self._schema_version() == 0:
+                # An empty file (or an empty SQLite database): a reader must not give it a
+                # schema and call it an empty report.
+                raise StoreError(
+                    f"{self.path} is not a flatminima database: it holds no runs table"
+                )
             self._refuse_damage()
             if create:
                 # Before anything is written: writers need WAL (a copy made by VACUUM INTO or a
@@ -919,6 +925,19 @@ class Store:
             parameters = (status,)
         rows = self._connection.execute(query + " ORDER BY id", parameters).fetchall()
         return [_record(row) for row in rows]
+
+    def live_runs(self, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> set[str]:
+        """Configuration hashes of the ``running`` runs whose process is still alive, judged as
+        :meth:`claim` judges them; the other running runs were interrupted."""
+        rows = self._connection.execute(
+            "SELECT config_hash, owner, COALESCE(heartbeat_at, started_at) AS heartbeat "
+            "FROM runs WHERE status = 'running'"
+        ).fetchall()
+        return {
+            row["config_hash"]
+            for row in rows
+            if _owner_is_alive(row["owner"], _age_s(row["heartbeat"]), stale_after_s)
+        }
 
     def epochs(self, run_id: int) -> list[dict[str, Any]]:
         """The run's epoch rows in order, as dictionaries keyed by ``EPOCH_COLUMNS``."""
