@@ -226,6 +226,19 @@ def test_9_a_real_full_disk_stops_compare_in_one_line_with_nothing_left_behind(
         assert "Traceback" not in result.stderr and "grid stopped" in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
         assert _partials(disk) == []
+        # A report written to the full disk (from a copy of the database elsewhere, which
+        # SQLite can open): one line, no partial file either.
+        with sqlite3.connect(db_path) as source, sqlite3.connect(tmp_path / "copy.db") as copy:
+            source.backup(copy)
+        (disk / "report").mkdir()
+        full = fill(disk / "report", leave_bytes=0)
+        report = [sys.executable, "-m", "flatminima.cli", "report", "--db",
+                  str(tmp_path / "copy.db"), "--out", str(disk / "report")]  # fmt: skip
+        result = subprocess.run(report, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1, result.stderr
+        assert "No space left on device" in _one_line(result.stderr)
+        assert _partials(disk) == []
+        full.unlink()
         filler.unlink()
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
