@@ -98,3 +98,53 @@ RECORDS = [
         ],
     ),
 ]
+
+# -- GSAM and WSAM (issue 9) --------------------------------------------------------------------
+
+RECORDS += [
+    MethodRecord(
+        cls=flatminima.GSAM,
+        # No rho_min here: the suite gives one group rho = 0, which a rho_min > 0 refuses (the
+        # schedule is tested in tests/methods/test_gsam.py).
+        typical={"rho": 0.1, "alpha": 0.4},
+        identity={"rho": 0.0, "rho_min": None, "alpha": 0.0},
+        sam_equivalent={"rho": 0.1, "alpha": 0.0, "rho_min": None},
+        invalid=[
+            *COMMON_INVALID,
+            ({"alpha": -0.1}, "alpha"),
+            ({"alpha": float("nan")}, "alpha"),
+            ({"rho_min": -0.1}, "rho_min"),
+            ({"rho_min": 0.2}, "rho_min"),
+            ({"lr_min": -1.0}, "lr_min"),
+            ({"lr_min": 1.0}, "lr_min"),
+            ({"lr_max": -1.0}, "lr_max"),
+            ({"adaptive": 1}, "adaptive"),
+        ],
+    ),
+    MethodRecord(
+        cls=flatminima.GSAM,
+        typical={"rho": 0.5, "alpha": 0.6, "adaptive": True},
+        identity={"rho": 0.0, "alpha": 0.0},
+        sam_equivalent=None,
+        invalid=COMMON_INVALID,
+    ),
+    MethodRecord(
+        cls=flatminima.WSAM,
+        typical={"rho": 0.1, "gamma": 0.9},
+        identity={"gamma": 0.0},
+        invalid=[
+            *COMMON_INVALID,
+            ({"gamma": 1.0}, "gamma"),
+            ({"gamma": -0.1}, "gamma"),
+            ({"max_norm": 0.0}, "max_norm"),
+            ({"decouple": "yes"}, "decouple"),
+        ],
+    ),
+    MethodRecord(
+        cls=flatminima.WSAM,
+        typical={"rho": 0.1, "gamma": 0.8, "decouple": False, "max_norm": 1.0},
+        identity={"gamma": 0.0, "max_norm": None},
+        sam_equivalent={"rho": 0.1, "gamma": 0.5, "max_norm": None},
+        invalid=[({"max_norm": -1.0}, "max_norm")],
+    ),
+]
