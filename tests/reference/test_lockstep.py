@@ -12,9 +12,11 @@ from loops import (
     asam_step,
     fisher_sam_step,
     friendly_sam_step,
+    gsam_step,
     monge_sam_step,
     sam_step,
     tilted_sam_step,
+    wsam_step,
 )
 
 import flatminima
@@ -127,3 +129,87 @@ def test_friendly_sam_does_not_follow_the_ema_of_the_debiased_gradient():
         lambda: functools.partial(port_step, state=FriendlyState()),
     )
     assert deviation > 1e-6
+
+
+# -- GSAM and WSAM (issue 9) --------------------------------------------------------------------
+
+GSAM_AND_WSAM_CASES = [
+    (flatminima.GSAM, {"rho": 0.1, "alpha": 0.4}),
+    (flatminima.GSAM, {"rho": 0.1, "alpha": 1.5}),
+    (flatminima.GSAM, {"rho": 0.5, "alpha": 0.6, "adaptive": True}),
+    (flatminima.WSAM, {"rho": 0.1, "gamma": 0.9}),
+    (flatminima.WSAM, {"rho": 0.1, "gamma": 0.7, "decouple": False}),
+    (flatminima.WSAM, {"rho": 0.1, "gamma": 0.9, "max_norm": 0.3}),
+    (flatminima.WSAM, {"rho": 0.1, "gamma": 0.6, "decouple": False, "max_norm": 0.3}),
+    (flatminima.WSAM, {"rho": 0.5, "gamma": 0.9, "adaptive": True}),
+]
+REFERENCE_STEPS = {flatminima.GSAM: gsam_step, flatminima.WSAM: wsam_step}
+
+
+def _case_id(case) -> str:
+    cls, hyperparameters = case
+    return cls.__name__ + "-" + "-".join(f"{k}={v}" for k, v in hyperparameters.items())
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize("case", GSAM_AND_WSAM_CASES, ids=_case_id)
+def test_gsam_and_wsam_follow_their_reference_loops(case, foreach):
+    cls, hyperparameters = case
+    deviation = lockstep_deviation(cls, hyperparameters, lambda: REFERENCE_STEPS[cls], foreach)
+    assert deviation < TOLERANCE, f"{cls.__name__} drifted {deviation:.2e} from its reference"
+
+
+def test_clipping_bites_in_the_wsam_lockstep_cases():
+    """max_norm = 0.3 must actually clip on these batches, or the cases above test nothing."""
+    model = tiny_mlp()
+    x, y = batches(1)[0]
+    _, g = grad_fn_for(model, (x, y))([p.detach() for p in model.parameters()])
+    assert sum(float((gi * gi).sum()) for gi in g) ** 0.5 > 0.3
+
+
+SCHEDULE = [0.1, 0.08, 0.05, 0.03, 0.01, 0.0]
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize(
+    "hyperparameters",
+    [
+        {"rho": 0.2, "alpha": 0.4, "rho_min": 0.05},
+        {"rho": 0.2, "alpha": 0.4, "rho_min": 0.05, "lr_min": 0.01},
+        {"rho": 0.5, "alpha": 0.6, "rho_min": 0.1, "adaptive": True},
+    ],
+    ids=lambda h: "-".join(f"{k}={v}" for k, v in h.items()),
+)
+def test_gsam_radius_follows_the_learning_rate_in_lockstep(hyperparameters, foreach):
+    """The group's learning rate changes every step (as a scheduler would change it); ρ_t
+    follows it in both, with lr_max the learning rate at construction."""
+    model = tiny_mlp()
+    optimizer = flatminima.GSAM(
+        torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
+        foreach=foreach,
+        **hyperparameters,
+    )
+    reference_base = ReferenceSGD(LR, MOMENTUM, WEIGHT_DECAY)
+    weights = [p.detach().clone() for p in model.parameters()]
+    worst = 0.0
+    for lr, (x, y) in zip(SCHEDULE, batches(len(SCHEDULE)), strict=True):
+        optimizer.param_groups[0]["lr"] = lr
+        reference_base.lr = lr
+        weights = gsam_step(
+            weights, grad_fn_for(model, (x, y)), reference_base, lr_max=LR, **hyperparameters
+        )
+
+        def closure(x=x, y=y):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        worst = max(
+            worst,
+            max(
+                float((p.detach() - w).abs().max())
+                for p, w in zip(model.parameters(), weights, strict=True)
+            ),
+        )
+    assert worst < TOLERANCE
