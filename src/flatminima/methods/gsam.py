@@ -103,6 +103,10 @@ class GSAM(SharpnessAwareOptimizer):
         >>> scheduler.step()
     """
 
+    paper = "Zhuang et al., ICLR 2022"
+    passes_text = "2"
+    extra_memory = "2 P during a step (g + backup)"
+
     declaration = (
         hp.Hyperparameter(
             "rho",

@@ -89,6 +89,10 @@ class WSAM(SharpnessAwareOptimizer):
         >>> loss = optimizer.step(closure)
     """
 
+    paper = "Yue et al., KDD 2023"
+    passes_text = "2"
+    extra_memory = "2 P during a step (g + backup)"
+
     declaration = (
         hp.Hyperparameter(
             "rho", 0.05, hp.non_negative, "ρ", "radius of the Euclidean ball (authors' default)"
