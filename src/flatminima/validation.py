@@ -78,5 +78,9 @@ def positive(name: str, value: Any) -> None:
 def boolean(name: str, value: Any) -> None:
     """True or False (a Python or NumPy bool; 0 and 1 are refused, as they may be typos for a
     number)."""
-    if not isinstance(value, bool) and type(value).__name__ != "bool_":
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+    if isinstance(value, bool):
+        return
+    kind = type(value)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):
+        return
+    raise ValueError(f"{name} must be True or False, got {value!r}")

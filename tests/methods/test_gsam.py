@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import doctest
 
+import numpy
 import pytest
 import torch
 
@@ -275,3 +276,21 @@ def test_docstring_example_runs():
     result = doctest.testmod(flatminima.methods.gsam, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_a_group_whose_learning_rate_is_below_lr_min_is_refused_before_it_is_added():
+    model = tiny_mlp()
+    base = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    optimizer = flatminima.GSAM(base, rho=0.2, alpha=0.5, rho_min=0.05, lr_min=0.01)
+    with pytest.raises(ValueError, match=r"lr_min must be in \[0, lr_max\] = \[0, 0.001\]"):
+        optimizer.add_param_group({"params": list(model[2].parameters()), "lr": 0.001})
+    assert len(base.param_groups) == 1
+
+
+def test_adaptive_accepts_python_and_numpy_booleans_only():
+    model = tiny_mlp()
+    for value in (True, numpy.bool_(True)):
+        flatminima.GSAM(torch.optim.SGD(model.parameters(), lr=0.1), adaptive=value)
+    for value in (1, "true", None):
+        with pytest.raises(ValueError, match="adaptive must be True or False"):
+            flatminima.GSAM(torch.optim.SGD(model.parameters(), lr=0.1), adaptive=value)

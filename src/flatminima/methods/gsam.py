@@ -177,9 +177,6 @@ class GSAM(SharpnessAwareOptimizer):
             model=model,
             foreach=foreach,
         )
-        for group in self.param_groups:
-            _settle_lr_max(group)
-            self._check_group(group)
 
     @classmethod
     def _check_hyperparameters(cls, values: Mapping[str, Any]) -> None:
@@ -195,9 +192,15 @@ class GSAM(SharpnessAwareOptimizer):
             )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds the group (the engine fills in and checks the method's hyperparameters); a
+        group without ``lr_max`` takes its learning rate now, checked before it is added."""
+        lr_max = param_group.get("lr_max", self._method_defaults["lr_max"])
+        if lr_max is None:
+            lr = param_group.get("lr", self.base_optimizer.defaults.get("lr"))
+            lr_min = param_group.get("lr_min", self._method_defaults["lr_min"])
+            self._check_hyperparameters({"lr_min": lr_min, "lr_max": float(lr)})
         super().add_param_group(param_group)
         _settle_lr_max(param_group)
-        self._check_group(param_group)
 
     def program(self, step: Step) -> Program:
         """Algorithm 1: g at w, g̃ at w + ε, then d = g̃ − α·g⊥ for the base optimizer."""
