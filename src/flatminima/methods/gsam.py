@@ -29,7 +29,7 @@ class GSAM(SharpnessAwareOptimizer):
     """Surrogate-gap guided SAM: descend with d = g̃ − α·g⊥, g⊥ the part of g orthogonal to g̃.
 
     GSAM minimises the perturbed loss f_p(w) = max_{‖ε‖≤ρ} f(w + ε) and the surrogate gap
-    h(w) = f_p(w) − f(w) together (paper §4, Algorithm 1). With g = ∇f(w) and the perturbed
+    h(w) = f_p(w) − f(w) together (paper, Algorithm 1). With g = ∇f(w) and the perturbed
     gradient g̃ = ∇f(w + ε), ε = ρ_t·g/(‖g‖ + ξ) as in SAM, it splits g against g̃,
 
         g∥ = (⟨g, g̃⟩ / ‖g̃‖²)·g̃,    g⊥ = g − g∥,
@@ -50,7 +50,8 @@ class GSAM(SharpnessAwareOptimizer):
 
     ``adaptive=True`` is the PyTorch port's elementwise geometry (davda54/sam's form, ASAM
     with η = 0): ε = ρ_t·T²g/(‖T g‖ + ξ), T = |w|. The paper and the JAX code instead scale
-    SAM's ε elementwise, ε = ρ_t·|w|⊙g/(‖g‖ + ξ), which is not the maximiser over any ball.
+    SAM's ε elementwise, ε = ρ_t·|w|⊙g/(‖g‖ + ξ): a rescaled SAM step rather than the
+    maximiser over the ball ‖T⁻¹ε‖ ≤ ρ_t (the two agree only when |w| is constant).
 
     Where this differs from the authors' code (juntang-zhuang/GSAM, ``gsam/gsam.py``; the JAX
     original is google-research/big_vision ``trainers/proj/gsam/gsam.py``):
