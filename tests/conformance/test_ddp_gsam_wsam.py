@@ -8,6 +8,7 @@ they are clipped).
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 import sys
@@ -29,13 +30,22 @@ CONFIGS = {
     "wsam-decoupled": (flatminima.WSAM, {"rho": RHO, "gamma": 0.8}),
     "wsam-coupled": (flatminima.WSAM, {"rho": RHO, "gamma": 0.8, "decouple": False}),
     "wsam-clipped": (flatminima.WSAM, {"rho": RHO, "gamma": 0.8, "max_norm": 0.05}),
+    # Process 0's clean gradient overflows (its ε is then 0), process 1's does not: both must
+    # still run the same collectives, and the step must not hang.
+    "wsam-overflow-on-one-process": (flatminima.WSAM, {"rho": RHO, "gamma": 0.8}),
+    "gsam-overflow-on-one-process": (flatminima.GSAM, {"rho": RHO, "alpha": 0.5}),
 }
+OVERFLOWING = {"wsam-overflow-on-one-process", "gsam-overflow-on-one-process"}
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=60),  # a mismatched collective fails, not hangs
     )
     try:
         # Every configuration in one process group: spawning costs far more than a step.
@@ -61,19 +71,24 @@ def _one_config(rank, out_dir, config, cls, hyperparameters) -> None:
     optimizer = cls(torch.optim.SGD(ddp.parameters(), lr=LR), model=ddp, **hyperparameters)
     x, y = batches(WORLD_SIZE, seed=3)[rank]
 
-    def closure():
-        loss = torch.nn.functional.cross_entropy(ddp(x), y)
-        loss.backward()
-        return loss
+    overflow = config in OVERFLOWING and rank == 0
+
+    def closure_of(net):
+        passes = []
+
+        def closure():
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            scaled = loss * float("inf") if overflow and not passes else loss
+            passes.append(1)
+            scaled.backward()
+            return loss
+
+        return closure
 
     # The same step without DDP on this process's batch alone.
     local_model = tiny_mlp()
     local = cls(torch.optim.SGD(local_model.parameters(), lr=LR), **hyperparameters)
-
-    def local_closure():
-        loss = torch.nn.functional.cross_entropy(local_model(x), y)
-        loss.backward()
-        return loss
+    closure, local_closure = closure_of(ddp), closure_of(local_model)
 
     local.step(local_closure)
     optimizer.step(closure)
@@ -166,3 +181,12 @@ def test_wsam_with_clipping_averages_g_and_g_tilde_before_clipping_them(results)
     for result in clipped:
         for got, want in zip(result["params"], expected, strict=True):
             assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("config", sorted(OVERFLOWING))
+def test_an_overflow_on_one_process_neither_hangs_nor_spreads_nan(results, config):
+    """Process 0's ε is 0 (its clean gradient is not finite), so its perturbed pass is a clean
+    pass and its gradient stands in; the average with process 1's normal update is finite."""
+    assert [r["hook_calls"] for r in results[config]] == [0, 0]
+    assert all(torch.isfinite(p).all() for r in results[config] for p in r["params"])
+    _assert_mean_of_local_steps(results[config])

@@ -174,13 +174,16 @@ class WSAM(SharpnessAwareOptimizer):
             for view in views
             for p, grad in zip(view.params, view.grads, strict=True)
         ]
+        perturbed = [g for view in views for g in view.grads]
         if max_norm is not None:
             step.all_reduce(clean_list)
-            _clip_([g for view in views for g in view.grads], max_norm, foreach=step.foreach)
+            _clip_(perturbed, max_norm, foreach=step.foreach)
         clean_norm = kernels.global_norm(clean_list, foreach=step.foreach)
         if not math.isfinite(clean_norm):
-            return clean.loss  # ε was 0: g̃ is a gradient at w, and the update as it stands
-        if max_norm is not None:
+            # The neighbourhood made ε = 0, so the perturbed pass ran at w: g̃ stands in for g.
+            # (Not an early return: every process must still run the same collectives.)
+            kernels.copy_(clean_list, perturbed, foreach=step.foreach)
+        elif max_norm is not None:
             _clip_(clean_list, max_norm, foreach=step.foreach, norm=clean_norm)
         if settings["decouple"]:
             sharpness = _decoupled_update_(views, clean_list, foreach=step.foreach)
