@@ -241,7 +241,12 @@ def compare_gsam(authors_dir: str) -> None:
         theirs(port, 0.4, False, linear(0.2, 0.05)),
     )
     run_side_by_side(
-        "the same with the ρ scheduler's tick in GSAM.__init__ undone (and ξ removed, copy)",
+        "the same with the ρ scheduler's tick in GSAM.__init__ undone",
+        ours(0.4, False, our_linear, **schedule),
+        theirs(port, 0.4, False, linear(0.2, 0.05), neutralise_first_tick=True),
+    )
+    run_side_by_side(
+        "the same with the tick undone, ξ removed and restore by copy",
         ours(0.4, False, our_linear, **schedule),
         theirs(PortWithoutStabilisers, 0.4, False, linear(0.2, 0.05), neutralise_first_tick=True),
     )
