@@ -107,6 +107,7 @@ class GSAM(SharpnessAwareOptimizer):
     paper = "Zhuang et al., ICLR 2022"
     passes_text = "2"
     extra_memory = "2 P during a step (g + backup)"
+    memory_copies = 2.0
 
     declaration = (
         hp.Hyperparameter(

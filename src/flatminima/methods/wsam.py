@@ -92,6 +92,7 @@ class WSAM(SharpnessAwareOptimizer):
     paper = "Yue et al., KDD 2023"
     passes_text = "2"
     extra_memory = "2 P during a step (g + backup)"
+    memory_copies = 2.0
 
     declaration = (
         hp.Hyperparameter(
