@@ -28,13 +28,13 @@ CLIP_EPSILON = 1e-6
 class WSAM(SharpnessAwareOptimizer):
     """Weighted SAM: the loss plus α times SAM's sharpness, α = γ/(1 − γ).
 
-    WSAM minimises L(w) + α·[max_{‖ε‖≤ρ} L(w + ε) − L(w)] (paper eq. 3), i.e. it weighs the
+    WSAM minimises L(w) + α·[max_{‖ε‖≤ρ} L(w + ε) − L(w)], i.e. it weighs the
     sharpness term against the loss instead of SAM's fixed 1:1. With g = ∇L(w), the
     perturbed gradient g̃ = ∇L(w + ε) and ε = ρ·g/(‖g‖ + ξ) as in SAM, the gradient of the
     objective is g + α·(g̃ − g). Two forms (authors' code):
 
     * coupled (``decouple=False``): the base optimizer steps with α·g̃ + (1 − α)·g;
-    * decoupled (default, the paper's Algorithm 1): the base optimizer steps with g alone, and
+    * decoupled (default, as in the authors' code): the base optimizer steps with g alone, and
       after its step the sharpness term is applied as plain gradient descent outside the base
       optimizer's momentum and preconditioning: w ← w − lr·α·(g̃ − g), lr the group's learning
       rate at this step.
@@ -157,7 +157,7 @@ class WSAM(SharpnessAwareOptimizer):
         )
 
     def program(self, step: Step) -> Program:
-        """Algorithm 1: g at w, g̃ at w + ε, then the weighted update (coupled or decoupled)."""
+        """g at w, g̃ at w + ε, then the weighted update (coupled or decoupled)."""
         settings = step.groups[0]  # the step-level hyperparameters agree across groups
         max_norm = settings["max_norm"]
         clean = yield step.clean_pass()
