@@ -124,3 +124,24 @@ def parameter_copies_held(method: str, hyperparameters: dict[str, Any], steps: i
         method, method, "flatminima", method, 2, _build_flatminima(method, hyperparameters)
     )
     return measure(contender, workload, steps=steps)
+
+
+def compiled_step_matches_eager(cls: type, hyperparameters: dict[str, Any], steps: int = 6) -> None:
+    """``torch.compile`` of ``cls``'s step keeps one graph after its first steps (a factor that
+    changes every step must stay a traced tensor) and follows the eager optimizer."""
+    torch._dynamo.reset()
+    data = batches(steps)
+    eager_model, compiled_model = tiny_mlp(), tiny_mlp()
+    eager = cls(make_base("sgd", eager_model.parameters()), **hyperparameters)
+    compiled = cls(make_base("sgd", compiled_model.parameters()), **hyperparameters)
+    step = torch.compile(compiled.step, backend="aot_eager")
+    for index, batch in enumerate(data):
+        eager.step(closure_for(eager_model, batch))
+        if index == 2:  # the first steps compile the graph and its one-time variants
+            torch._dynamo.config.error_on_recompile = True
+        try:
+            step(closure_for(compiled_model, batch))
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+    for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -12,7 +12,15 @@ import torch
 
 import flatminima
 import flatminima.methods.gsam
-from support import assert_bitwise_equal, batches, parameter_copies_held, run, snapshot, tiny_mlp
+from support import (
+    assert_bitwise_equal,
+    batches,
+    compiled_step_matches_eager,
+    parameter_copies_held,
+    run,
+    snapshot,
+    tiny_mlp,
+)
 
 XI = 1e-12
 
@@ -294,3 +302,13 @@ def test_adaptive_accepts_python_and_numpy_booleans_only():
     for value in (1, "true", None):
         with pytest.raises(ValueError, match="adaptive must be True or False"):
             flatminima.GSAM(torch.optim.SGD(model.parameters(), lr=0.1), adaptive=value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "hyperparameters",
+    [{"rho": 0.1, "alpha": 0.4}, {"rho": 0.5, "alpha": 0.6, "adaptive": True, "rho_min": 0.1}],
+    ids=["plain", "adaptive-following-lr"],
+)
+def test_a_compiled_step_keeps_one_graph(hyperparameters):
+    compiled_step_matches_eager(flatminima.GSAM, hyperparameters)

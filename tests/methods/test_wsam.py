@@ -9,7 +9,15 @@ import torch
 
 import flatminima
 import flatminima.methods.wsam
-from support import assert_bitwise_equal, batches, parameter_copies_held, run, snapshot, tiny_mlp
+from support import (
+    assert_bitwise_equal,
+    batches,
+    compiled_step_matches_eager,
+    parameter_copies_held,
+    run,
+    snapshot,
+    tiny_mlp,
+)
 
 XI = 1e-12
 
@@ -196,3 +204,16 @@ def test_docstring_example_runs():
     result = doctest.testmod(flatminima.methods.wsam, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "hyperparameters",
+    [
+        {"rho": 0.1, "gamma": 0.9, "max_norm": 0.2},
+        {"rho": 0.1, "gamma": 0.6, "decouple": False, "max_norm": 0.2},
+    ],
+    ids=["decoupled-clipped", "coupled-clipped"],
+)
+def test_a_compiled_step_keeps_one_graph(hyperparameters):
+    compiled_step_matches_eager(flatminima.WSAM, hyperparameters)

@@ -252,11 +252,14 @@ def _kept_for(step: Step, kept: list[Tensor | None]) -> dict[Tensor, Tensor | No
 def surrogate_gap_update_(
     views: list[GroupView], clean: Mapping[Tensor, Tensor | None], *, foreach: bool
 ) -> None:
-    """p.grad ← g̃ − α·g⊥ with g⊥ = g − (⟨g, g̃⟩/‖g̃‖²)·g̃, in place; the kept g becomes g⊥.
+    """p.grad ← g̃ − α·g⊥ with g⊥ = g − c·g̃, c = ⟨g, g̃⟩/‖g̃‖², in place.
 
     ``views`` hold the perturbed gradients g̃ (what is in ``p.grad`` now), ``clean`` the
-    gradients at w. Dot products and norms are global over the views. Nothing changes when
-    every α is 0 (SAM), or when ⟨g, g̃⟩ or ‖g̃‖ is not finite (g̃ is then used as it is).
+    gradients at w. Dot products and norms are global over the views. Computed as
+    (1 + α·c)·g̃ − α·g, which needs no buffer beyond the kept g and whose one step-dependent
+    factor, 1 + α·c, is a 0-d tensor, so that ``torch.compile`` traces it instead of baking a
+    new constant into the graph (and recompiling) at every step. Nothing changes when every α is 0
+    (SAM), or when ⟨g, g̃⟩ or ‖g̃‖ is not finite (g̃ is then used as it is).
     """
     alphas = [float(view.hyperparameters["alpha"]) for view in views]
     if all(alpha == 0.0 for alpha in alphas):
@@ -267,20 +270,24 @@ def surrogate_gap_update_(
         for p, grad in zip(view.params, view.grads, strict=True)
     ]
     perturbed = [grad for view in views for grad in view.grads]
-    inner = float(kernels.dot(clean_grads, perturbed, foreach=foreach))
-    squared = float(kernels.squared_norm(perturbed, foreach=foreach))
+    inner_tensor = kernels.dot(clean_grads, perturbed, foreach=foreach)
+    squared_tensor = kernels.squared_norm(perturbed, foreach=foreach)
+    inner, squared = float(inner_tensor), float(squared_tensor)
     if not (math.isfinite(inner) and math.isfinite(squared)):
         return
-    projection = inner / squared if squared > 0.0 else 0.0
+    # c as a 0-d float64 tensor, in eager mode too (the same IEEE arithmetic as Python floats):
+    # the graph break at float() above can leave this code outside the compiled region, and a
+    # float handed from here to a compiled kernel would be specialised on.
+    projection = inner_tensor / squared_tensor if squared > 0.0 else torch.zeros_like(inner_tensor)
     offset = 0
     for view, alpha in zip(views, alphas, strict=True):
         count = len(view.params)
-        orthogonal = clean_grads[offset : offset + count]
+        clean_part = clean_grads[offset : offset + count]
         offset += count
         if alpha == 0.0:
             continue
-        kernels.add_(orthogonal, view.grads, alpha=-projection, foreach=foreach)  # g⊥
-        kernels.add_(view.grads, orthogonal, alpha=-alpha, foreach=foreach)  # g̃ − α·g⊥
+        kernels.scale_(view.grads, 1.0 + alpha * projection, foreach=foreach)  # (1 + α·c)·g̃
+        kernels.add_(view.grads, clean_part, alpha=-alpha, foreach=foreach)  # − α·g
 
 
 def _clean_or_zero(kept: Tensor | None, perturbed: Tensor) -> Tensor:

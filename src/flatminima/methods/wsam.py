@@ -179,8 +179,8 @@ class WSAM(SharpnessAwareOptimizer):
         if max_norm is not None:
             step.all_reduce(clean_list)
             _clip_(perturbed, max_norm, foreach=step.foreach)
-        clean_norm = kernels.global_norm(clean_list, foreach=step.foreach)
-        if not math.isfinite(clean_norm):
+        clean_norm = kernels.norm_and_tensor(clean_list, foreach=step.foreach)
+        if not math.isfinite(clean_norm[0]):
             # The neighbourhood made ε = 0, so the perturbed pass ran at w: g̃ stands in for g.
             # (Not an early return: every process must still run the same collectives.)
             kernels.copy_(clean_list, perturbed, foreach=step.foreach)
@@ -208,15 +208,20 @@ def _clean_or_zero(kept: Tensor | None, perturbed: Tensor) -> Tensor:
 
 
 def _clip_(
-    grads: list[Tensor], max_norm: float, *, foreach: bool, norm: float | None = None
+    grads: list[Tensor],
+    max_norm: float,
+    *,
+    foreach: bool,
+    norm: tuple[float, Tensor] | None = None,
 ) -> None:
-    """g ← g·min(1, max_norm/(‖g‖ + 1e-6)): ``torch.nn.utils.clip_grad_norm_``'s rule
-    (``norm``: ‖g‖ when the caller has it already)."""
-    if norm is None:
-        norm = kernels.global_norm(grads, foreach=foreach)
-    factor = float(max_norm) / (norm + CLIP_EPSILON)
-    if factor < 1.0:  # false for a non-finite norm too, which clip_grad_norm_ passes through
-        kernels.scale_(grads, factor, foreach=foreach)
+    """g ← g·min(1, max_norm/(‖g‖ + 1e-6)): ``torch.nn.utils.clip_grad_norm_``'s rule.
+
+    ``norm``: ‖g‖ as a float and as a 0-d tensor, when the caller has it already. The factor
+    is computed from the tensor (the same IEEE arithmetic as from the float), so that
+    ``torch.compile`` traces it rather than recompiling for each new value."""
+    value, tensor = kernels.norm_and_tensor(grads, foreach=foreach) if norm is None else norm
+    if float(max_norm) / (value + CLIP_EPSILON) < 1.0:  # false for a non-finite norm (no NaN)
+        kernels.scale_(grads, float(max_norm) / (tensor + CLIP_EPSILON), foreach=foreach)
 
 
 def _alphas(views: list[GroupView]) -> list[float]:
