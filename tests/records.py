@@ -12,6 +12,7 @@ from typing import Any
 
 import flatminima
 from flatminima.directions import FRIENDLY_EMA
+from flatminima.methods.looksam import LOOKSAM_DIRECTION
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class MethodRecord:
     """Bad keyword arguments and the argument name the ``ValueError`` must mention."""
     loss_scale_invariant: bool = True
     """Whether multiplying the loss by c > 0 leaves ε unchanged."""
+    descends_with_first_pass_gradient: bool = False
+    """Whether the first pass's gradient enters the update (Momentum-SAM, whose only pass it
+    is; Bilateral SAM): a non-finite gradient there then reaches the base optimizer."""
 
     @property
     def id(self) -> str:
@@ -96,5 +100,38 @@ RECORDS = [
             ({"lmbda": -0.1}, "lmbda"),
             ({"sigma": -1.0}, "sigma"),
         ],
+    ),
+]
+
+# -- methods-b (issue 9): LookSAM, Momentum-SAM, Bilateral SAM ------------------------------------
+
+RECORDS += [
+    MethodRecord(
+        cls=flatminima.LookSAM,
+        typical={"rho": 0.1, "k": 2, "alpha": 0.7},
+        identity={"rho": 0.0, "alpha": 0.0},
+        sam_equivalent={"rho": 0.1, "k": 1},
+        persistent_state=(LOOKSAM_DIRECTION,),
+        invalid=[
+            *COMMON_INVALID,
+            ({"k": 0}, "k"),
+            ({"k": 2.0}, "k"),
+            ({"alpha": -0.1}, "alpha"),
+            ({"alpha": float("nan")}, "alpha"),
+        ],
+    ),
+    MethodRecord(
+        cls=flatminima.MomentumSAM,
+        typical={"rho": 0.5},
+        identity={"rho": 0.0},
+        invalid=COMMON_INVALID,
+        descends_with_first_pass_gradient=True,
+    ),
+    MethodRecord(
+        cls=flatminima.BilateralSAM,
+        typical={"rho": 0.1, "rho_min": 0.05},
+        identity={"rho": 0.0, "rho_min": 0.0},
+        invalid=[*COMMON_INVALID, ({"rho_min": -0.1}, "rho_min"), ({"rho_min": 1e400}, "rho_min")],
+        descends_with_first_pass_gradient=True,
     ),
 ]

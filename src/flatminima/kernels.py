@@ -253,3 +253,26 @@ def zero_(tensors: TensorList, *, foreach: bool) -> None:
 def empty_like(tensors: TensorList) -> list[Tensor]:
     """Uninitialised buffers shaped like ``tensors`` (one extra parameter copy of memory)."""
     return [torch.empty_like(t, memory_format=torch.preserve_format) for t in tensors]
+
+
+def dot(a: TensorList, b: TensorList, *, foreach: bool) -> Tensor:
+    """Σ⟨aᵢ, bᵢ⟩ over all pairs, as a 0-d float64 tensor on the first tensor's device
+    (LookSAM's projection of the perturbed gradient on the clean one).
+
+    Each pair is multiplied and summed by one ``vdot`` in float32 at least (float64 for
+    float64 tensors), like :func:`squared_norm`, and the per-pair values are added in float64.
+    torch has no foreach reduction for a dot product, and a ``torch._foreach_mul`` of the two
+    lists would allocate a parameter copy of products, so both paths run the same per-pair
+    ``vdot`` (``foreach`` is accepted for the kernels' uniform signature) and agree bit for bit.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"dot needs lists of the same length, got {len(a)} and {len(b)}")
+    if len(a) == 0:
+        return torch.zeros((), dtype=torch.float64)
+    result_device = a[0].device
+    values = []
+    for x, y in zip(a, b, strict=True):
+        acc = accumulation_dtype(x.dtype)
+        value = torch.vdot(x.reshape(-1).to(acc), y.reshape(-1).to(acc))
+        values.append(value.to(device=result_device, dtype=torch.float64))
+    return torch.stack(values).sum()

@@ -122,11 +122,15 @@ class Step:
         """A pass at the start point (the weights themselves unless a start moved them)."""
         return self._evaluation(index, START, update_statistics, synchronise=False)
 
-    def perturbed_pass(self, *, index: int = 0, synchronise: bool = False) -> Evaluation:
+    def perturbed_pass(
+        self, *, index: int = 0, synchronise: bool = False, update_statistics: bool = False
+    ) -> Evaluation:
         """A pass at the perturbed point. ``synchronise=True`` only for the last pass of a
         step whose gradient is the update as it stands (SAM): DDP all-reduces it during
-        backward; otherwise the engine all-reduces the final update once."""
-        return self._evaluation(index, PERTURBED, False, synchronise=synchronise)
+        backward; otherwise the engine all-reduces the final update once.
+        ``update_statistics=True`` for a step that never evaluates the weights themselves, so
+        that its one perturbed pass is the step's BatchNorm pass (Momentum-SAM)."""
+        return self._evaluation(index, PERTURBED, update_statistics, synchronise=synchronise)
 
     def _evaluation(
         self, index: int, point: str, update_statistics: bool, *, synchronise: bool
