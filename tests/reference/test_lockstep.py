@@ -8,10 +8,14 @@ import pytest
 import torch
 from loops import (
     FriendlyState,
+    LookSAMState,
     ReferenceSGD,
     asam_step,
+    bilateral_sam_step,
     fisher_sam_step,
     friendly_sam_step,
+    looksam_step,
+    momentum_sam_step,
     monge_sam_step,
     sam_step,
     tilted_sam_step,
@@ -60,6 +64,23 @@ CASES = [
         {"rho": 0.05, "tilt": 3.0, "num_samples": 3, "radius": 0.05, "noise_scale": 1.0},
         lambda: functools.partial(tilted_sam_step, generator=torch.Generator().manual_seed(4)),
     ),
+]
+
+# -- methods-b (issue 9): LookSAM, Momentum-SAM, Bilateral SAM ------------------------------------
+CASES += [
+    (
+        flatminima.LookSAM,
+        {"rho": 0.1, "k": 2, "alpha": 0.7},
+        lambda: functools.partial(looksam_step, state=LookSAMState()),
+    ),
+    (
+        flatminima.LookSAM,
+        {"rho": 0.2, "k": 3, "alpha": 0.2},
+        lambda: functools.partial(looksam_step, state=LookSAMState()),
+    ),
+    (flatminima.MomentumSAM, {"rho": 0.5}, lambda: momentum_sam_step),
+    (flatminima.BilateralSAM, {"rho": 0.1, "rho_min": 0.05}, lambda: bilateral_sam_step),
+    (flatminima.BilateralSAM, {"rho": 0.05, "rho_min": 0.2}, lambda: bilateral_sam_step),
 ]
 
 
