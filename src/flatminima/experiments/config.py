@@ -118,7 +118,9 @@ def resolve_hyperparameters(method: str, overrides: Mapping[str, Any]) -> dict[s
     }
     probe = torch.nn.Linear(1, 1)
     try:
-        spec.build(torch.optim.SGD(probe.parameters(), lr=0.1), model=probe, **typed)
+        # With momentum: Momentum-SAM refuses a base optimizer that has none.
+        probe_base = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
+        spec.build(probe_base, model=probe, **typed)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"method {method!r}: {error}") from None
     return typed
