@@ -303,6 +303,14 @@ def contenders(*, peers: bool = True, tilted_samples: int = 3) -> list[Contender
                 "peer", "friendly-sam", 2,
                 _build_pytorch_optimizer("FriendlySAM", rho=0.2, sigma=1.0, lmbda=0.6),
             ),
+            # Its step(closure) calls the closure on every step, also between refreshes (at w,
+            # where the caller's pass already was): 2 passes per step, and per-tensor maths.
+            Contender(
+                "pytorch_optimizer:looksam",
+                "pytorch_optimizer LookSAM (k=5, alpha=0.2; per tensor)",
+                "peer", "looksam", 2,
+                _build_pytorch_optimizer("LookSAM", rho=0.1, k=5, alpha=0.2),
+            ),
         ]
     return rows
 
