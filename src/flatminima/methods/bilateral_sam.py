@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from flatminima import hyperparameters as hp
 from flatminima import kernels
 from flatminima.engine import Program, SharpnessAwareOptimizer
+from flatminima.groups import GroupView
 from flatminima.step import Step
 
 XI = 1e-12
@@ -138,37 +139,44 @@ class BilateralSAM(SharpnessAwareOptimizer):
         clean = yield step.clean_pass()
         views = step.views()  # refuses sparse gradients before anything moves
         params = [p for view in views for p in view.params]
+        # Cloned, not taken over: under DDP with gradient_as_bucket_view the gradient is a
+        # view of a bucket that the next backward reuses.
         with torch.no_grad():
             g = [p.grad.clone() for p in params]  # one parameter copy
         norm = kernels.global_norm(g, foreach=step.foreach)
+        # w ± ρ/(‖g‖ + ξ)·g: the authors' rounding (the scale first, not ρ·ĝ). A zero or
+        # non-finite ‖g‖ leaves w where it is (0·g would turn an infinite g into NaN).
         usable = norm > 0.0 and math.isfinite(norm)
-        radii = [
-            (float(view.hyperparameters["rho"]), _rho_min(view.hyperparameters)) for view in views
-        ]
+        to_max, to_min = _step_sizes(views, norm)
+        # The views hold the clean pass's gradient tensors: dropped, so that they are freed
+        # when the engine clears the gradients for the next pass (else a fourth copy).
+        del views
 
-        def move_along_g(sign: float, side: int) -> None:
-            """w ← w ± ρ/(‖g‖ + ξ)·g (the authors' rounding: the scale first, not ρ·ĝ); a
-            zero or non-finite ‖g‖ leaves w where it is (multiplying by 0 would turn an
-            infinite g into NaN)."""
-            if usable:
-                alphas = [
-                    sign * radius[side] / (norm + XI)
-                    for view, radius in zip(views, radii, strict=True)
-                    for _ in view.params
-                ]
-                step.move_weights(params, g, alphas)
-
-        move_along_g(1.0, 0)
+        if usable:
+            step.move_weights(params, g, to_max)
         yield step.perturbed_pass(index=0)
         with torch.no_grad():
             g_max = {p: p.grad.clone() for p in step.params if p.grad is not None}
         step.restore()
-        move_along_g(-1.0, 1)
+        if usable:
+            step.move_weights(params, g, to_min)
         yield step.perturbed_pass(index=1)
         step.restore()
         with torch.no_grad():
             _combine_(step, dict(zip(params, g, strict=True)), g_max)
         return clean.loss
+
+
+def _step_sizes(views: list[GroupView], norm: float) -> tuple[list[float], list[float]]:
+    """Per parameter, ρ/(‖g‖ + ξ) towards the max side and −ρ_min,t/(‖g‖ + ξ) towards the
+    min side."""
+    to_max: list[float] = []
+    to_min: list[float] = []
+    for view in views:
+        rho, rho_min = float(view.hyperparameters["rho"]), _rho_min(view.hyperparameters)
+        to_max += [rho / (norm + XI)] * len(view.params)
+        to_min += [-rho_min / (norm + XI)] * len(view.params)
+    return to_max, to_min
 
 
 def _rho_min(group: Mapping[str, Any]) -> float:

@@ -157,6 +157,9 @@ class LookSAM(SharpnessAwareOptimizer):
         stored = [self._direction_buffer(p) for p in clean_params]
         with torch.no_grad():
             kernels.copy_(stored, [g for view in views for g in view.grads], foreach=step.foreach)
+        # The views hold this pass's gradient tensors: dropped, so that they are freed when the
+        # engine clears the gradients for the next pass (else a third parameter copy).
+        del views
         step.perturb(self.direction, self.neighborhood)
         yield step.perturbed_pass()
         step.restore()
