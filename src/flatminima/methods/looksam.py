@@ -40,9 +40,10 @@ class LookSAM(SharpnessAwareOptimizer):
     it to rounding (``scripts/compare_with_authors.py --method looksam``):
 
     * the norms and the projection are **global** over all parameters with a gradient, as in
-      the paper's formula. pytorch_optimizer's ``LookSAM`` projects and normalises each tensor
-      on its own and reads the step number from the base optimizer's state; the two forms
-      differ by about 5e-2 in the weights after 8 steps at k = 2 (spec §19);
+      the paper's formula. pytorch_optimizer's ``LookSAM`` projects, normalises and rescales
+      each tensor on its own (and, in version 4.1.0, calls the closure on every step, also
+      between refreshes); the two forms differ by about 5e-2 in the weights after 8 steps at
+      k = 2 (spec §19; 6.3e-2 with pytorch_optimizer 4.1.0 in the comparison script);
     * the projection coefficient is ⟨g̃, g⟩/(‖g‖² + 1e-12), the repository's stabiliser;
     * ε = ρ·g/(‖g‖ + 1e-12) and the refresh step descends with g̃: it is a SAM step.
 
