@@ -90,6 +90,10 @@ class BilateralSAM(SharpnessAwareOptimizer):
         >>> loss = optimizer.step(closure)
     """
 
+    paper = "Deng, Pang, Zhang & Huang, 2024"
+    passes_text = "3"
+    extra_memory = "3 P (backup, g, g_max)"
+
     declaration = (
         hp.Hyperparameter(
             "rho",

@@ -87,6 +87,10 @@ class LookSAM(SharpnessAwareOptimizer):
         >>> losses = [optimizer.step(closure) for _ in range(6)]  # refreshes at steps 0 and 5
     """
 
+    paper = "Liu et al., CVPR 2022"
+    passes_text = "2 on steps 0, `k`, 2`k`, …; 1 otherwise"
+    extra_memory = "2 P (ĝ_v; backup on refresh steps)"
+
     declaration = (
         hp.Hyperparameter(
             "rho",

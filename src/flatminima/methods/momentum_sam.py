@@ -75,6 +75,10 @@ class MomentumSAM(SharpnessAwareOptimizer):
         >>> losses = [optimizer.step(closure) for _ in range(3)]
     """
 
+    paper = "Becker, Altrock & Risse, 2024"
+    passes_text = "1"
+    extra_memory = "1 P (backup)"
+
     declaration = (
         hp.Hyperparameter(
             "rho",
