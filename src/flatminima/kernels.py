@@ -293,8 +293,10 @@ def empty_like(tensors: TensorList) -> list[Tensor]:
 FUSED_MIN_NUMEL = 1 << 16
 """Tensors with at least this many elements take the chunked path (foreach below)."""
 
-CHUNK_NUMEL = 1 << 15
-"""Elements per chunk: 128 KiB of float32, so a chunk and two work buffers stay in L2."""
+CHUNK_NUMEL = 1 << 17
+"""Elements per chunk: 512 KiB of float32. Measured on W2-wide's tensors (2-core EPYC,
+one thread): 2^17 to 2^18 elements per chunk ran Fisher SAM's sweep 3× faster than 2^15 (the
+Python cost of each chunk's calls) and 10× faster than whole tensors (which leave the cache)."""
 
 
 def _split_by_size(tensors: TensorList) -> tuple[list[int], list[int]]:
@@ -318,18 +320,23 @@ def _work_buffer(reference: Tensor, count: int = 1) -> list[Tensor]:
     return [torch.empty(size, dtype=dtype, device=reference.device) for _ in range(count)]
 
 
-def fisher_quadratic(grads: TensorList, eta: float, *, foreach: bool) -> float:
-    """Σ g·u with u = g/(1 + η·g²) over every tensor: gᵀF⁻¹g for Fisher SAM's diagonal
-    F = 1 + η·g². Half-precision gradients are widened to float32 first (g² overflows float16
-    beyond 256). Every path sums each tensor's (each chunk's) terms with ``sum()`` in the
-    accumulation dtype, then adds those partial sums in float64 (a float64 ``sum`` of float32
-    terms is tens of times slower on CPU)."""
+def fisher_precondition_(grads: TensorList, eta: float, *, foreach: bool) -> float:
+    """g ← u = g/(1 + η·g²) in place, and returns gᵀF⁻¹g = Σ g·u: Fisher SAM's F⁻¹g and its
+    normaliser for the diagonal F = 1 + η·g², in one sweep over the gradients.
+
+    Half-precision gradients are widened to float32 for the arithmetic (g² overflows float16
+    beyond 256) and u is rounded back to their dtype. Each tensor's (each chunk's) share of
+    the sum is taken with ``torch.dot`` (``sum`` of a product on the per-tensor path) in the
+    accumulation dtype and the shares are added in float64.
+    """
     total = 0.0
     if not foreach:
         for g in grads:
             wide = g.to(accumulation_dtype(g.dtype))
             f = torch.addcmul(torch.ones_like(wide), wide, wide, value=eta)
-            total += float(wide.div(f).mul_(wide).sum())
+            u = wide.div(f)
+            total += float((wide * u).sum())
+            g.copy_(u)
         return total
     large, small = _split_by_size(grads)
     for i in large:
@@ -340,59 +347,19 @@ def fisher_quadratic(grads: TensorList, eta: float, *, foreach: bool) -> float:
             wide = chunk if chunk.dtype == f_buffer.dtype else chunk.to(f_buffer.dtype)
             size = chunk.numel()
             f = torch.addcmul(one, wide, wide, value=eta, out=f_buffer[:size])
-            total += float(torch.dot(wide, torch.div(wide, f, out=u_buffer[:size])))
-    for index_group in _index_groups(grads, small):
-        wide = [grads[i].to(accumulation_dtype(grads[i].dtype)) for i in index_group]
-        f = [torch.ones_like(w) for w in wide]
-        torch._foreach_addcmul_(f, wide, wide, value=eta)
-        terms = torch._foreach_div(wide, f)
-        torch._foreach_mul_(terms, wide)
-        for term in terms:
-            total += float(term.sum())
-    return total
-
-
-def fisher_scale_(grads: TensorList, eta: float, scale: float, *, foreach: bool) -> None:
-    """g ← scale · g/(1 + η·g²), in place: F⁻¹g scaled into Fisher SAM's ε."""
-    if not foreach:
-        for g in grads:
-            wide = g.to(accumulation_dtype(g.dtype))
-            f = torch.addcmul(torch.ones_like(wide), wide, wide, value=eta)
-            g.copy_(wide.div(f).mul_(scale))
-        return
-    large, small = _split_by_size(grads)
-    if not (math.isfinite(1.0 / scale if scale else math.inf) and math.isfinite(eta / scale)):
-        small, large = sorted(small + large), []  # 1/scale overflows: the unfused path
-    for i in large:
-        g = grads[i]
-        (f_buffer,) = _work_buffer(g)
-        # f/scale = 1/scale + (η/scale)·g², so one division gives scale·g/f (rounding may
-        # differ from the oracle's g/f·scale in the last bit). The widest float32 or float64
-        # buffer holds 1/scale as long as it is finite in Python: checked above for float64;
-        # a float32 buffer would turn a huge 1/scale into inf and ε into 0, which is what a
-        # scale below float32's range means anyway.
-        offset = torch.full((), 1.0 / scale, dtype=f_buffer.dtype, device=g.device)
-        for (chunk,) in _chunk_pairs(g):
-            f = f_buffer[: chunk.numel()]
-            if chunk.dtype == f.dtype:
-                torch.addcmul(offset, chunk, chunk, value=eta / scale, out=f)
-                chunk.div_(f)
-            else:
-                wide = chunk.to(f.dtype)
-                torch.addcmul(offset, wide, wide, value=eta / scale, out=f)
-                chunk.copy_(wide.div_(f))
+            u = torch.div(wide, f, out=u_buffer[:size])
+            total += float(torch.dot(wide, u))
+            chunk.copy_(u)
     for index_group in _index_groups(grads, small):
         members = [grads[i] for i in index_group]
         wide = [t.to(accumulation_dtype(t.dtype)) for t in members]
         f = [torch.ones_like(w) for w in wide]
         torch._foreach_addcmul_(f, wide, wide, value=eta)
-        if wide[0] is members[0]:
-            torch._foreach_div_(members, f)
-            scale_(members, scale, foreach=True)
-        else:
-            quotients = torch._foreach_div(wide, f)
-            torch._foreach_mul_(quotients, scale)
-            torch._foreach_copy_(members, quotients)
+        u = torch._foreach_div(wide, f)
+        for product in torch._foreach_mul(wide, u):
+            total += float(product.sum())
+        torch._foreach_copy_(members, u)
+    return total
 
 
 def _index_groups(tensors: TensorList, indices: list[int]) -> list[list[int]]:

@@ -110,27 +110,21 @@ class FisherEllipsoid:
     """ε = ρ·F⁻¹d / (√(dᵀF⁻¹d) + ξ) with the diagonal Fisher F = 1 + η·g⊙g (Kim et al. 2022).
 
     The radius the paper calls γ is ``rho``; ``eta`` scales the empirical Fisher of the current
-    minibatch gradient. Two sweeps over the gradients (spec §4.3): the first sums
-    gᵀF⁻¹g = Σ g²/(1 + ηg²), the second writes ε = ρ·(g/f)/D in place; neither keeps f, so no
-    scratch buffer is needed. η and ρ are read per group, D is global. Not invariant to the loss
-    scale: unscale AMP gradients before the first step.
+    minibatch gradient. One sweep over the gradients (spec §4.3) turns each g into F⁻¹g and
+    sums gᵀF⁻¹g; a scale by ρ/D then makes ε. f is never stored, so no scratch is needed. η
+    and ρ are read per group, D is global. Not invariant to the loss scale: unscale AMP
+    gradients before the first step.
     """
 
     def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
-        quadratic = sum(
-            kernels.fisher_quadratic(
-                view.grads, float(view.hyperparameters["eta"]), foreach=foreach
-            )
-            for view in views
-        )
+        quadratic = 0.0
+        for view in views:
+            eta = float(view.hyperparameters["eta"])
+            quadratic += kernels.fisher_precondition_(view.grads, eta, foreach=foreach)
         norm = math.sqrt(quadratic) if quadratic >= 0.0 else math.nan  # √(gᵀF⁻¹g)
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
         for view in views:
-            kernels.fisher_scale_(
-                view.grads,
-                float(view.hyperparameters["eta"]),
-                float(view.hyperparameters["rho"]) / (norm + GRADIENT_NORM_EPSILON),
-                foreach=foreach,
-            )
+            scale = float(view.hyperparameters["rho"]) / (norm + GRADIENT_NORM_EPSILON)
+            kernels.scale_(view.grads, scale, foreach=foreach)

@@ -74,6 +74,7 @@ class TiltedSAM(SharpnessAwareOptimizer):
     paper = "Li, Zhou & Bilmes, ICML 2025"
     passes_text = "2·`num_samples`"
     extra_memory = "2 P, whatever `num_samples`"
+    memory_copies = 2.0
 
     manual_two_pass = False  # 2·s passes, and each perturbed pass's loss is needed
 
