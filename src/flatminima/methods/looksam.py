@@ -37,7 +37,8 @@ class LookSAM(SharpnessAwareOptimizer):
     saved in ``state_dict()``) satisfies t mod k = 0: steps 0, k, 2k, ..., the rule of the
     MarlonBecker/MSAM repository's ``looksam.py`` (its counter starts at k, so its first step
     refreshes). There is no official code; that file is the reference, and this class follows
-    it to rounding (``scripts/compare_with_authors.py --method looksam``):
+    it to rounding (``scripts/compare_with_authors.py --method looksam``: at most 4.4e-16
+    apart over 8 steps at k = 1, 2 and 5):
 
     * the norms and the projection are **global** over all parameters with a gradient, as in
       the paper's formula. pytorch_optimizer's ``LookSAM`` projects, normalises and rescales
