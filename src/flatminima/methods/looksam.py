@@ -159,7 +159,8 @@ class LookSAM(SharpnessAwareOptimizer):
         clean = yield step.clean_pass()
         views = step.views()  # refuses sparse gradients before anything moves
         clean_params = [p for view in views for p in view.params]
-        # g goes into ĝ_v's memory: the old direction is not needed on a refresh step.
+        # g goes into ĝ_v's memory: the old direction is not needed on a refresh step (and if
+        # the step fails from here, the counter does not advance: the next step refreshes).
         stored = [self._direction_buffer(p) for p in clean_params]
         with torch.no_grad():
             kernels.copy_(stored, [g for view in views for g in view.grads], foreach=step.foreach)
