@@ -94,6 +94,7 @@ class BilateralSAM(SharpnessAwareOptimizer):
     paper = "Deng, Pang, Zhang & Huang, 2024"
     passes_text = "3"
     extra_memory = "3 P (backup, g, g_max)"
+    memory_copies = 3.0
 
     declaration = (
         hp.Hyperparameter(

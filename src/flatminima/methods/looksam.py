@@ -91,6 +91,7 @@ class LookSAM(SharpnessAwareOptimizer):
     paper = "Liu et al., CVPR 2022"
     passes_text = "2 on steps 0, `k`, 2`k`, …; 1 otherwise"
     extra_memory = "2 P (ĝ_v; backup on refresh steps)"
+    memory_copies = 2.0
 
     declaration = (
         hp.Hyperparameter(
