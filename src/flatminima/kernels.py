@@ -88,6 +88,26 @@ def squared_norm(tensors: TensorList, *, foreach: bool) -> Tensor:
     return total
 
 
+def traced_factor(numerator: float, norm: float, norm_tensor: Tensor) -> float | Tensor:
+    """numerator / norm, as a Python float in eager mode and as a 0-d tensor computed from the
+    norm's tensor under ``torch.compile``: a Python float that changes every step (ρ/‖g‖)
+    would be baked into the compiled graph as a constant and recompile it at every step."""
+    if torch.compiler.is_compiling():
+        return numerator / norm_tensor
+    return numerator / norm
+
+
+def norm_and_tensor(tensors: TensorList, *, foreach: bool) -> tuple[float, Tensor]:
+    """:func:`global_norm` as a float (for the caller's guards) and as a 0-d float64 tensor
+    (for arithmetic that must stay traced under ``torch.compile``)."""
+    norm_tensor = squared_norm(tensors, foreach=foreach).sqrt()
+    norm = float(norm_tensor)
+    if not math.isfinite(norm):
+        norm = _rescaled_global_norm(tensors)
+        norm_tensor = torch.tensor(norm, dtype=torch.float64, device=norm_tensor.device)
+    return norm, norm_tensor
+
+
 def global_norm(tensors: TensorList, *, foreach: bool) -> float:
     """The Euclidean norm of all tensors seen as one vector, as a Python float.
 
@@ -145,9 +165,16 @@ def _factor_for(factor: float, dtype: torch.dtype, device: torch.device) -> Tens
     return factor
 
 
-def scale_(tensors: TensorList, factor: float, *, foreach: bool) -> None:
-    """t ← factor · t for every tensor (the foreach path rounds ``factor`` as the loop does)."""
+def scale_(tensors: TensorList, factor: float | Tensor, *, foreach: bool) -> None:
+    """t ← factor · t for every tensor (the foreach path rounds ``factor`` as the loop does).
+
+    ``factor`` is a 0-d tensor under ``torch.compile`` (see :func:`traced_factor`)."""
     if not tensors:
+        return
+    if isinstance(factor, Tensor):
+        for dtype, members in _groups(tensors):
+            wide = torch.float32 if dtype in REDUCED_PRECISION else dtype
+            torch._foreach_mul_(members, factor.to(wide))
         return
     if not foreach:
         for t in tensors:
@@ -320,15 +347,24 @@ def _work_buffer(reference: Tensor, count: int = 1) -> list[Tensor]:
     return [torch.empty(size, dtype=dtype, device=reference.device) for _ in range(count)]
 
 
-def fisher_precondition_(grads: TensorList, eta: float, *, foreach: bool) -> float:
+def fisher_precondition_(grads: TensorList, eta: float, *, foreach: bool) -> float | Tensor:
     """g ← u = g/(1 + η·g²) in place, and returns gᵀF⁻¹g = Σ g·u: Fisher SAM's F⁻¹g and its
     normaliser for the diagonal F = 1 + η·g², in one sweep over the gradients.
 
     Half-precision gradients are widened to float32 for the arithmetic (g² overflows float16
     beyond 256) and u is rounded back to their dtype. Each tensor's (each chunk's) share of
     the sum is taken with ``torch.dot`` (``sum`` of a product on the per-tensor path) in the
-    accumulation dtype and the shares are added in float64.
+    accumulation dtype and the shares are added in float64. Under ``torch.compile`` every
+    tensor takes the foreach path and the sum stays a 0-d tensor (traced, not a constant).
     """
+    if torch.compiler.is_compiling():
+        wide = [t.to(accumulation_dtype(t.dtype)) for t in grads]
+        f = [torch.ones_like(w) for w in wide]
+        torch._foreach_addcmul_(f, wide, wide, value=eta)
+        u = torch._foreach_div(wide, f)
+        products = torch._foreach_mul(wide, u)
+        torch._foreach_copy_(list(grads), u)
+        return torch.stack([p.sum(dtype=torch.float64) for p in products]).sum()
     total = 0.0
     if not foreach:
         for g in grads:
@@ -384,6 +420,8 @@ def friendly_direction_(
             g.add_(previous, alpha=-sigma)
         return
     large, small = _split_by_size(grads)
+    if torch.compiler.is_compiling():  # chunk loops would unroll into huge graphs
+        large, small = [], sorted(large + small)
     for i in large:
         g, m = grads[i], emas[i]
         previous_buffer = torch.empty(min(CHUNK_NUMEL, g.numel()), dtype=m.dtype, device=m.device)
