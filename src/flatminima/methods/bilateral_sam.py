@@ -65,6 +65,9 @@ class BilateralSAM(SharpnessAwareOptimizer):
     Under DistributedDataParallel no pass synchronises on its own: the update combines three
     gradients, each process builds it from its own, and the engine averages it once.
 
+    Under ``torch.compile`` the step recompiles (ρ/‖g‖ and ‖g_max‖/‖g_min‖ are Python numbers
+    that change every step): compile the model, not this optimizer's step.
+
     Three passes per step; three extra parameter copies during the step (the weights' backup,
     g and g_max), none between steps.
 

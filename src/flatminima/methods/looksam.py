@@ -59,6 +59,10 @@ class LookSAM(SharpnessAwareOptimizer):
     and g̃ (its own ĝ_v, as each process perturbs with its own gradient in SAM) and the engine
     averages the final update once.
 
+    Under ``torch.compile`` the step recompiles (refresh and reuse steps differ, and the
+    projection's factors are Python numbers that change every step): compile the model, not
+    this optimizer's step.
+
     One pass per step plus one every k steps; one persistent parameter copy (ĝ_v, saved by
     ``state_dict()``) and, on refresh steps, the weights' backup. The clean gradient of a
     refresh step is kept in ĝ_v's own memory until ĝ_v is rebuilt from it, so the step costs no

@@ -51,6 +51,9 @@ class MomentumSAM(SharpnessAwareOptimizer):
     DistributedDataParallel the pass's gradient is the update as it stands, so DDP all-reduces
     it during backward.
 
+    Under ``torch.compile`` the step recompiles (ρ/‖v‖ moves the weights as a Python number
+    that changes every step): compile the model, not this optimizer's step.
+
     One pass per step; one extra parameter copy (the weights' backup, during the step only).
 
     {hyperparameters}
