@@ -198,3 +198,19 @@ def test_an_abandoned_perturbed_pass_restores_the_weights():
         torch.nn.functional.cross_entropy(model(x), y).backward()
         break
     assert_bitwise_equal(snapshot(model), before)
+
+
+def test_a_run_config_without_momentum_is_refused_up_front():
+    from flatminima.experiments.config import ConfigError, make_run_config
+
+    with pytest.raises(ConfigError, match="momentum"):
+        make_run_config(dataset="digits", model="mlp", method="momentum-sam", momentum=0.0)
+    for optimizer, momentum in (("sgd", 0.9), ("adamw", None)):
+        config = make_run_config(
+            dataset="digits",
+            model="mlp",
+            method="momentum-sam",
+            optimizer=optimizer,
+            momentum=momentum,
+        )
+        assert config.hyperparameters == {"rho": 3.0}
