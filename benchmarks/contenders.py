@@ -205,8 +205,10 @@ def _pytorch_optimizer_class(name: str) -> type:
 
 
 def _build_pytorch_optimizer(
-    name: str, **options: Any
+    name: str, *, cycle: int = 1, **options: Any
 ) -> Callable[[Workload, Hooks], Prepared]:
+    """``cycle``: steps per timed call (LookSAM's k, as for flatminima's rows)."""
+
     def build(workload: Workload, hooks: Hooks) -> Prepared:
         built = setup(workload, hooks)
         optimizer = _pytorch_optimizer_class(name)(
@@ -216,11 +218,12 @@ def _build_pytorch_optimizer(
         closure = built.closure
 
         def step() -> None:
-            # pytorch_optimizer's contract: gradients at w first, then step(closure).
-            closure()
-            optimizer.step(closure)
+            for _ in range(cycle):
+                # pytorch_optimizer's contract: gradients at w first, then step(closure).
+                closure()
+                optimizer.step(closure)
 
-        return Prepared(step, built.params)
+        return Prepared(step, built.params, steps_per_call=cycle)
 
     return build
 
@@ -367,6 +370,14 @@ def contenders(*, peers: bool = True, tilted_samples: int = 3) -> list[Contender
                 "pytorch_optimizer WSAM (default: per-tensor on CPU)",
                 "peer", "wsam", 2,
                 _build_pytorch_optimizer_wsam,
+            ),
+            # Its step(closure) calls the closure on every step, also between refreshes (at w,
+            # where the caller's pass already was): 2 passes per step, and per-tensor maths.
+            Contender(
+                "pytorch_optimizer:looksam",
+                "pytorch_optimizer LookSAM (k=5, alpha=0.2; per tensor)",
+                "peer", "looksam", 2,
+                _build_pytorch_optimizer("LookSAM", cycle=5, rho=0.1, k=5, alpha=0.2),
             ),
         ]
     return rows
