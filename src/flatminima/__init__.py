@@ -8,17 +8,28 @@ Every method wraps a base optimizer *instance* and is itself a ``torch.optim.Opt
 """
 
 from flatminima.engine import Evaluation, Evaluations, SharpnessAwareOptimizer
-from flatminima.methods import ASAM, SAM, FisherSAM, FriendlySAM, MongeSAM, TiltedSAM
+from flatminima.methods import (
+    ASAM,
+    ESAM,
+    SAM,
+    FisherSAM,
+    FriendlySAM,
+    MicroBatchSAM,
+    MongeSAM,
+    TiltedSAM,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ASAM",
+    "ESAM",
     "SAM",
     "Evaluation",
     "Evaluations",
     "FisherSAM",
     "FriendlySAM",
+    "MicroBatchSAM",
     "MongeSAM",
     "SharpnessAwareOptimizer",
     "TiltedSAM",

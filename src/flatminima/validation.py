@@ -73,3 +73,10 @@ def positive(name: str, value: Any) -> None:
     number = _number(name, value)
     if not (0.0 < number < math.inf):
         raise ValueError(f"{name} must be in (0, inf), got {value!r}")
+
+
+def positive_unit(name: str, value: Any) -> None:
+    """0 < value ≤ 1."""
+    number = _number(name, value)
+    if not (0.0 < number <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")

@@ -1,8 +1,10 @@
 """One module per method; each is a small class that chooses the engine's parts."""
 
 from flatminima.methods.asam import ASAM
+from flatminima.methods.esam import ESAM
 from flatminima.methods.fisher_sam import FisherSAM
 from flatminima.methods.friendly_sam import FriendlySAM
+from flatminima.methods.micro_batch_sam import MicroBatchSAM
 from flatminima.methods.monge_sam import MongeSAM
 from flatminima.methods.sam import SAM
 from flatminima.methods.tilted_sam import TiltedSAM
@@ -14,7 +16,19 @@ BY_NAME = {
     "monge-sam": MongeSAM,
     "tilted-sam": TiltedSAM,
     "friendly-sam": FriendlySAM,
+    "esam": ESAM,
+    "msam": MicroBatchSAM,
 }
 """Command-line name → class, read by :mod:`flatminima.registry`."""
 
-__all__ = ["ASAM", "BY_NAME", "SAM", "FisherSAM", "FriendlySAM", "MongeSAM", "TiltedSAM"]
+__all__ = [
+    "ASAM",
+    "BY_NAME",
+    "ESAM",
+    "SAM",
+    "FisherSAM",
+    "FriendlySAM",
+    "MicroBatchSAM",
+    "MongeSAM",
+    "TiltedSAM",
+]
