@@ -90,7 +90,7 @@ class ESAM(SharpnessAwareOptimizer):
     """
 
     paper = "Du et al., ICLR 2022"
-    passes_text = "1 + 1 forward + γ"
+    passes_text = "1 + γ (+ 1 forward)"
     extra_memory = "1 P (backup)"
     manual_two_pass = False
 

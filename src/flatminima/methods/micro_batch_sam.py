@@ -65,7 +65,7 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
     """
 
     paper = "Behdin et al., arXiv 2023"
-    passes_text = "2 (M micro-batches)"
+    passes_text = "2 (in M micro-batches)"
     extra_memory = "2 P (backup + update)"
     manual_two_pass = False
 
