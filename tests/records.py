@@ -63,6 +63,10 @@ class MethodRecord:
     compute: Callable[[dict[str, Any], int, int], float] | None = None
     """Compute of step number ``step`` in full passes (``Cost.passes``) for a batch of
     ``batch_size`` examples; ``None``: every pass is a full pass, so it equals ``passes``."""
+    compiles_without_recompiling: bool = True
+    """Whether ``torch.compile`` of its step keeps one graph across steps (a method whose
+    arithmetic depends on Python numbers that change every step, such as Tilted SAM's
+    loss-based weights, recompiles)."""
 
     @property
     def id(self) -> str:
@@ -163,6 +167,7 @@ RECORDS = [
         manual_two_pass=False,
         starts_at_weights=False,
         memory_copies=2.0,
+        compiles_without_recompiling=False,
         reference=lambda: functools.partial(
             loops.tilted_sam_step, generator=torch.Generator().manual_seed(4)
         ),
@@ -214,6 +219,7 @@ RECORDS = [
         extras=lambda: {"generator": torch.Generator().manual_seed(4)},
         needs_per_example_closure=True,
         compute=esam_compute,
+        compiles_without_recompiling=False,  # the examples kept depend on the data
     ),
     MethodRecord(
         cls=flatminima.MicroBatchSAM,
@@ -235,5 +241,6 @@ RECORDS = [
         lockstep=("typical", "uneven"),
         needs_per_example_closure=True,
         compute=lambda hyperparameters, step, batch_size: 2.0,
+        compiles_without_recompiling=False,  # not tried: each micro-batch is its own pass
     ),
 ]
