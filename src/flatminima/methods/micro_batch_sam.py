@@ -67,6 +67,7 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
     paper = "Behdin et al., arXiv 2023"
     passes_text = "2 (in M micro-batches)"
     extra_memory = "2 P (backup + update)"
+    memory_copies = 2.0
     manual_two_pass = False
 
     declaration = (
