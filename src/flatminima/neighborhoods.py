@@ -159,7 +159,7 @@ class InflatedBall:
     """
 
     def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
-        norm = kernels.global_norm(all_grads(views), foreach=foreach)
+        norm, _ = kernels.norm_and_tensor(all_grads(views), foreach=foreach)  # as SAM's
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
