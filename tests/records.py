@@ -17,6 +17,7 @@ import torch
 
 import flatminima
 from flatminima.directions import FRIENDLY_EMA
+from flatminima.methods.esam import WEIGHT_PERTURBED
 from flatminima.methods.looksam import LOOKSAM_DIRECTION
 from reference import loops
 
@@ -61,6 +62,12 @@ class MethodRecord:
     """The configurations run in lockstep with the reference."""
     extras: Callable[[], dict[str, Any]] = dict
     """Constructor arguments that are not hyperparameters (a seeded generator)."""
+    needs_per_example_closure: bool = False
+    """Whether the closure must take the evaluation (which rows, whether a gradient) and
+    return per-example losses (ESAM selects examples by them; micro-batch SAM asks for rows)."""
+    compute: Callable[[dict[str, Any], int, int], float] | None = None
+    """Compute of step number ``step`` in full passes (``Cost.passes``) for a batch of
+    ``batch_size`` examples; ``None``: every pass is a full pass, so it equals ``passes``."""
     compiles_without_recompiling: bool = True
     """Whether ``torch.compile`` of its step keeps one graph across steps (a method whose
     arithmetic depends on Python numbers that change every step, such as Tilted SAM's
@@ -77,6 +84,18 @@ class MethodRecord:
 
 def two_passes(hyperparameters: dict[str, Any], step: int) -> int:
     return 2
+
+
+def esam_compute(hyperparameters: dict[str, Any], step: int, batch_size: int) -> float:
+    """A full forward and backward, a full forward (the probe), and a forward and backward on
+    the k − 1 examples the strict rule keeps (k = ⌊γB⌋; all of them from γ ≥ 0.99), without
+    ties in the loss rises."""
+    gamma = hyperparameters["gamma"]
+    k = max(1, int(batch_size * gamma))
+    kept = batch_size if gamma >= 0.99 else max(1, k - 1)
+    share = kept / batch_size
+    forward, backward = 2.0 + share, 1.0 + share
+    return (forward + 2.0 * backward) / 3.0
 
 
 COMMON_INVALID = [
@@ -179,6 +198,55 @@ RECORDS = [
         memory_copies=2.0,
         reference=lambda: functools.partial(loops.friendly_sam_step, state=loops.FriendlyState()),
         lockstep=("typical", "partial_removal"),
+    ),
+    # -- data-aware methods (issue 10, first half) -----------------------------------------------
+    MethodRecord(
+        cls=flatminima.ESAM,
+        configurations={
+            "typical": {"rho": 0.1, "beta": 0.5, "gamma": 0.5},
+            "quarter_of_the_batch": {"rho": 0.2, "beta": 0.7, "gamma": 0.25},
+        },
+        identity={"rho": 0.0},
+        passes=lambda hyperparameters, step: 3,
+        persistent_state=(WEIGHT_PERTURBED,),
+        invalid=[
+            *COMMON_INVALID,
+            ({"beta": 0.0}, r"beta must be in \(0, 1\]"),
+            ({"beta": 1.5}, r"beta must be in \(0, 1\]"),
+            ({"gamma": 0.0}, r"gamma must be in \(0, 1\]"),
+            ({"gamma": float("nan")}, r"gamma must be a real number, got NaN"),
+        ],
+        manual_two_pass=False,
+        reference=lambda: functools.partial(
+            loops.esam_step, state=loops.EsamState(torch.Generator().manual_seed(4))
+        ),
+        lockstep=("typical", "quarter_of_the_batch"),
+        extras=lambda: {"generator": torch.Generator().manual_seed(4)},
+        needs_per_example_closure=True,
+        compute=esam_compute,
+        compiles_without_recompiling=False,  # the examples kept depend on the data
+    ),
+    MethodRecord(
+        cls=flatminima.MicroBatchSAM,
+        configurations={
+            "typical": {"rho": 0.1, "micro_batches": 4},
+            "uneven": {"rho": 0.1, "micro_batches": 3},
+        },
+        identity={"rho": 0.0, "micro_batches": 1},
+        passes=lambda hyperparameters, step: 2 * hyperparameters["micro_batches"],
+        sam_equivalent={"rho": 0.1, "micro_batches": 1},
+        invalid=[
+            *COMMON_INVALID,
+            ({"micro_batches": 0}, r"micro_batches must be an integer >= 1"),
+            ({"micro_batches": 2.0}, r"micro_batches must be an integer >= 1"),
+        ],
+        manual_two_pass=False,
+        memory_copies=2.0,
+        reference=lambda: loops.micro_batch_sam_step,
+        lockstep=("typical", "uneven"),
+        needs_per_example_closure=True,
+        compute=lambda hyperparameters, step, batch_size: 2.0,
+        compiles_without_recompiling=False,  # not tried: each micro-batch is its own pass
     ),
 ]
 

@@ -10,6 +10,7 @@ Every method wraps a base optimizer *instance* and is itself a ``torch.optim.Opt
 from flatminima.engine import Evaluation, Evaluations, SharpnessAwareOptimizer
 from flatminima.methods import (
     ASAM,
+    ESAM,
     GSAM,
     SAM,
     WSAM,
@@ -17,6 +18,7 @@ from flatminima.methods import (
     FisherSAM,
     FriendlySAM,
     LookSAM,
+    MicroBatchSAM,
     MomentumSAM,
     MongeSAM,
     TiltedSAM,
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASAM",
+    "ESAM",
     "GSAM",
     "SAM",
     "WSAM",
@@ -35,6 +38,7 @@ __all__ = [
     "FisherSAM",
     "FriendlySAM",
     "LookSAM",
+    "MicroBatchSAM",
     "MomentumSAM",
     "MongeSAM",
     "SharpnessAwareOptimizer",

@@ -50,7 +50,7 @@ def _copy_by_torch_save(optimizer):
 def test_a_copy_steps_like_the_original_and_shares_nothing(record, how):
     model = tiny_mlp()
     optimizer = build(record, model)
-    run(optimizer, model, batches(2))
+    run(optimizer, model, batches(2), per_example=record.needs_per_example_closure)
     # Copy the model and the optimizer together, as one object graph, so that the copy's
     # optimizer steps the copy's parameters.
     pair = how((model, optimizer)) if how is not _copy_by_torch_save else None
@@ -65,9 +65,9 @@ def test_a_copy_steps_like_the_original_and_shares_nothing(record, how):
     assert optimizer_copy.param_groups[0]["params"][0] is next(model_copy.parameters())
     data = batches(4)[2:]
     torch.manual_seed(3)
-    run(optimizer, model, data)
+    run(optimizer, model, data, per_example=record.needs_per_example_closure)
     torch.manual_seed(3)
-    run(optimizer_copy, model_copy, data)
+    run(optimizer_copy, model_copy, data, per_example=record.needs_per_example_closure)
     assert_bitwise_equal(snapshot(model_copy), snapshot(model))
     original = {id(t) for t in model.parameters()}
     assert not original & {id(t) for t in model_copy.parameters()}
@@ -183,7 +183,7 @@ def test_a_group_edited_to_a_bad_value_is_refused_at_the_next_step(record):
     for kwargs, message in record.invalid:
         model = tiny_mlp()
         optimizer = build(record, model)
-        run(optimizer, model, batches(1))
+        run(optimizer, model, batches(1), per_example=record.needs_per_example_closure)
         before = snapshot(model)
         optimizer.param_groups[0].update(kwargs)
         with pytest.raises(ValueError, match=message):
@@ -281,5 +281,5 @@ def test_numpy_scalars_are_accepted_as_hyperparameters(record, scalar):
         for name, value in record.typical.items()
     }
     optimizer = record.cls(make_base("sgd", model.parameters()), **hyperparameters)
-    run(optimizer, model, batches(1))
+    run(optimizer, model, batches(1), per_example=record.needs_per_example_closure)
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flatminima.engine import Evaluation, SharpnessAwareOptimizer
 from flatminima.experiments.config import RunConfig
 from flatminima.experiments.data import (
     DATASETS,
@@ -79,8 +80,9 @@ class EpochMetrics:
     """The learning rate of the epoch's last step."""
     train_time_s: float
     """Training time so far (evaluation excluded)."""
-    passes: int
-    """Forward/backward passes so far."""
+    passes: float
+    """Forward/backward passes so far (a pass on part of the batch, or a forward without a
+    backward, counts its share: the optimizer's ``cost.passes`` where it keeps one)."""
 
 
 @dataclass
@@ -137,7 +139,7 @@ def train(
         if config.schedule == "cosine"
         else None
     )
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(reduction="none")  # per example: ESAM selects by them
     shuffle = torch.Generator().manual_seed(config.seed)
     passes = 0
     train_time = 0.0
@@ -152,17 +154,29 @@ def train(
             inputs, labels = data.x_train[batch], data.y_train[batch]
 
             # Default arguments bind this batch now (a closure must not see the next batch).
+            # A method's evaluation says which rows to run and whether a backward is needed
+            # (None: the plain base optimizer, every row with a backward); the per-example
+            # losses are returned, their mean is what the backward and the step report.
             def closure(
-                inputs: torch.Tensor = inputs, labels: torch.Tensor = labels
+                evaluation: Evaluation | None,
+                inputs: torch.Tensor = inputs,
+                labels: torch.Tensor = labels,
             ) -> torch.Tensor:
                 nonlocal passes
                 optimizer.zero_grad(set_to_none=True)
-                loss = criterion(model(inputs), labels)
-                loss.backward()
+                rows = None if evaluation is None else evaluation.examples_for(len(labels))
+                if rows is not None:
+                    inputs, labels = inputs[rows], labels[rows]
+                losses = criterion(model(inputs), labels)
+                if evaluation is None or evaluation.needs_gradient:
+                    losses.mean().backward()
                 passes += 1
-                return loss
+                return losses
 
-            loss = optimizer.step(closure)
+            if isinstance(optimizer, SharpnessAwareOptimizer):
+                loss = optimizer.step(closure)
+            else:
+                loss = optimizer.step(lambda: closure(None).mean())
             loss_sum += float(loss.detach()) * len(batch)
             learning_rate = optimizer.param_groups[0]["lr"]
             if scheduler is not None:
@@ -176,7 +190,7 @@ def train(
             test_accuracy=test_accuracy,
             learning_rate=learning_rate,
             train_time_s=train_time,
-            passes=passes,
+            passes=_passes_run(optimizer, passes),
         )
         history.append(metrics)
         if on_epoch is not None:
@@ -192,7 +206,7 @@ def train(
     last = history[-1]
     final = {
         "train_time_s": train_time,
-        "passes": passes,
+        "passes": _passes_run(optimizer, passes),
         "passes_per_step": spec.passes_per_step(config.hyperparameters),
         "final_test_accuracy": last.test_accuracy,
         "final_test_loss": last.test_loss,
@@ -202,6 +216,13 @@ def train(
     }
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     return TrainingOutcome(history, final, state)
+
+
+def _passes_run(optimizer: torch.optim.Optimizer, closure_calls: int) -> float:
+    """The compute run so far in full forward/backward passes: the optimizer's own count when
+    it keeps one (``cost``), else the closure's calls (each a full pass)."""
+    cost = getattr(optimizer, "cost", None)
+    return float(closure_calls) if cost is None else cost.passes
 
 
 def _weights_are_finite(model: nn.Module) -> bool:

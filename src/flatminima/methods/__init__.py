@@ -2,10 +2,12 @@
 
 from flatminima.methods.asam import ASAM
 from flatminima.methods.bilateral_sam import BilateralSAM
+from flatminima.methods.esam import ESAM
 from flatminima.methods.fisher_sam import FisherSAM
 from flatminima.methods.friendly_sam import FriendlySAM
 from flatminima.methods.gsam import GSAM
 from flatminima.methods.looksam import LookSAM
+from flatminima.methods.micro_batch_sam import MicroBatchSAM
 from flatminima.methods.momentum_sam import MomentumSAM
 from flatminima.methods.monge_sam import MongeSAM
 from flatminima.methods.sam import SAM
@@ -24,12 +26,15 @@ BY_NAME = {
     "looksam": LookSAM,
     "momentum-sam": MomentumSAM,
     "bilateral-sam": BilateralSAM,
+    "esam": ESAM,
+    "msam": MicroBatchSAM,
 }
 """Command-line name → class, read by :mod:`flatminima.registry`."""
 
 __all__ = [
     "ASAM",
     "BY_NAME",
+    "ESAM",
     "GSAM",
     "SAM",
     "WSAM",
@@ -37,6 +42,7 @@ __all__ = [
     "FisherSAM",
     "FriendlySAM",
     "LookSAM",
+    "MicroBatchSAM",
     "MomentumSAM",
     "MongeSAM",
     "TiltedSAM",
