@@ -1,7 +1,7 @@
 """The ``flatminima`` command: train, compare, measure sharpness, report, and the demo that does
 all of them.
 
-    flatminima demo --quick                           # a first taste: base vs SAM, about a minute
+    flatminima demo --quick                           # a first taste: base vs SAM, a minute or two
     flatminima demo                                   # the main job (see the README for times)
     flatminima run --method sam --param rho=0.1 --label-noise 0.4 --seed 0
     flatminima compare --methods base,sam --sweep rho=0.05,0.1,0.2 --seeds 0-2 --jobs 2
