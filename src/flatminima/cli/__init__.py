@@ -9,8 +9,10 @@ all of them.
     flatminima report --db flatminima.db --out flatminima-report
     flatminima methods                                # every method and its hyperparameters
 
-This module declares the options (each shared one once), checks them and prints; the work is
-done by :mod:`flatminima.experiments`. Bad input ends with one line naming the argument and
+:mod:`~flatminima.cli.options` declares the options (each shared one once),
+:mod:`~flatminima.cli.commands` holds the commands, which check and print; this module runs one
+and turns errors and interruptions into one line. The work is done by
+:mod:`flatminima.experiments`. Bad input ends with one line naming the argument and
 what it accepts, exit status 2, before anything is written to the database. Ctrl-C and SIGTERM
 stop the same way: workers stopped, finished runs and measurements kept, one line saying how to
 go on.
