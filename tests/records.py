@@ -176,3 +176,60 @@ RECORDS = [
         lockstep=("typical", "partial_removal"),
     ),
 ]
+
+# -- GSAM and WSAM (issue 9) --------------------------------------------------------------------
+
+RECORDS += [
+    MethodRecord(
+        cls=flatminima.GSAM,
+        # "typical" has no rho_min: the suite gives one group rho = 0, which a rho_min > 0
+        # refuses. The learning-rate-following radius is tested in tests/methods/test_gsam.py
+        # and in lockstep under a changing learning rate (test_lockstep.py).
+        configurations={
+            "typical": {"rho": 0.1, "alpha": 0.4},
+            "large_alpha": {"rho": 0.1, "alpha": 1.5},
+            "adaptive": {"rho": 0.5, "alpha": 0.6, "adaptive": True},
+            "following_lr": {"rho": 0.2, "alpha": 0.4, "rho_min": 0.05, "lr_min": 0.01},
+        },
+        identity={"rho": 0.0, "alpha": 0.0},
+        passes=two_passes,
+        sam_equivalent={"rho": 0.1, "alpha": 0.0},
+        invalid=[
+            *COMMON_INVALID,
+            ({"alpha": -0.1}, r"alpha must be in \[0, inf\)"),
+            ({"alpha": float("nan")}, r"alpha must be a real number, got NaN"),
+            ({"rho_min": -0.1}, r"rho_min must be in \[0, inf\)"),
+            ({"rho_min": 0.2}, r"rho_min must be in \[0, rho\] = \[0, 0.1\], got 0.2"),
+            ({"lr_min": -1.0}, r"lr_min must be in \[0, inf\)"),
+            ({"lr_min": 1.0}, r"lr_min must be in \[0, lr_max\] = \[0, 0.1\]"),
+            ({"lr_max": -1.0}, r"lr_max must be in \[0, inf\)"),
+            ({"adaptive": 1}, r"adaptive must be True or False, got 1"),
+        ],
+        memory_copies=2.0,
+        reference=lambda: loops.gsam_step,
+        lockstep=("typical", "large_alpha", "adaptive"),
+    ),
+    MethodRecord(
+        cls=flatminima.WSAM,
+        configurations={
+            "typical": {"rho": 0.1, "gamma": 0.9},
+            "coupled": {"rho": 0.1, "gamma": 0.7, "decouple": False},
+            "clipped": {"rho": 0.1, "gamma": 0.9, "max_norm": 0.2},
+            "coupled_clipped": {"rho": 0.1, "gamma": 0.6, "decouple": False, "max_norm": 0.2},
+            "adaptive": {"rho": 0.5, "gamma": 0.9, "adaptive": True},
+        },
+        identity={"gamma": 0.0},
+        passes=two_passes,
+        sam_equivalent={"rho": 0.1, "gamma": 0.5, "decouple": False},
+        invalid=[
+            *COMMON_INVALID,
+            ({"gamma": 1.0}, r"gamma must be in \[0, 1\)"),
+            ({"gamma": -0.1}, r"gamma must be in \[0, 1\)"),
+            ({"max_norm": 0.0}, r"max_norm must be in \(0, inf\)"),
+            ({"decouple": "yes"}, r"decouple must be True or False, got 'yes'"),
+        ],
+        memory_copies=2.0,
+        reference=lambda: loops.wsam_step,
+        lockstep=("typical", "coupled", "clipped", "coupled_clipped", "adaptive"),
+    ),
+]

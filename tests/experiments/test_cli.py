@@ -435,7 +435,10 @@ def test_sharpness_force_interrupted_says_what_is_left(trained_db: Path, tmp_pat
     measure_runs(db_path, SharpnessSettings(examples=128, num_probes=2), progress=False)
     with Store(db_path) as store:
         hashes = [run.config_hash for run in store.runs()]
-    args = build_parser().parse_args(["sharpness", "--db", str(db_path), "--force"])
+    # The same settings as the rows (rows of other settings are another measurement).
+    args = build_parser().parse_args(
+        ["sharpness", "--db", str(db_path), "--force", "--examples", "128", "--num-probes", "2"]
+    )
     # Started after every row was written: every run is left, and the command names them.
     left = interrupted_message(args, started_at="9999-01-01T00:00:00+00:00")
     assert "would measure every selected run again" in left

@@ -7,13 +7,16 @@ all of them.
     flatminima compare --methods base,sam --sweep rho=0.05,0.1,0.2 --seeds 0-2 --jobs 2
     flatminima sharpness --db flatminima.db --landscape --jobs 2
     flatminima report --db flatminima.db --out flatminima-report
+    flatminima forget 3f2a --db flatminima.db          # a run, its rows and weights (or --failed)
     flatminima methods                                # every method and its hyperparameters
 
 :mod:`~flatminima.cli.options` declares the options (each shared one once),
 :mod:`~flatminima.cli.commands` holds the commands, which check and print; this module runs one
 and turns errors and interruptions into one line. The work is done by
-:mod:`flatminima.experiments`. Bad input ends with one line naming the argument and
-what it accepts, exit status 2, before anything is written to the database. Ctrl-C and SIGTERM
+:mod:`flatminima.experiments`. Bad input ends with one line naming the argument and what it
+accepts, exit status 2, before anything is written to the database. Exit status 1: a run
+failed, or the grid stopped (a full disk); 3: the grid is incomplete because another process
+still trains some of its runs. Ctrl-C and SIGTERM
 stop the same way: workers stopped, finished runs and measurements kept, one line saying how to
 go on.
 """
@@ -29,9 +32,10 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from typing import Any
 
-from flatminima.cli.commands import COMMANDS, selected_methods
+from flatminima.cli.commands import COMMANDS, selected_methods, sharpness_settings
 from flatminima.cli.options import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
@@ -40,6 +44,7 @@ from flatminima.cli.options import (
 )
 from flatminima.experiments.config import ConfigError
 from flatminima.experiments.data import DatasetUnavailableError
+from flatminima.experiments.runner import WeightsFileError
 from flatminima.experiments.sharpness_runs import select_runs
 from flatminima.experiments.store import Store, StoreError
 
@@ -70,7 +75,7 @@ def _left_to_measure(args: argparse.Namespace, started_at: str) -> str:
     try:
         with Store(args.db, create=False) as store:
             selected = select_runs(store, args.runs, selected_methods(args))
-            rows = store.sharpness()
+            rows = store.sharpness(asdict(sharpness_settings(args)))
     except (OSError, sqlite3.Error, StoreError, ConfigError):
         return ""
     left = [
@@ -118,16 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DatasetUnavailableError, FileNotFoundError, StoreError) as error:
         print(f"flatminima {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (sqlite3.Error, NotADirectoryError, IsADirectoryError, PermissionError) as error:
-        # The database or an output path went wrong mid-way (another program locked the file
-        # past the timeout, a full disk, a path without permission): one line, and the runs
-        # already finished stay in the database.
-        print(f"flatminima {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
-        return EXIT_RUN_FAILED
     except BrokenPipeError:
         # The reader of our output went away (`flatminima methods | head`): not an error of
         # ours. Point stdout at /dev/null so that the interpreter's final flush stays quiet.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_RUN_FAILED
+    except (sqlite3.Error, OSError, WeightsFileError) as error:
+        # The database or an output path went wrong mid-way (another program locked the file
+        # past the timeout, a full disk, a path without permission, a damaged weights file):
+        # one line, and the runs already finished stay in the database.
+        print(f"flatminima {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
         return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         print(f"\nflatminima: {interrupted_message(args, started_at)}", file=sys.stderr)

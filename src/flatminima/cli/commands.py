@@ -10,10 +10,11 @@ import shutil
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from flatminima.cli.options import EXIT_RUN_FAILED
+from flatminima.cli.options import EXIT_INCOMPLETE, EXIT_RUN_FAILED
 from flatminima.experiments import demo
 from flatminima.experiments.config import ConfigError, RunConfig, make_run_config
 from flatminima.experiments.data import check_dataset
@@ -28,7 +29,7 @@ from flatminima.experiments.sharpness_runs import (
     select_runs,
 )
 from flatminima.experiments.store import RunRecord, Store
-from flatminima.experiments.summary import summarize
+from flatminima.experiments.summary import measurement_views, summarize
 from flatminima.experiments.tables import text_table
 from flatminima.registry import get_method, method_names
 
@@ -79,7 +80,14 @@ def _train(configs: list[RunConfig], args: argparse.Namespace, jobs: int) -> int
         stale_after_s=args.stale_after * 3600,
     )
     _print_grid_summary(summary, args.db)
-    return EXIT_RUN_FAILED if summary.failed else 0
+    return _grid_status(summary)
+
+
+def _grid_status(summary: GridSummary) -> int:
+    """Failed or stopped: 1; complete: 0; runs left to another process: 3, never 0."""
+    if summary.failed or summary.stopped:
+        return EXIT_RUN_FAILED
+    return 0 if summary.complete else EXIT_INCOMPLETE
 
 
 def _print_grid_summary(summary: GridSummary, db: Path) -> None:
@@ -91,6 +99,14 @@ def _print_grid_summary(summary: GridSummary, db: Path) -> None:
     print(f"{summary.total} run(s): " + ", ".join(parts))
     for failure in summary.failed:
         print(f"  failed: {failure}", file=sys.stderr)
+    if summary.stopped:
+        print(f"flatminima: grid stopped: {summary.stopped}", file=sys.stderr)
+    elif summary.skipped and not summary.failed:
+        print(
+            f"flatminima: the grid is incomplete: {summary.skipped} run(s) are being trained "
+            "by another process; run the same command again when it ends",
+            file=sys.stderr,
+        )
 
 
 def _print_sharpness_summary(summary: SharpnessSummary) -> None:
@@ -250,18 +266,24 @@ def command_demo(args: argparse.Namespace) -> int:
     print(f"report: {outcome.report.markdown_path}")
     for path in outcome.report.plots:
         print(f"plot:   {path}")
-    failed = outcome.grid.failed or (outcome.sharpness is not None and outcome.sharpness.failed)
-    return EXIT_RUN_FAILED if failed else 0
+    if outcome.sharpness is not None and outcome.sharpness.failed:
+        return EXIT_RUN_FAILED
+    return _grid_status(outcome.grid)
 
 
-def command_sharpness(args: argparse.Namespace) -> int:
-    settings = SharpnessSettings(
+def sharpness_settings(args: argparse.Namespace) -> SharpnessSettings:
+    """The measurement settings the options of `sharpness` give."""
+    return SharpnessSettings(
         examples=args.examples,
         rho=args.rho,
         top_k=args.top_k,
         num_probes=args.num_probes,
         seed=args.seed,
     )
+
+
+def command_sharpness(args: argparse.Namespace) -> int:
+    settings = sharpness_settings(args)
     settings.check()
     _check_output_directory(args.out, "--out")
     methods = selected_methods(args)
@@ -279,7 +301,7 @@ def command_sharpness(args: argparse.Namespace) -> int:
     _print_sharpness_summary(summary)
     with Store(args.db, create=False) as store:
         selected = select_runs(store, args.runs, methods)
-        rows = store.sharpness()
+        rows = store.sharpness(asdict(settings))
         settings_measured = summarize(store) if args.landscape else []
     measured = [run for run in selected if run.config_hash in rows]
     if measured:
@@ -288,8 +310,11 @@ def command_sharpness(args: argparse.Namespace) -> int:
     if settings_measured:
         print()
     for setting in settings_measured:
-        for path in write_landscape(setting, args.out / setting.slug):
-            print(f"landscape: {path}")
+        for view in measurement_views(setting):
+            if view.sharpness_settings != asdict(settings):
+                continue  # another measurement's landscapes
+            for path in write_landscape(view, args.out / view.slug):
+                print(f"landscape: {path}")
     print(f"\n`flatminima report --db {args.db}` shows them beside test accuracy.")
     return EXIT_RUN_FAILED if summary.failed else 0
 
@@ -297,6 +322,35 @@ def command_sharpness(args: argparse.Namespace) -> int:
 def command_report(args: argparse.Namespace) -> int:
     _check_output_directory(args.out, "--out")
     _print_report(args.db, args.out)
+    return 0
+
+
+def command_forget(args: argparse.Namespace) -> int:
+    if bool(args.runs) == args.failed:
+        raise ConfigError("forget takes RUN hashes or --failed (one of the two)")
+    with Store(args.db, create=False) as store:
+        everything = store.runs()
+    if args.failed:
+        chosen = [run for run in everything if run.status == "failed"]
+    else:
+        chosen = []
+        for name in args.runs:
+            matches = [run for run in everything if run.config_hash.startswith(name.strip())]
+            if not name.strip() or len(matches) != 1:
+                found = "no run" if not matches else f"{len(matches)} runs"
+                raise ConfigError(
+                    f"RUN {name!r} matches {found} in {args.db}: give a configuration hash or "
+                    "a unique prefix of one (`flatminima report` lists them)"
+                )
+            chosen += matches
+    if not chosen:
+        print(f"no failed run in {args.db}")
+        return 0
+    labels = arm_labels([(run.config["method"], run.config["hyperparameters"]) for run in chosen])
+    with Store(args.db) as store:
+        for run, label in zip(chosen, labels, strict=True):
+            store.forget(run.config_hash)
+            print(f"forgot {run.config_hash} ({label} seed={run.config['seed']}, {run.status})")
     return 0
 
 
@@ -336,5 +390,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "compare": command_compare,
     "sharpness": command_sharpness,
     "report": command_report,
+    "forget": command_forget,
     "methods": command_methods,
 }

@@ -15,6 +15,8 @@ from flatminima.registry import BASE_OPTIMIZER
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
+EXIT_INCOMPLETE = 3
+"""Nothing failed, but runs of the grid are still being trained by another process."""
 EXIT_INTERRUPTED = 130
 DEFAULT_DB = "flatminima.db"
 DEFAULT_REPORT_DIR = "flatminima-report"
@@ -265,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="tables and plots from the database")
     _add_db(report)
     _add_out(report, "directory for report.md and the plots")
+
+    forget = commands.add_parser(
+        "forget",
+        help="delete runs from the database: their rows, sharpness and weights",
+        description="Delete each named run (a configuration hash or a unique prefix of one) "
+        "with its epochs, sharpness measurements and weights file, or with --failed every "
+        "failed run; the next `compare` of its configuration trains it again.",
+    )
+    forget.add_argument("runs", nargs="*", metavar="RUN", help="configuration hashes or prefixes")
+    forget.add_argument("--failed", action="store_true", help="every failed run")
+    _add_db(forget)
 
     commands.add_parser("methods", help="every registered method, its hyperparameters and cost")
     return parser

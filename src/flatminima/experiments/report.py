@@ -11,17 +11,19 @@ left there by an earlier report, so that no stale figure survives beside the new
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from flatminima.experiments.plots import Plot, draw_all, plot_landscape
+from flatminima.experiments.files import write_text_atomically
+from flatminima.experiments.plots import Plot, draw_all, plot_landscape, plot_sharpness
 from flatminima.experiments.store import Store
 from flatminima.experiments.summary import (
     REFERENCE_METHOD,
     Setting,
     landscapes,
+    measurement_differences,
+    measurement_views,
     summarize,
     swept_hyperparameters,
     unfinished_runs,
@@ -97,6 +99,8 @@ def remove_earlier_plots(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     owned = [*directory.glob("*.png"), directory / LANDSCAPE_NUMBERS]
+    for view in directory.glob("sharpness-*"):  # the views of measurement_views
+        owned += [*view.glob("*.png"), view / LANDSCAPE_NUMBERS]
     removed = [path for path in owned if path.is_file()]
     for path in removed:
         path.unlink()
@@ -108,11 +112,7 @@ def _write_landscape_numbers(setting: Setting, directory: Path) -> Path | None:
     lines = landscapes(setting)
     if not lines:
         return None
-    path = directory / LANDSCAPE_NUMBERS
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(lines, indent=1) + "\n")
-    os.replace(partial, path)
-    return path
+    return write_text_atomically(directory / LANDSCAPE_NUMBERS, json.dumps(lines, indent=1) + "\n")
 
 
 def write_landscape(setting: Setting, directory: Path) -> list[Path]:
@@ -135,6 +135,18 @@ def write_plots(setting: Setting, directory: Path) -> list[Plot]:
     plots = draw_all(setting, directory, swept_hyperparameters(setting))
     _write_landscape_numbers(setting, directory)
     return plots
+
+
+def write_sharpness_plots(view: Setting, directory: Path) -> list[Plot]:
+    """The sharpness figures of one measurement (a view of :func:`measurement_views` when a
+    setting was measured with several settings)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    plots = [
+        plot_sharpness(view, directory / "accuracy_vs_sharpness.png"),
+        plot_landscape(view, directory / "landscape_1d.png"),
+    ]
+    _write_landscape_numbers(view, directory)
+    return [plot for plot in plots if plot is not None]
 
 
 def _sharpness_section(setting: Setting, out_dir: Path) -> tuple[list[str], list[str]]:
@@ -231,8 +243,20 @@ def write_report(db_path: str | Path, out_dir: str | Path) -> Report:
             markdown += ["Failed runs (in no statistic):", ""]
             markdown += [f"- {line}" for line in failures] + [""]
             text += ["failed runs:", *(f"  {line}" for line in failures), ""]
-        if setting.measured:
-            markdown_part, text_part = _sharpness_section(setting, out_dir)
+        views = measurement_views(setting)
+        differences = measurement_differences(views)
+        for view in views:
+            if view is not setting:  # one of several measurements: its own figures
+                view_figures = write_sharpness_plots(view, out_dir / view.slug)
+                setting_figures += view_figures
+                figures += view_figures
+            markdown_part, text_part = _sharpness_section(view, out_dir)
+            if view.slug in differences:
+                measured_with = f"measured with {differences[view.slug]}"
+                markdown_part[0] += f" ({measured_with})"
+                text_part[0] = text_part[0].replace(
+                    "sharpness beside", f"sharpness ({measured_with}) beside"
+                )
             markdown += markdown_part
             text += text_part
         for figure in setting_figures:
@@ -247,12 +271,10 @@ def write_report(db_path: str | Path, out_dir: str | Path) -> Report:
         markdown += ["", "No finished or failed runs yet."]
         text.append("No finished or failed runs yet.")
     markdown += ["", NOTES.replace("\n", " "), ""]
-    if any(setting.measured for setting in settings):
+    if any(measurement_views(setting) for setting in settings):
         markdown += [SHARPNESS_NOTES.replace("\n", " "), ""]
     markdown_path = out_dir / "report.md"
-    partial = markdown_path.with_name(f".report.md.{os.getpid()}.partial")
-    partial.write_text("\n".join(markdown))
-    os.replace(partial, markdown_path)
+    write_text_atomically(markdown_path, "\n".join(markdown))
     return Report(
         settings,
         markdown_path,

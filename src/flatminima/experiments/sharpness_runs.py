@@ -15,12 +15,16 @@ For every selected finished run, :func:`measure_runs`
    m = ``batch_size``; a smaller last batch counts as much as the others) and, when asked,
    :func:`flatminima.sharpness.landscape_1d` along a random filter-normalised direction drawn
    from the same seed (α from −1 to 1, 21 points);
-5. stores one row per run in the database's ``sharpness`` table: every scalar, the settings, the
-   number of examples and which ones, the time it took and when.
+5. stores one row per run and settings in the database's ``sharpness`` table: every scalar, the
+   settings, the number of examples and which ones, the time it took and when.
 
 Measuring is read-only on the runs: their rows, epochs and weights are never written. A run
-that already has a sharpness row is skipped unless ``force=True`` (then its row is replaced, not
-duplicated); asking for a landscape adds one to measured runs that lack it. Each measurement
+that already has a sharpness row with the same settings is skipped unless ``force=True`` (then
+its row is replaced, not duplicated); asking for a landscape adds one to measured runs that lack
+it. A measurement with other settings is a row of its own: rows of different settings are never
+averaged together. A run is measured only on the data it trained on (the fingerprint recorded
+with it), and a run that diverged (:func:`flatminima.experiments.store.has_diverged`, the
+runner's verdict) is not measured. Each measurement
 runs on one PyTorch thread, in the calling process or in ``jobs`` worker processes: the same
 settings and seed give the same numbers either way (:mod:`~flatminima.experiments.workers`).
 
@@ -39,7 +43,8 @@ Example (a tiny run: two epochs on 256 MNIST-1D examples, measured on 128 of the
     >>> summary.measured == [config.config_hash]
     True
     >>> with Store(db) as store:
-    ...     row = store.sharpness()[config.config_hash]
+    ...     row = store.sharpness(asdict(SharpnessSettings(examples=128, num_probes=2)))[
+    ...         config.config_hash]
     >>> row.examples, row.metrics["hessian_top_eigenvalue"] > 0
     (128, True)
 """
@@ -60,10 +65,14 @@ import torch
 from torch import nn
 
 from flatminima.experiments.config import ConfigError, RunConfig
-from flatminima.experiments.data import Dataset, load_dataset
+from flatminima.experiments.data import (
+    DatasetUnavailableError,
+    fingerprint,
+    load_dataset,
+)
 from flatminima.experiments.progress import CountProgress
-from flatminima.experiments.runner import environment, model_from_weights
-from flatminima.experiments.store import RunRecord, Store
+from flatminima.experiments.runner import WeightsFileError, environment, model_from_weights
+from flatminima.experiments.store import DataMismatchError, RunRecord, Store
 from flatminima.experiments.workers import Emit, Event, WorkersExited, run_tasks
 from flatminima.registry import canonical_method_name
 from flatminima.sharpness import landscape_1d, measure_sharpness
@@ -150,22 +159,17 @@ def measurement_indices(num_train: int, examples: int, seed: int) -> torch.Tenso
     return torch.from_numpy(np.sort(chosen))
 
 
-# A measurement process handles runs of the same few training sets (one per seed): keep them.
-@functools.lru_cache(maxsize=4)
-def _training_set(
-    dataset: str, seed: int, train_size: int, label_noise: float, data_dir: Path | None
-) -> Dataset:
-    return load_dataset(
-        dataset, seed=seed, train_size=train_size, label_noise=label_noise, data_dir=data_dir
-    )
-
-
 def measurement_batches(
     config: RunConfig, settings: SharpnessSettings, data_dir: Path | None = None
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], str]:
     """The batches a run is measured on, and a sentence saying which examples they hold."""
-    data = _training_set(
-        config.dataset, config.seed, config.train_size, config.label_noise, data_dir
+    # The dataset's arrays are read once per process (load_dataset keeps them).
+    data = load_dataset(
+        config.dataset,
+        seed=config.seed,
+        train_size=config.train_size,
+        label_noise=config.label_noise,
+        data_dir=data_dir,
     )
     num_train = len(data.y_train)
     chosen = measurement_indices(num_train, settings.examples, settings.seed)
@@ -205,10 +209,21 @@ def measure_run(
     data_dir: Path | None = None,
     scalars: bool = True,
     landscape: bool = False,
+    data_fingerprint: str | None = None,
 ) -> RunMeasurement:
     """Measure one trained run: its model with the weights at ``weights_path``, on its own
-    training examples (see the module's description)."""
+    training examples (see the module's description). ``data_fingerprint``, when given, is the
+    fingerprint of the data the run trained on: :class:`DataMismatchError` when the data here
+    differs."""
     started = time.perf_counter()
+    if data_fingerprint is not None:
+        here = fingerprint(config.dataset, data_dir)
+        if here != data_fingerprint:
+            raise DataMismatchError(
+                f"the run trained on other {config.dataset} data (fingerprint "
+                f"{data_fingerprint}, the data here {here}): give --data-dir the data it "
+                "trained on"
+            )
     model = model_from_weights(config, weights_path)
     batches, description = measurement_batches(config, settings, data_dir)
     metrics = (
@@ -269,6 +284,7 @@ class _Task:
     weights_path: Path
     scalars: bool
     landscape: bool
+    data_fingerprint: str | None
 
 
 def select_runs(
@@ -336,13 +352,14 @@ def _label(config: RunConfig) -> str:
 def _plan(
     store: Store,
     selected: list[RunRecord],
+    settings: SharpnessSettings,
     *,
     landscape: bool,
     force: bool,
     summary: SharpnessSummary,
 ) -> list[_Task]:
     """What each selected run needs: everything, its landscape only, or nothing."""
-    existing = store.sharpness()
+    existing = store.sharpness(asdict(settings))
     tasks = []
     for run in selected:
         config = RunConfig(**run.config)
@@ -354,10 +371,13 @@ def _plan(
             summary.without_weights.append(_label(config))
             continue
         row = existing.get(run.config_hash)
+        task = functools.partial(
+            _Task, _label(config), run.id, config, weights, data_fingerprint=run.data_fingerprint
+        )
         if row is None or force:
-            tasks.append(_Task(_label(config), run.id, config, weights, True, landscape))
+            tasks.append(task(scalars=True, landscape=landscape))
         elif landscape and row.landscape is None:
-            tasks.append(_Task(_label(config), run.id, config, weights, False, True))
+            tasks.append(task(scalars=False, landscape=True))
         else:
             summary.already_measured += 1
     return tasks
@@ -394,7 +414,7 @@ def measure_runs(
     with Store(db_path) as store:
         selected = select_runs(store, runs, methods)
         summary = SharpnessSummary(selected=len(selected))
-        tasks = _plan(store, selected, landscape=landscape, force=force, summary=summary)
+        tasks = _plan(store, selected, settings, landscape=landscape, force=force, summary=summary)
         bar = CountProgress(len(tasks), "sharpness", enabled=progress)
 
         def record(event: Event) -> None:
@@ -435,7 +455,7 @@ def _record(
 ) -> None:
     if outcome.metrics is None:
         assert outcome.landscape is not None
-        store.record_landscape(task.run_id, outcome.landscape)
+        store.record_landscape(task.run_id, asdict(settings), outcome.landscape)
         summary.landscapes_added += 1
         return
     store.record_sharpness(
@@ -478,7 +498,12 @@ def _measure_task(
             data_dir=data_dir,
             scalars=task.scalars,
             landscape=task.landscape,
+            data_fingerprint=task.data_fingerprint,
         )
+    except (WeightsFileError, DatasetUnavailableError, DataMismatchError) as error:
+        # Damage or missing data, said in one line: no traceback to read.
+        logger.error("measuring %s failed: %s", task.label, error)
+        return str(error)
     except Exception as error:
         logger.exception("measuring %s failed", task.label)
         return f"{type(error).__name__}: {error}"

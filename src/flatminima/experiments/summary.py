@@ -20,14 +20,14 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from flatminima.experiments.labels import arm_labels
 from flatminima.experiments.statistics import Interval, paired_difference, sample_std, spearman
-from flatminima.experiments.store import RunRecord, SharpnessRecord, Store
+from flatminima.experiments.store import RunRecord, SharpnessRecord, Store, settings_key
 from flatminima.registry import BASE_OPTIMIZER, METHODS, canonical_method_name, method_names
 
 REFERENCE_METHOD = "sam"
@@ -63,7 +63,10 @@ class Arm:
     passes_ratio: float = math.nan
     time_ratio: float = math.nan
     sharpness: dict[int, SharpnessRecord] = field(default_factory=dict)
-    """The sharpness measured from the final weights, by seed (only the measured seeds)."""
+    """The sharpness measured from the final weights with one measurement's settings, by seed
+    (only the measured seeds); see :func:`measurement_views`."""
+    measurements: dict[str, dict[int, SharpnessRecord]] = field(default_factory=dict)
+    """Every sharpness row of the arm, by measurement settings (``settings_key``), then seed."""
 
     @property
     def settings(self) -> str:
@@ -132,6 +135,8 @@ class Setting:
     distinguishing: tuple[str, ...] = ()
     """Training fields not in the headline whose values differ between the settings of the
     report: the subtitle names them, so that no two settings read the same."""
+    sharpness_settings: dict[str, Any] | None = None
+    """The measurement settings of the arms' ``sharpness`` rows (one measurement's)."""
 
     @property
     def headline(self) -> str:
@@ -268,7 +273,9 @@ def summarize(store: Store) -> list[Setting]:
     :func:`unfinished_runs`)."""
     grouped: dict[str, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     setting_configs: dict[str, dict[str, Any]] = {}
-    sharpness = store.sharpness()
+    sharpness: dict[str, dict[str, SharpnessRecord]] = defaultdict(dict)
+    for record in store.sharpness_records():
+        sharpness[record.config_hash][settings_key(record.settings)] = record
     for run in store.runs():
         if run.status not in ("finished", "failed"):
             continue
@@ -296,19 +303,25 @@ def summarize(store: Store) -> list[Setting]:
                 arm.epochs[run.config["seed"]] = {
                     column: [_as_float(row[column]) for row in rows] for column in CURVE_COLUMNS
                 }
-            arm.sharpness = {
-                run.config["seed"]: sharpness[run.config_hash]
-                for run in arm.runs
-                if run.config_hash in sharpness
-            }
+            for run in arm.runs:
+                for key, record in sharpness[run.config_hash].items():
+                    arm.measurements.setdefault(key, {})[run.config["seed"]] = record
             arms.append(arm)
+        kinds = {key for arm in arms for key in arm.measurements}
+        if len(kinds) == 1:  # one measurement: the arms carry it (see measurement_views)
+            [key] = kinds
+            for arm in arms:
+                arm.sharpness = arm.measurements.get(key, {})
         for arm, label in zip(
             arms, arm_labels([(arm.method, arm.hyperparameters) for arm in arms]), strict=True
         ):
             arm.label = label
         arms.sort(key=lambda a: (order.get(a.method, len(order)), a.method, _numeric_first(a)))
         setting = Setting(
-            setting_configs[setting_key], arms, _slug(setting_configs[setting_key], index)
+            setting_configs[setting_key],
+            arms,
+            _slug(setting_configs[setting_key], index),
+            sharpness_settings=json.loads(kinds.pop()) if len(kinds) == 1 else None,
         )
         _compare(setting)
         settings.append(setting)
@@ -335,6 +348,40 @@ def unfinished_runs(store: Store) -> dict[str, int]:
         elif run.status != "finished":
             counts[run.status] += 1
     return dict(counts)
+
+
+def measurement_views(setting: Setting) -> list[Setting]:
+    """The setting once per sharpness measurement settings its runs were measured with, each
+    view's arms carrying that measurement's rows only: measurements with different settings
+    (another ρ, other examples) are never averaged or ranked together. ``[setting]`` itself
+    when they all share one; ``[]`` when none was measured. Several views write their figures
+    into ``<slug>/sharpness-<i>``."""
+    kinds = sorted({key for arm in setting.arms for key in arm.measurements})
+    if len(kinds) <= 1:
+        return [setting] if setting.measured else []
+    return [
+        replace(
+            setting,
+            arms=[replace(arm, sharpness=arm.measurements.get(key, {})) for arm in setting.arms],
+            slug=f"{setting.slug}/sharpness-{index + 1}",
+            sharpness_settings=json.loads(key),
+        )
+        for index, key in enumerate(kinds)
+    ]
+
+
+def measurement_differences(views: list[Setting]) -> dict[str, str]:
+    """For each view of several (by slug), the measurement settings that tell it from the
+    others, e.g. ``examples=32, rho=0.5``."""
+    if len(views) < 2:
+        return {}
+    settings = [view.sharpness_settings or {} for view in views]
+    names = sorted({name for values in settings for name in values})
+    varying = [name for name in names if len({json.dumps(s.get(name)) for s in settings}) > 1]
+    return {
+        view.slug: ", ".join(f"{name}={values.get(name)}" for name in varying)
+        for view, values in zip(views, settings, strict=True)
+    }
 
 
 def _compare(setting: Setting) -> None:

@@ -55,11 +55,13 @@ def run_tasks(
     setup: Callable[..., AbstractContextManager[Any]],
     setup_args: tuple[Any, ...] = (),
     on_event: Callable[[Event], None],
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
     """Call ``task(context, item, emit)`` for every item, ``context`` being what
     ``setup(*setup_args)`` yields once per process (a database connection, the thread count),
-    and pass every :class:`Event` to ``on_event`` here. ``task``, ``setup`` and the items must
-    be picklable (module-level functions) when ``jobs > 1``."""
+    and pass every :class:`Event` to ``on_event`` here. After each task's end, ``should_stop()``
+    true stops everything: no further task starts and the workers are terminated. ``task``,
+    ``setup`` and the items must be picklable (module-level functions) when ``jobs > 1``."""
     workers = max(1, min(jobs, len(items)))
     if workers == 1:
         with setup(*setup_args) as context:
@@ -70,6 +72,8 @@ def run_tasks(
                     on_event(Event("progress", 0, index, payload))
 
                 on_event(Event("end", 0, index, task(context, item, emit)))
+                if should_stop():
+                    return
         return
     context = multiprocessing.get_context("spawn")
     tasks = context.Queue()
@@ -98,6 +102,8 @@ def run_tasks(
             on_event(event)
             if event.kind == "end":
                 remaining -= 1
+                if should_stop():
+                    return  # the `finally` below terminates the workers
         for process in processes:
             process.join()
     finally:
