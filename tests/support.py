@@ -96,3 +96,12 @@ def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 def clone_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def prepared(record: Any, optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
+    """``optimizer`` after its record's ``prepare`` (what a training loop does before the
+    first step, e.g. learning Sparse SAM's mask) on two fixed batches of the model's dtype."""
+    if record.prepare is not None:
+        dtype = next(model.parameters()).dtype
+        record.prepare(optimizer, model, batches(2, dtype=dtype, seed=3))
+    return optimizer

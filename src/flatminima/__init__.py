@@ -8,7 +8,16 @@ Every method wraps a base optimizer *instance* and is itself a ``torch.optim.Opt
 """
 
 from flatminima.engine import Evaluation, Evaluations, SharpnessAwareOptimizer
-from flatminima.methods import ASAM, SAM, FisherSAM, FriendlySAM, MongeSAM, TiltedSAM
+from flatminima.methods import (
+    ASAM,
+    SAM,
+    FisherMaskSAM,
+    FisherSAM,
+    FriendlySAM,
+    MongeSAM,
+    SparseSAM,
+    TiltedSAM,
+)
 
 __version__ = "0.1.0"
 
@@ -17,10 +26,12 @@ __all__ = [
     "SAM",
     "Evaluation",
     "Evaluations",
+    "FisherMaskSAM",
     "FisherSAM",
     "FriendlySAM",
     "MongeSAM",
     "SharpnessAwareOptimizer",
+    "SparseSAM",
     "TiltedSAM",
     "__version__",
 ]

@@ -435,3 +435,14 @@ def friendly_direction_(
         scale_(small_emas, lmbda, foreach=True)
         add_(small_emas, small_grads, alpha=1.0 - lmbda, foreach=True)
         add_(small_grads, previous, alpha=-sigma, foreach=True)
+
+
+def add_squares_(targets: TensorList, sources: TensorList, *, foreach: bool) -> None:
+    """target ← target + source ⊙ source, pairwise (Sparse SAM's empirical Fisher Σ g²)."""
+    if not targets:
+        return
+    if foreach:
+        torch._foreach_addcmul_(list(targets), list(sources), list(sources))
+    else:
+        for t, s in zip(targets, sources, strict=True):
+            t.addcmul_(s, s)

@@ -12,7 +12,10 @@ formula for one metric M, computed without forming M.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
+
+from torch import Tensor
 
 from flatminima import kernels
 from flatminima.groups import GroupView, all_grads
@@ -134,3 +137,29 @@ class FisherEllipsoid:
                 float(view.hyperparameters["rho"]) / (norm + GRADIENT_NORM_EPSILON),
                 foreach=foreach,
             )
+
+
+SPARSE_SAM_NORM_EPSILON = 1e-7
+"""ξ of Sparse SAM's code (Mi-Peng/Sparse-Sharpness-Aware-Minimization ``solver/sam.py``)."""
+
+
+class MaskedBall:
+    """ε = ρ·m ⊙ d / (‖d‖ + ξ), ξ = 1e-7: SAM's ball restricted to a mask (Sparse SAM).
+
+    The norm is that of the whole, *unmasked* direction, as in the authors' code, so
+    ‖ε‖ ≤ ρ (equality only for an all-ones mask). ``masks(params)`` returns one bool tensor
+    per parameter (the method's persistent state); ``rho`` is read per group.
+    """
+
+    def __init__(self, masks: Callable[[list[Tensor]], list[Tensor]]) -> None:
+        self.masks = masks
+
+    def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
+        norm = kernels.global_norm(all_grads(views), foreach=foreach)
+        if not _usable(norm):
+            _zero_all(views, foreach=foreach)
+            return
+        for view in views:
+            scale = float(view.hyperparameters["rho"]) / (norm + SPARSE_SAM_NORM_EPSILON)
+            kernels.scale_(view.grads, scale, foreach=foreach)
+            kernels.mul_(view.grads, self.masks(view.params), foreach=foreach)

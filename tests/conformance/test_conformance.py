@@ -17,6 +17,7 @@ from support import (
     closure_for,
     make_base,
     max_abs_difference,
+    prepared,
     run,
     run_base,
     snapshot,
@@ -33,13 +34,14 @@ by_foreach = pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "
 
 def build(record: MethodRecord, model, base: str, foreach: bool = True, **overrides):
     hyperparameters = {**record.typical, **overrides}
-    return record.cls(
+    optimizer = record.cls(
         make_base(base, model.parameters()),
         model=model,
         foreach=foreach,
         **hyperparameters,
         **record.extras(),
     )
+    return prepared(record, optimizer, model)
 
 
 @by_record
@@ -175,8 +177,8 @@ def test_dtypes_are_kept(record, dtype):
     run(optimizer, model, batches(2, dtype=dtype))
     assert all(p.dtype == dtype for p in model.parameters())
     for p in model.parameters():
-        for value in optimizer.state[p].values():
-            assert value.dtype == dtype
+        for key, value in optimizer.state[p].items():
+            assert value.dtype == (torch.bool if key in record.boolean_state else dtype), key
 
 
 @by_record

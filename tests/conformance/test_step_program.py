@@ -11,15 +11,25 @@ import flatminima
 from flatminima import hyperparameters as hp
 from flatminima.engine import SharpnessAwareOptimizer
 from records import RECORDS
-from support import assert_bitwise_equal, batches, closure_for, make_base, run, snapshot, tiny_mlp
+from support import (
+    assert_bitwise_equal,
+    batches,
+    closure_for,
+    make_base,
+    prepared,
+    run,
+    snapshot,
+    tiny_mlp,
+)
 
 by_record = pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.id)
 
 
 def build(record, model, base="sgd"):
-    return record.cls(
+    optimizer = record.cls(
         make_base(base, model.parameters()), model=model, **record.typical, **record.extras()
     )
+    return prepared(record, optimizer, model)
 
 
 def one_step(optimizer, model, batch, form):

@@ -5,6 +5,7 @@ from flatminima.methods.fisher_sam import FisherSAM
 from flatminima.methods.friendly_sam import FriendlySAM
 from flatminima.methods.monge_sam import MongeSAM
 from flatminima.methods.sam import SAM
+from flatminima.methods.sparse_sam import FisherMaskSAM, SparseSAM
 from flatminima.methods.tilted_sam import TiltedSAM
 
 BY_NAME = {
@@ -14,7 +15,19 @@ BY_NAME = {
     "monge-sam": MongeSAM,
     "tilted-sam": TiltedSAM,
     "friendly-sam": FriendlySAM,
+    "sparse-sam": SparseSAM,
+    "fisher-mask-sam": FisherMaskSAM,
 }
 """Command-line name → class, read by :mod:`flatminima.registry`."""
 
-__all__ = ["ASAM", "BY_NAME", "SAM", "FisherSAM", "FriendlySAM", "MongeSAM", "TiltedSAM"]
+__all__ = [
+    "ASAM",
+    "BY_NAME",
+    "SAM",
+    "FisherMaskSAM",
+    "FisherSAM",
+    "FriendlySAM",
+    "MongeSAM",
+    "SparseSAM",
+    "TiltedSAM",
+]
