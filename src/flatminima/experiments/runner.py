@@ -37,7 +37,7 @@ from flatminima.experiments.config import RunConfig
 from flatminima.experiments.data import DATASETS, Dataset, load_dataset
 from flatminima.experiments.models import build_model
 from flatminima.experiments.store import DEFAULT_STALE_AFTER_S, RunLostError, Store
-from flatminima.registry import get_method
+from flatminima.registry import get_method, start_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,16 @@ def train(
         started = time.perf_counter()
         loss_sum = 0.0
         order = torch.randperm(len(data.y_train), generator=shuffle)
+        # A method that learns from data outside the step (Sparse SAM's mask) does it here.
+        start_epoch(
+            optimizer,
+            epoch - 1,
+            model=model,
+            loss_fn=criterion,
+            batches=lambda order=order: (
+                (data.x_train[b], data.y_train[b]) for b in order.split(config.batch_size)
+            ),
+        )
         for batch in order.split(config.batch_size):
             inputs, labels = data.x_train[batch], data.y_train[batch]
 
