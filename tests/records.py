@@ -63,6 +63,10 @@ class MethodRecord:
     outside the step (Sparse SAM's mask), so that the suites step a non-trivial method."""
     boolean_state: tuple[str, ...] = ()
     """Persistent state keys that hold bool tensors (masks), not the parameter's dtype."""
+    compiles_without_recompiling: bool = True
+    """Whether ``torch.compile`` of its step keeps one graph across steps (a method whose
+    arithmetic depends on Python numbers that change every step, such as Tilted SAM's
+    loss-based weights, recompiles)."""
 
     @property
     def id(self) -> str:
@@ -151,6 +155,7 @@ RECORDS = [
         manual_two_pass=False,
         starts_at_weights=False,
         memory_copies=2.0,
+        compiles_without_recompiling=False,
         reference=lambda: functools.partial(
             loops.tilted_sam_step, generator=torch.Generator().manual_seed(4)
         ),
