@@ -140,6 +140,7 @@ class SparseSAM(SharpnessAwareOptimizer):
     paper = "Mi et al., NeurIPS 2022"
     passes_text = "2 (+ a refresh every `update_every` epochs: `num_samples` single examples)"
     extra_memory = "1 P (backup) + 1 byte per weight (mask)"
+    memory_copies = 1.25  # the backup, and one byte per weight: P/4 for float32 weights
 
     declaration = (
         hp.Hyperparameter(
