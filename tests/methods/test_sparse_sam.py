@@ -67,7 +67,11 @@ def deviation_from(cls, hyperparameters, make_reference, *, foreach=True, prepar
 
 
 def masks_of(optimizer, model):
-    return [optimizer.state[p][MASK] for p in model.parameters()]
+    masks = optimizer.masks()
+    assert all(
+        optimizer.state[p][MASK] is m for p, m in zip(model.parameters(), masks, strict=True)
+    )
+    return masks
 
 
 def live(optimizer, model) -> int:
@@ -431,6 +435,7 @@ def test_a_parameter_added_later_is_not_perturbed_until_the_next_refresh():
     optimizer = flatminima.SparseSAM(
         torch.optim.SGD(first.parameters(), lr=0.1), sparsity=0.5, mask="dynamic", total_epochs=2
     )
+    optimizer.step(closure_for(model, batches(1)[0]))  # the mask is drawn here
     optimizer.add_param_group({"params": list(last.parameters())})
     optimizer.step(closure_for(model, batches(1)[0]))
     assert all(not bool(optimizer.state[p][MASK].any()) for p in last.parameters())
@@ -449,3 +454,39 @@ def test_fisher_mask_sam_is_sparse_sams_fisher_mask():
         run(optimizer, net, batches(3))
     assert_bitwise_equal(snapshot(model), snapshot(twin))
     assert preset.param_groups[0]["mask"] == "fisher"
+
+
+# -- memory (the benchmarks' tracker; a measurement of bytes, not of time) ------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "mask_share"), [(torch.float32, 1 / 4), (torch.float64, 1 / 8)], ids=str
+)
+def test_the_mask_costs_one_byte_per_weight_beyond_the_backup(dtype, mask_share):
+    """Bools, not a float copy: P/8 beyond the backup for float64 weights, P/4 for float32."""
+    from benchmarks.contenders import Contender, _build_flatminima
+    from benchmarks.memory import measure
+    from benchmarks.workloads import Workload
+
+    workload = Workload(
+        name="tiny",
+        description="tiny MLP",
+        build_model=lambda: torch.nn.Sequential(
+            torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10)
+        ).to(dtype),
+        build_batch=lambda: (torch.randn(8, 32, dtype=dtype), torch.randint(0, 10, (8,))),
+        loss=F.cross_entropy,
+    )
+    overrides = {"mask": "dynamic", "total_epochs": 2, "sparsity": 0.5}
+    contender = Contender(
+        "sparse",
+        "sparse",
+        "flatminima",
+        "sparse-sam",
+        2,
+        _build_flatminima("sparse-sam", overrides),
+    )
+    result = measure(contender, workload, steps=2)
+    assert result.between_steps == pytest.approx(mask_share, abs=0.01)
+    assert result.peak == pytest.approx(1 + mask_share, abs=0.01)
+    assert result.peak <= flatminima.SparseSAM.memory_copies + 0.01

@@ -248,11 +248,6 @@ class SparseSAM(SharpnessAwareOptimizer):
             foreach=foreach,
         )
         self.generator = generator
-        params = self._trainable()
-        if mask == DYNAMIC:
-            self._set_masks(params, self._random_mask(params, float(sparsity)))
-        else:
-            self._set_masks(params, [torch.zeros_like(p, dtype=torch.bool) for p in params])
 
     @classmethod
     def _check_hyperparameters(cls, values: Mapping[str, Any]) -> None:
@@ -265,9 +260,14 @@ class SparseSAM(SharpnessAwareOptimizer):
 
     # -- the mask ------------------------------------------------------------------------
 
+    def masks(self) -> list[Tensor]:
+        """The mask of every trainable parameter, in group order (bool tensors shaped like
+        the parameters; the optimizer's state, so do not modify them)."""
+        return self._masks_of(self._trainable())
+
     def mask_density(self) -> float:
         """The fraction of trainable coordinates the mask perturbs."""
-        masks = self._masks_of(self._trainable())
+        masks = self.masks()
         total = sum(m.numel() for m in masks)
         return sum(int(m.sum()) for m in masks) / total if total else 0.0
 
@@ -420,24 +420,36 @@ class SparseSAM(SharpnessAwareOptimizer):
     def _random_mask(self, params: list[Tensor], sparsity: float) -> list[Tensor]:
         """A uniformly random subset of round((1 − s)·N) coordinates."""
         size = sum(p.numel() for p in params)
-        order = torch.randperm(size, generator=self.generator)[: live_count(size, sparsity)]
+        # The draw in int32 (4 bytes a weight; the same permutation as in int64) and the bool
+        # mask, nothing else: the first step then holds no more than a step does later.
+        index = torch.int32 if size < 2**31 else torch.int64
+        order = torch.randperm(size, generator=self.generator, dtype=index)
         flat = torch.zeros(size, dtype=torch.bool)
-        flat[order] = True
+        flat[order[: live_count(size, sparsity)]] = True
+        del order
         return _split(flat.to(params[0].device) if params else flat, params)
 
     def _trainable(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     def _masks_of(self, params: list[Tensor]) -> list[Tensor]:
-        """The masks of ``params``; a parameter added after construction has an all-False
-        mask (it is not perturbed) until the next refresh."""
-        masks = []
-        for p in params:
-            entry = self.state[p]
-            if MASK not in entry:
-                entry[MASK] = torch.zeros_like(p, dtype=torch.bool)
-            masks.append(entry[MASK])
-        return masks
+        """The masks of ``params``, made on first use (see :meth:`_make_missing_masks`)."""
+        if any(MASK not in self.state[p] for p in params):
+            self._make_missing_masks()
+        return [self.state[p][MASK] for p in params]
+
+    def _make_missing_masks(self) -> None:
+        """Masks are made on first use (the first step, refresh or read), like a base
+        optimizer's buffers: the dynamic mask's random draw over every trainable parameter,
+        the Fisher mask all zeros (as the authors' ``init_mask``). A parameter added after
+        that gets an all-False mask: it is not perturbed until the next refresh."""
+        params = self._trainable()
+        missing = [p for p in params if MASK not in self.state[p]]
+        if len(missing) == len(params) and self.param_groups[0]["mask"] == DYNAMIC:
+            sparsity = float(self.param_groups[0]["sparsity"])
+            self._set_masks(params, self._random_mask(params, sparsity))
+            return
+        self._set_masks(missing, [torch.zeros_like(p, dtype=torch.bool) for p in missing])
 
     def _set_masks(self, params: list[Tensor], masks: list[Tensor]) -> None:
         for p, m in zip(params, masks, strict=True):
@@ -528,11 +540,10 @@ def _top_coordinates(scores: list[Tensor], sparsity: float) -> list[Tensor]:
 
 
 def _split(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
-    """``flat`` cut into tensors shaped like ``like`` (each its own storage, on its device)."""
+    """``flat`` cut into tensors shaped like ``like``, on their devices: views of ``flat``
+    where it already lives there (no second copy of the mask)."""
     pieces = flat.split([t.numel() for t in like])
-    return [
-        piece.reshape(t.shape).to(t.device).clone() for piece, t in zip(pieces, like, strict=True)
-    ]
+    return [piece.view(t.shape).to(t.device) for piece, t in zip(pieces, like, strict=True)]
 
 
 def _all_reduce_sum(model: nn.Module, tensors: list[Tensor]) -> None:
