@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import sys
 from collections.abc import Callable, Iterator
 
@@ -244,6 +245,66 @@ def compare_sparse_sam_fisher(sam_module) -> None:
         )
 
 
+def compare_sparse_sam_batchnorm(sam_module) -> None:
+    """Their Fisher refresh runs its single examples in train mode and so moves BatchNorm's
+    running statistics; ours runs in train mode too but puts the statistics back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 4)
+    ).double()
+    twin = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(2)
+    data = [
+        (
+            torch.randn(16, 1, 4, 4, generator=generator),
+            torch.randint(0, 4, (16,), generator=generator),
+        )
+    ]
+    theirs = sam_module.SSAMF(
+        list(model.parameters()),
+        sgd(model),
+        rho=0.1,
+        sparsity=0.5,
+        num_samples=16,
+        update_freq=1000,
+    )
+    ours = flatminima.SparseSAM(sgd(twin), rho=0.1, sparsity=0.5, num_samples=16, model=twin)
+    before = model[1].running_mean.clone()
+    with _their_fisher_pass_on_cpu([]):
+        theirs.update_mask(model, _Examples(data))
+    ours.refresh_mask(twin, F.cross_entropy, data)
+    moved_theirs = float((model[1].running_mean - before).abs().max())
+    moved_ours = float((twin[1].running_mean - before).abs().max())
+    print(
+        f"BatchNorm running mean moved by the Fisher refresh: theirs {moved_theirs:.1e} "
+        f"({int(model[1].num_batches_tracked)} batches tracked), ours {moved_ours:.1e} "
+        f"({int(twin[1].num_batches_tracked)})"
+    )
+
+
+def compare_sparse_sam_few_samples(sam_module) -> None:
+    """Their progress print divides by num_samples // 10: fewer than 10 examples crash."""
+    data = fixed_batches(1, seed=7)
+    model, twin = small_mlp(), small_mlp()
+    theirs = sam_module.SSAMF(
+        list(model.parameters()),
+        sgd(model),
+        rho=0.1,
+        sparsity=0.5,
+        num_samples=5,
+        update_freq=1000,
+    )
+    try:
+        with _their_fisher_pass_on_cpu([]):
+            theirs.update_mask(model, _Examples(data))
+        outcome = "ran"
+    except ZeroDivisionError as error:
+        outcome = f"ZeroDivisionError ({error})"
+    ours = flatminima.SparseSAM(sgd(twin), rho=0.1, sparsity=0.5, num_samples=5)
+    ours.refresh_mask(twin, F.cross_entropy, data)
+    print(f"num_samples = 5: theirs {outcome}; ours density {ours.mask_density():.2f}")
+
+
 def compare_sparse_sam_dynamic_update(sam_module) -> None:
     """One SSAM-D update from the same mask, weights and gradient (weight death score,
     gradient growth score: no randomness), at w as ours does: at s = 0.5 their keep count is
@@ -306,6 +367,8 @@ def compare_sparse_sam(authors_dir: str) -> None:
     compare_sparse_sam_fixed_mask(sam_module, sparsity=0.5)
     compare_sparse_sam_fixed_mask(sam_module, sparsity=0.2)
     compare_sparse_sam_fisher(sam_module)
+    compare_sparse_sam_batchnorm(sam_module)
+    compare_sparse_sam_few_samples(sam_module)
     compare_sparse_sam_dynamic_update(sam_module)
 
 
