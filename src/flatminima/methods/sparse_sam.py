@@ -298,7 +298,11 @@ class SparseSAM(SharpnessAwareOptimizer):
         SSAM-F reads the first ``num_samples`` examples one at a time; SSAM-D needs ``epoch``
         (from 0) for its death rate and, with a gradient score, reads the first batch. The
         model's mode is kept and BatchNorm running statistics are left as they were;
-        ``p.grad`` is not touched.
+        ``p.grad`` is not touched. One example per pass, in train mode as the authors', is
+        not possible for BatchNorm on flat features (BatchNorm1d): call ``model.eval()``
+        first for such a model. Under DistributedDataParallel every process should call it;
+        the scores are summed over the processes so that all learn the same mask (not
+        tested with several processes).
         """
         group = self.param_groups[0]
         params = self._trainable()
