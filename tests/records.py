@@ -19,6 +19,7 @@ import flatminima
 from flatminima.directions import FRIENDLY_EMA
 from flatminima.methods.esam import WEIGHT_PERTURBED
 from flatminima.methods.looksam import LOOKSAM_DIRECTION
+from flatminima.methods.sparse_sam import MASK
 from reference import loops
 
 ReferenceStep = Callable[..., list[torch.Tensor]]
@@ -68,6 +69,12 @@ class MethodRecord:
     compute: Callable[[dict[str, Any], int, int], float] | None = None
     """Compute of step number ``step`` in full passes (``Cost.passes``) for a batch of
     ``batch_size`` examples; ``None``: every pass is a full pass, so it equals ``passes``."""
+    prepare: Callable[[Any, torch.nn.Module, list[Any]], None] | None = None
+    """``prepare(optimizer, model, batches)``, run by the suites right after construction:
+    what a training loop does before the first step for a method that learns from data
+    outside the step (Sparse SAM's mask), so that the suites step a non-trivial method."""
+    boolean_state: tuple[str, ...] = ()
+    """Persistent state keys that hold bool tensors (masks), not the parameter's dtype."""
     compiles_without_recompiling: bool = True
     """Whether ``torch.compile`` of its step keeps one graph across steps (a method whose
     arithmetic depends on Python numbers that change every step, such as Tilted SAM's
@@ -374,4 +381,71 @@ RECORDS += [
         lockstep=("typical", "wide_min_side"),
         compiles_without_recompiling=False,
     ),
+    # -- Sparse SAM and Fisher-mask FSAM (issue 10) ----------------------------------------
+    MethodRecord(
+        cls=flatminima.SparseSAM,
+        configurations={
+            "typical": {"rho": 0.1, "sparsity": 0.5, "mask": "dynamic", "total_epochs": 4},
+            "dense": {"rho": 0.1, "sparsity": 0.2, "mask": "dynamic", "total_epochs": 4},
+            "fisher": {"rho": 0.1, "sparsity": 0.5, "num_samples": 12},
+        },
+        identity={"rho": 0.0},
+        passes=two_passes,
+        # sparsity 0 is SAM with the authors' ξ = 1e-7 instead of SAM's 1e-12 (2.9e-9 apart
+        # after 5 steps): test_sparse_sam.py holds it to a SAM loop with that ξ.
+        persistent_state=(MASK,),
+        invalid=[
+            *COMMON_INVALID,
+            ({"sparsity": 1.5}, r"sparsity must be in \[0, 1\]"),
+            ({"mask": "random"}, r"mask must be one of 'fisher', 'dynamic'"),
+            ({"update_every": 0}, r"update_every must be an integer >= 1"),
+            ({"num_samples": 0}, r"num_samples must be an integer >= 1"),
+            ({"drop_rate": -0.1}, r"drop_rate must be in \[0, 1\]"),
+            ({"drop_strategy": "size"}, r"drop_strategy must be one of 'weight'"),
+            ({"growth_strategy": None}, r"growth_strategy must be one of 'weight'"),
+            ({"total_epochs": None}, r"total_epochs must be an integer >= 1 with mask='dynamic'"),
+        ],
+        # ε = ρ·m⊙g/(‖g‖ + 1e-7): the authors' ξ = 1e-7 makes ε move by ~1e-7·(1 − 1/c) when
+        # the loss is scaled by c (invariant only up to ξ, like their code).
+        loss_scale_invariant=False,
+        memory_copies=1.25,  # the backup and one byte per coordinate (P/4 for float32)
+        reference=lambda: functools.partial(
+            loops.sparse_sam_step,
+            state=loops.SparseState(torch.Generator().manual_seed(4)),
+        ),
+        lockstep=("typical", "dense"),
+        extras=lambda: {"generator": torch.Generator().manual_seed(4)},
+        prepare=lambda optimizer, model, data: learn_the_mask(optimizer, model, data),
+        boolean_state=(MASK,),
+    ),
+    MethodRecord(
+        cls=flatminima.FisherMaskSAM,
+        configurations={"typical": {"rho": 0.1, "sparsity": 0.5, "num_samples": 12}},
+        identity={"rho": 0.0},
+        passes=two_passes,
+        persistent_state=(MASK,),
+        invalid=[
+            *COMMON_INVALID,
+            ({"sparsity": -0.5}, r"sparsity must be in \[0, 1\]"),
+            ({"num_samples": 2.0}, r"num_samples must be an integer >= 1"),
+        ],
+        memory_copies=1.25,
+        # Before its first refresh the Fisher mask is all zeros; the lockstep with a learnt
+        # mask is test_sparse_sam.py's (the suite's lockstep has no data to learn it from).
+        reference=lambda: functools.partial(loops.sparse_sam_step, state=loops.SparseState()),
+        lockstep=(),
+        prepare=lambda optimizer, model, data: learn_the_mask(optimizer, model, data),
+        boolean_state=(MASK,),
+    ),
 ]
+
+
+def learn_the_mask(optimizer: Any, model: torch.nn.Module, data: list[Any]) -> None:
+    """The runner's per-epoch hook for epoch 0 on ``data``. The Fisher passes run one example
+    at a time, which BatchNorm1d cannot do in train mode: the mask is learnt in eval mode."""
+    was_training = model.training
+    model.eval()
+    optimizer.start_epoch(
+        0, model=model, loss_fn=torch.nn.functional.cross_entropy, batches=lambda: data
+    )
+    model.train(was_training)

@@ -247,3 +247,12 @@ def compiled_step_matches_eager(cls: type, hyperparameters: dict[str, Any], step
             torch._dynamo.config.error_on_recompile = False
     for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def prepared(record: Any, optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
+    """``optimizer`` after its record's ``prepare`` (what a training loop does before the
+    first step, e.g. learning Sparse SAM's mask) on two fixed batches of the model's dtype."""
+    if record.prepare is not None:
+        dtype = next(model.parameters()).dtype
+        record.prepare(optimizer, model, batches(2, dtype=dtype, seed=3))
+    return optimizer

@@ -15,12 +15,14 @@ from flatminima.methods import (
     SAM,
     WSAM,
     BilateralSAM,
+    FisherMaskSAM,
     FisherSAM,
     FriendlySAM,
     LookSAM,
     MicroBatchSAM,
     MomentumSAM,
     MongeSAM,
+    SparseSAM,
     TiltedSAM,
 )
 
@@ -35,6 +37,7 @@ __all__ = [
     "BilateralSAM",
     "Evaluation",
     "Evaluations",
+    "FisherMaskSAM",
     "FisherSAM",
     "FriendlySAM",
     "LookSAM",
@@ -42,6 +45,7 @@ __all__ = [
     "MomentumSAM",
     "MongeSAM",
     "SharpnessAwareOptimizer",
+    "SparseSAM",
     "TiltedSAM",
     "__version__",
 ]

@@ -20,6 +20,7 @@ from support import (
     make_base,
     manual_pass,
     max_abs_difference,
+    prepared,
     run,
     run_base,
     snapshot,
@@ -36,13 +37,14 @@ by_foreach = pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "
 
 def build(record: MethodRecord, model, base: str, foreach: bool = True, **overrides):
     hyperparameters = {**record.typical, **overrides}
-    return record.cls(
+    optimizer = record.cls(
         make_base(base, model.parameters()),
         model=model,
         foreach=foreach,
         **hyperparameters,
         **record.extras(),
     )
+    return prepared(record, optimizer, model)
 
 
 @by_record
@@ -188,9 +190,9 @@ def test_dtypes_are_kept(record, dtype):
     run(optimizer, model, batches(2, dtype=dtype), per_example=record.needs_per_example_closure)
     assert all(p.dtype == dtype for p in model.parameters())
     for p in model.parameters():
-        for value in optimizer.state[p].values():
+        for key, value in optimizer.state[p].items():
             if isinstance(value, torch.Tensor):  # ESAM's flags are Python bools
-                assert value.dtype == dtype
+                assert value.dtype == (torch.bool if key in record.boolean_state else dtype), key
 
 
 @by_record

@@ -17,18 +17,28 @@ import torch
 import flatminima
 from flatminima import kernels
 from records import RECORDS
-from support import assert_bitwise_equal, batches, closure_for, make_base, run, snapshot, tiny_mlp
+from support import (
+    assert_bitwise_equal,
+    batches,
+    closure_for,
+    make_base,
+    prepared,
+    run,
+    snapshot,
+    tiny_mlp,
+)
 
 by_record = pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.id)
 
 
 def build(record, model, **overrides):
-    return record.cls(
+    optimizer = record.cls(
         make_base("sgd", model.parameters()),
         model=model,
         **{**record.typical, **overrides},
         **record.extras(),
     )
+    return prepared(record, optimizer, model)
 
 
 # -- 1. copies ------------------------------------------------------------------------------
@@ -276,10 +286,13 @@ def test_per_example_losses_count_as_their_mean():
 @pytest.mark.parametrize("scalar", [np.float32, np.float64, np.float16])
 def test_numpy_scalars_are_accepted_as_hyperparameters(record, scalar):
     model = tiny_mlp()
-    hyperparameters = {
-        name: scalar(value) if isinstance(value, float) else np.int64(value)
-        for name, value in record.typical.items()
-    }
+
+    def as_numpy(value):
+        if isinstance(value, float):
+            return scalar(value)
+        return np.int64(value) if isinstance(value, int) else value  # strings stay
+
+    hyperparameters = {name: as_numpy(value) for name, value in record.typical.items()}
     optimizer = record.cls(make_base("sgd", model.parameters()), **hyperparameters)
     run(optimizer, model, batches(1), per_example=record.needs_per_example_closure)
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -17,6 +17,7 @@ from support import (
     closure_for,
     make_base,
     manual_pass,
+    prepared,
     run,
     snapshot,
     tiny_mlp,
@@ -26,9 +27,10 @@ by_record = pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.id)
 
 
 def build(record, model, base="sgd"):
-    return record.cls(
+    optimizer = record.cls(
         make_base(base, model.parameters()), model=model, **record.typical, **record.extras()
     )
+    return prepared(record, optimizer, model)
 
 
 def one_step(optimizer, model, batch, form, per_example=False):

@@ -343,3 +343,35 @@ def micro_batch_sam_step(weights, grad_fn, base: ReferenceSGD, *, rho, micro_bat
         _, h = grad_fn([w + e for w, e in zip(weights, eps, strict=True)], examples=rows)
         update = [u + (count / size) * hi for u, hi in zip(update, h, strict=True)]
     return base.step(weights, update)
+
+
+class SparseState:
+    """The reference Sparse SAM's mask: given (``masks``), drawn on the first step from
+    ``generator`` as a uniformly random subset of round((1 − s)·N) coordinates (the library's
+    initial dynamic mask), or, with neither, all zeros (the Fisher mask before its refresh)."""
+
+    def __init__(
+        self, generator: torch.Generator | None = None, masks: list[Tensor] | None = None
+    ) -> None:
+        self.generator = generator
+        self.masks = masks
+
+
+def sparse_sam_step(
+    weights, grad_fn: GradFn, base: ReferenceSGD, state: SparseState, *, rho, sparsity, **_mask
+):
+    """Mi-Peng/Sparse-Sharpness-Aware-Minimization SSAMF/SSAMD.first_step: ε = m·ρ g/(‖g‖+1e-7)
+    with the unmasked norm; descend with ∇L(w+ε)."""
+    if state.masks is None:
+        sizes = [w.numel() for w in weights]
+        flat = torch.zeros(sum(sizes), dtype=torch.bool)
+        if state.generator is not None:
+            keep = round((1 - sparsity) * sum(sizes))
+            flat[torch.randperm(sum(sizes), generator=state.generator)[:keep]] = True
+        pieces = flat.split(sizes)
+        state.masks = [piece.reshape(w.shape) for piece, w in zip(pieces, weights, strict=True)]
+    _, g = grad_fn(weights)
+    n = norm(g)
+    eps = [m.to(gi.dtype) * rho * gi / (n + 1e-7) for m, gi in zip(state.masks, g, strict=True)]
+    _, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
+    return base.step(weights, g_tilde)

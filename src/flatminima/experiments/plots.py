@@ -72,6 +72,16 @@ METHOD_PALETTE = (
     "#17becf",  # cyan
     "#bcbd22",  # olive
     "#7f7f7f",  # grey
+    # Lighter shades of the same hues: fifteen methods need more than ten colours.
+    "#aec7e8",
+    "#ff9896",
+    "#98df8a",
+    "#ffbb78",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#9edae5",
+    "#dbdb8d",
 )
 LINE_STYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")

@@ -56,7 +56,7 @@ from flatminima.experiments.store import (
     out_of_space,
 )
 from flatminima.experiments.workers import Emit, Event, WorkersExited, run_tasks
-from flatminima.registry import get_method
+from flatminima.registry import get_method, start_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,16 @@ def train(
         started = time.perf_counter()
         loss_sum = 0.0
         order = torch.randperm(len(data.y_train), generator=shuffle)
+        # A method that learns from data outside the step (Sparse SAM's mask) does it here.
+        start_epoch(
+            optimizer,
+            epoch - 1,
+            model=model,
+            loss_fn=criterion,
+            batches=lambda order=order: (
+                (data.x_train[b], data.y_train[b]) for b in order.split(config.batch_size)
+            ),
+        )
         for batch in order.split(config.batch_size):
             inputs, labels = data.x_train[batch], data.y_train[batch]
 

@@ -11,6 +11,7 @@ from flatminima.methods.micro_batch_sam import MicroBatchSAM
 from flatminima.methods.momentum_sam import MomentumSAM
 from flatminima.methods.monge_sam import MongeSAM
 from flatminima.methods.sam import SAM
+from flatminima.methods.sparse_sam import FisherMaskSAM, SparseSAM
 from flatminima.methods.tilted_sam import TiltedSAM
 from flatminima.methods.wsam import WSAM
 
@@ -28,6 +29,8 @@ BY_NAME = {
     "bilateral-sam": BilateralSAM,
     "esam": ESAM,
     "msam": MicroBatchSAM,
+    "sparse-sam": SparseSAM,
+    "fisher-mask-sam": FisherMaskSAM,
 }
 """Command-line name → class, read by :mod:`flatminima.registry`."""
 
@@ -39,11 +42,13 @@ __all__ = [
     "SAM",
     "WSAM",
     "BilateralSAM",
+    "FisherMaskSAM",
     "FisherSAM",
     "FriendlySAM",
     "LookSAM",
     "MicroBatchSAM",
     "MomentumSAM",
     "MongeSAM",
+    "SparseSAM",
     "TiltedSAM",
 ]
