@@ -83,7 +83,7 @@ def _add_jobs(parser: argparse.ArgumentParser, default: int = 1) -> None:
         "--jobs",
         type=_positive_int,
         default=default,
-        help=f"worker processes at once, one per core, one thread each (default: {default})",
+        help=f"worker processes at once, one per core (default: {default})",
     )
 
 
@@ -291,13 +291,13 @@ def _add_demo_parser(commands: Any) -> None:
         description=f"The base optimizer alone against {described} on MNIST-1D with "
         f"{demo.DEMO_TRAINING['label_noise']:.0%} label noise, then the sharpness of every "
         "trained model and the report. Finished runs and measurements are kept: run it again "
-        "to resume. --quick: the base optimizer against SAM, two seeds (about a minute).",
+        "to resume. --quick: the base optimizer against SAM, two seeds (a minute or two).",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"base optimizer vs SAM only, {demo.QUICK_SEEDS} seeds: a first taste in about a "
-        "minute (the full demo resumes from these runs)",
+        help=f"base optimizer vs SAM only, {demo.QUICK_SEEDS} seeds: a first taste in a minute or "
+        "two (the full demo resumes from these runs)",
     )
     parser.add_argument(
         "--seeds",
