@@ -5,13 +5,15 @@ before training, or survived."""
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -33,6 +35,7 @@ from flatminima.experiments.report import summarize, write_report
 from flatminima.experiments.runner import WeightsFileError, load_trained_model, run_grid
 from flatminima.experiments.sharpness_runs import SharpnessSettings, measure_runs
 from flatminima.experiments.store import DataMismatchError, Store
+from flatminima.experiments.workers import Event, run_tasks
 
 TINY_FLAGS = [
     "--epochs", "2", "--train-size", "256", "--batch-size", "64", "--label-noise", "0.4",
@@ -655,7 +658,35 @@ def test_18_a_plot_interrupted_while_written_leaves_the_earlier_one_whole(
             assert path.read_bytes() == content
     assert report.markdown_path.read_bytes() == markdown
     assert _partials(out) == []
-    assert (
-        json.dumps([p.name for p in out.rglob("*") if p.is_file() and p.stat().st_size == 0])
-        == "[]"
-    )
+    assert [p.name for p in out.rglob("*") if p.is_file() and p.stat().st_size == 0] == []
+    # What a SIGKILL (no `finally` runs) leaves, a hidden partial, goes with the next report.
+    killed = report.plots[0].with_name(f".{report.plots[0].stem}.123.partial.png")
+    killed.parent.mkdir(parents=True, exist_ok=True)
+    killed.write_bytes(b"")
+    write_report(trained[0], out)
+    assert _partials(out) == []
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
+
+
+def _stop_first(context: None, item: int, emit: Any) -> str:
+    if item == 0:
+        return "stop"  # as a run that met a full disk
+    time.sleep(0.5)
+    return "done"
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_9_a_stop_on_one_worker_ends_the_grid_on_every_worker(jobs: int) -> None:
+    ended: list[int] = []
+
+    def follow(event: Event) -> bool:
+        if event.kind == "end":
+            ended.append(event.index)
+        return event.kind == "end" and event.payload == "stop"
+
+    run_tasks(_stop_first, list(range(8)), jobs=jobs, setup=_nothing, on_event=follow)
+    assert ended[-1] == 0 and len(ended) <= jobs  # nothing started after the stop was seen
