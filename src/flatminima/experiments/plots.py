@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,16 +390,13 @@ def plot_accuracy_vs_cost(setting: Setting, path: Path) -> Plot | None:
         axes_row = figure.subplots(1, 2, sharey=True)
         for axes, (panel, attribute, xlabel) in zip(axes_row, panels, strict=True):
             points = [(getattr(arm, attribute), 100 * arm.accuracy.mean) for arm in arms]
-            for arm, (cost, _) in zip(arms, points, strict=True):
+            shifts = _side_by_side([cost for cost, _ in points], axes_row[0] is axes)
+            for arm, (cost, _), shift in zip(arms, points, shifts, strict=True):
                 style = styles[arm.label]
                 interval = arm.accuracy.scaled(100)
                 axes.errorbar(
-                    cost, interval.mean, yerr=_error(interval), marker=style.marker,
-                    color=style.color, capsize=3, markersize=6, linewidth=1.2,
-                )  # fmt: skip
-                axes.annotate(
-                    arm.label, (cost, interval.mean), xytext=(5, 3), textcoords="offset points",
-                    fontsize=7, color=style.color,
+                    cost + shift, interval.mean, yerr=_error(interval), marker=style.marker,
+                    color=style.color, capsize=3, markersize=6, linewidth=1.2, label=arm.label,
                 )  # fmt: skip
             front = pareto_front(points)
             front_x = [points[i][0] for i in front]
@@ -417,17 +414,36 @@ def plot_accuracy_vs_cost(setting: Setting, path: Path) -> Plot | None:
             axes.set(xlabel=f"{xlabel} (vs {BASE_OPTIMIZER})", title=f"accuracy against {panel}")
             axes.margins(x=0.25)
         axes_row[0].set_ylabel("final test accuracy (%)")
-        axes_row[0].legend(loc="lower right", title="bars: 95% interval", title_fontsize=7.5)
+        handles, labels = axes_row[0].get_legend_handles_labels()
+        figure.legend(
+            handles, labels, loc="outside lower center", ncols=min(len(labels), 4),
+            title="bars: 95% interval", title_fontsize=7.5,
+        )  # fmt: skip
         figure.suptitle(setting.plot_title, fontsize=9)
         _save(figure, path)
     plot.caption = (
         f"Mean final test accuracy of each arm, with its {INTERVAL_WORDS}, against its cost "
         f"relative to the base optimizer: forward/backward passes counted (left) and training "
-        "wall time measured (right; noisier on a busy machine). The dashed line is the Pareto "
-        "front: the arms no other arm beats on both accuracy and cost. Diverged runs are left "
-        "out of the costs."
+        "wall time measured (right; noisier on a busy machine). Arms of the same pass count are "
+        "drawn side by side around it. The dashed line is the Pareto front: the arms no other "
+        "arm beats on both accuracy and cost. Diverged runs are left out of the costs."
     )
     return plot
+
+
+def _side_by_side(costs: Sequence[float], exact: bool) -> list[float]:
+    """Horizontal shifts that set apart the points of arms at the same cost (every two-pass
+    method costs exactly 2 passes), so that neither their bars nor their markers hide each
+    other; none where costs differ (``exact=False``: measured times never tie)."""
+    if not exact:
+        return [0.0] * len(costs)
+    span = (max(costs) - min(costs)) or 1.0
+    shifts = []
+    for index, cost in enumerate(costs):
+        tied = [i for i, other in enumerate(costs) if other == cost]
+        rank = tied.index(index)
+        shifts.append((rank - (len(tied) - 1) / 2) * 0.025 * span)
+    return shifts
 
 
 # --- hyperparameter sweeps -------------------------------------------------------------------
