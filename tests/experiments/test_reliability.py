@@ -27,7 +27,7 @@ from filesystems import fill, read_only_copy, small_disk
 
 from flatminima.cli import main
 from flatminima.experiments import data as data_module
-from flatminima.experiments import runner
+from flatminima.experiments import runner, sharpness_runs
 from flatminima.experiments import store as store_module
 from flatminima.experiments.config import ConfigError, make_run_config
 from flatminima.experiments.grid import MAX_GRID_RUNS, Assignment, expand_grid, parse_seeds
@@ -280,6 +280,20 @@ def test_10_compare_on_a_read_only_database_refuses_in_one_line_before_training(
                        "--db", str(read_only / "runs.db")])  # fmt: skip
     assert status == 2
     assert "cannot" in _one_line(capsys.readouterr().err)
+
+
+def test_10_sharpness_on_a_read_only_database_refuses_in_one_line_before_measuring(
+    trained: tuple[Path, list], tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    _copy(trained[0], source)
+    monkeypatch.setattr(sharpness_runs, "measure_run", lambda *a, **k: pytest.fail("measured"))
+    with read_only_copy(source, tmp_path / "ro") as read_only:
+        status = main(["sharpness", "--examples", "32", "--quiet", "--out", str(tmp_path / "o"),
+                       "--db", str(read_only / "runs.db")])  # fmt: skip
+    assert status == 2
+    assert "cannot write the database" in _one_line(capsys.readouterr().err)
 
 
 def test_11_an_unwritable_weights_folder_is_refused_before_training(

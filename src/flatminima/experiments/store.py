@@ -497,9 +497,10 @@ class Store:
                         table,
                     )
 
-    def check_writable(self) -> None:
-        """Raise :class:`StoreError` unless this process can write the database and the
-        weights folder: asked once before training rather than discovered after it."""
+    def check_writable(self, *, weights: bool = True) -> None:
+        """Raise :class:`StoreError` unless this process can write the database and (with
+        ``weights``) the weights folder: asked once before the work rather than discovered
+        after it."""
         try:
             self._connection.execute("BEGIN IMMEDIATE")
             try:
@@ -509,6 +510,8 @@ class Store:
                 self._connection.execute("ROLLBACK")
         except sqlite3.OperationalError as error:
             raise StoreError(f"cannot write the database {self.path}: {error}") from error
+        if not weights:
+            return
         try:
             self.weights_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.weights_dir) as probe:
