@@ -704,3 +704,15 @@ def test_9_a_stop_on_one_worker_ends_the_grid_on_every_worker(jobs: int) -> None
 
     run_tasks(_stop_first, list(range(8)), jobs=jobs, setup=_nothing, on_event=follow)
     assert ended[-1] == 0 and len(ended) <= jobs  # nothing started after the stop was seen
+
+
+def test_9_an_sqlite_error_that_is_not_a_full_disk_fails_the_run_as_it_is(
+    tiny: dict[str, Any], db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def locked(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(Store, "claim", locked)
+    summary = run_grid(_grid(tiny, methods=("sgd",), seeds=(0,)), db_path, progress=False)
+    assert summary.stopped is None
+    assert len(summary.failed) == 1 and "OperationalError: database is locked" in summary.failed[0]
