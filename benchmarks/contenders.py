@@ -18,6 +18,7 @@ import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import torch
@@ -60,7 +61,8 @@ class Contender:
     """``passes``, ``base``, ``flatminima`` or ``peer``."""
     method: str
     """The method it implements (``sam``, ``friendly-sam``...), or ``sgd`` / ``passes``."""
-    passes: int
+    passes: float
+    """Forward/backward passes per optimizer step, averaged over one cycle of the method."""
     build: Callable[[Workload, Hooks], Prepared] = field(compare=False, repr=False)
 
 
@@ -70,6 +72,9 @@ class Prepared:
 
     step: Step
     params: list[Tensor]
+    steps_per_call: int = 1
+    """Optimizer steps one call of ``step`` runs: a whole cycle for methods whose steps
+    differ (LookSAM's refresh every k steps), so that every timed call costs the same."""
 
 
 @dataclass
@@ -88,13 +93,22 @@ def setup(workload: Workload, hooks: Hooks) -> Setup:
     x, y = workload.build_batch()
     loss = workload.loss
 
-    def closure() -> Tensor:
+    def closure(evaluation: Any = None) -> Tensor:
+        """Forward and backward; given an evaluation (flatminima's methods), on the examples
+        it asks for, with a backward only if it wants a gradient, returning per-example losses
+        (their mean is backpropagated). Both forms cost the same for a whole-batch pass."""
         with hooks.forward_backward():
             for p in params:
                 p.grad = None
-            value = loss(model(x), y)
-            value.backward()
-        return value
+            if evaluation is None:  # the plain contract (the base step, the peers)
+                value = loss(model(x), y)
+                value.backward()
+                return value
+            rows = slice(None) if evaluation.examples is None else evaluation.examples
+            losses = loss(model(x[rows]), y[rows], reduction="none")
+            if evaluation.needs_gradient:
+                losses.mean().backward()
+        return losses
 
     return Setup(model, params, closure)
 
@@ -150,7 +164,13 @@ def _build_flatminima(
         _instrument_base(base, hooks)
         optimizer = METHODS[method].build(base, model=built.model, **overrides)
         closure = built.closure
-        return Prepared(lambda: optimizer.step(closure) and None, built.params)
+        cycle = METHODS[method].cycle(overrides)
+
+        def step() -> None:
+            for _ in range(cycle):
+                optimizer.step(lambda evaluation: closure(evaluation))
+
+        return Prepared(step, built.params, steps_per_call=cycle)
 
     return build
 
@@ -203,6 +223,39 @@ def _build_pytorch_optimizer(
         return Prepared(step, built.params)
 
     return build
+
+
+def _build_pytorch_optimizer_gsam(workload: Workload, hooks: Hooks) -> Prepared:
+    """pytorch_optimizer's GSAM at flatminima's defaults (ρ = 0.05 fixed, α = 0.4): it takes a
+    base optimizer instance, the model and a ρ scheduler, and its step runs both passes through
+    a closure that returns (outputs, loss)."""
+    import pytorch_optimizer
+
+    built = setup(workload, hooks)
+    base = _sgd(built.params)
+    _instrument_base(base, hooks)
+    # ProportionScheduler reads the rate from `.optimizer` when given no torch scheduler; with
+    # max_lr = min_lr it returns max_value, a fixed ρ (no scheduler wrapping the base's step).
+    lr = BASE_HYPERPARAMETERS["lr"]
+    no_scheduler = SimpleNamespace(optimizer=base)
+    rho_scheduler = pytorch_optimizer.ProportionScheduler(no_scheduler, lr, lr, 0.05, 0.05)
+    optimizer = pytorch_optimizer.GSAM(built.params, base, built.model, rho_scheduler, alpha=0.4)
+    closure = torch.enable_grad()(built.closure)  # its step runs under no_grad
+    return Prepared(lambda: optimizer.step(lambda: (None, closure())) and None, built.params)
+
+
+def _build_pytorch_optimizer_wsam(workload: Workload, hooks: Hooks) -> Prepared:
+    """pytorch_optimizer's WSAM at its (and flatminima's) defaults: ρ = 0.05, γ = 0.9,
+    decoupled; its step runs both passes itself."""
+    import pytorch_optimizer
+
+    built = setup(workload, hooks)
+    optimizer = pytorch_optimizer.WSAM(
+        built.model, built.params, _SGDForeachInStep, rho=0.05, gamma=0.9, **BASE_HYPERPARAMETERS
+    )
+    _instrument_base(optimizer.base_optimizer, hooks)
+    closure = built.closure
+    return Prepared(lambda: optimizer.step(closure) and None, built.params)
 
 
 def _build_naive(workload: Workload, hooks: Hooks) -> Prepared:
@@ -259,7 +312,7 @@ def _flatminima_contenders(tilted_samples: int) -> list[Contender]:
                 label=label,
                 kind="flatminima",
                 method=name,
-                passes=spec.passes_per_step(overrides),
+                passes=spec.mean_passes_per_step(overrides),
                 build=_build_flatminima(name, overrides),
             )
         )
@@ -302,6 +355,18 @@ def contenders(*, peers: bool = True, tilted_samples: int = 3) -> list[Contender
                 "pytorch_optimizer FriendlySAM (default)",
                 "peer", "friendly-sam", 2,
                 _build_pytorch_optimizer("FriendlySAM", rho=0.2, sigma=1.0, lmbda=0.6),
+            ),
+            Contender(
+                "pytorch_optimizer:gsam",
+                "pytorch_optimizer GSAM (foreach, from the base SGD's groups)",
+                "peer", "gsam", 2,
+                _build_pytorch_optimizer_gsam,
+            ),
+            Contender(
+                "pytorch_optimizer:wsam",
+                "pytorch_optimizer WSAM (default: per-tensor on CPU)",
+                "peer", "wsam", 2,
+                _build_pytorch_optimizer_wsam,
             ),
         ]
     return rows

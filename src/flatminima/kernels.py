@@ -12,6 +12,7 @@ group, so that half-precision gradients neither overflow nor lose the small entr
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import defaultdict
 from collections.abc import Sequence
@@ -87,13 +88,57 @@ def squared_norm(tensors: TensorList, *, foreach: bool) -> Tensor:
     return total
 
 
+def traced_factor(numerator: float, norm: float, norm_tensor: Tensor) -> float | Tensor:
+    """numerator / norm, as a Python float in eager mode and as a 0-d tensor computed from the
+    norm's tensor under ``torch.compile``: a Python float that changes every step (ρ/‖g‖)
+    would be baked into the compiled graph as a constant and recompile it at every step."""
+    if torch.compiler.is_compiling():
+        return numerator / norm_tensor
+    return numerator / norm
+
+
+def norm_and_tensor(tensors: TensorList, *, foreach: bool) -> tuple[float, Tensor]:
+    """:func:`global_norm` as a float (for the caller's guards) and as a 0-d float64 tensor
+    (for arithmetic that must stay traced under ``torch.compile``)."""
+    norm_tensor = squared_norm(tensors, foreach=foreach).sqrt()
+    norm = float(norm_tensor)
+    if not math.isfinite(norm):
+        norm = _rescaled_global_norm(tensors)
+        norm_tensor = torch.tensor(norm, dtype=torch.float64, device=norm_tensor.device)
+    return norm, norm_tensor
+
+
 def global_norm(tensors: TensorList, *, foreach: bool) -> float:
     """The Euclidean norm of all tensors seen as one vector, as a Python float.
 
     Returning a float makes the caller's zero / non-finite guard a plain ``if`` and costs one
     device synchronisation per call, which is negligible next to a forward/backward pass.
+    A finite vector always has a finite norm: when the fast sum of squares overflows (float32
+    and bfloat16 entries above ~1.8e19, float64 above ~1e154), the norm is taken again with
+    each tensor scaled by its largest entry. Only a non-finite entry gives a non-finite norm.
     """
-    return float(squared_norm(tensors, foreach=foreach).sqrt())
+    norm = float(squared_norm(tensors, foreach=foreach).sqrt())
+    if math.isfinite(norm):
+        return norm
+    return _rescaled_global_norm(tensors)
+
+
+def _rescaled_global_norm(tensors: TensorList) -> float:
+    """‖t‖ as peak·‖t/peak‖, per tensor and over the tensors, in float64: the slow path for
+    sums of squares that overflow (it allocates a scaled copy of one tensor at a time)."""
+    peaks = [torch.linalg.vector_norm(t, math.inf, dtype=torch.float64) for t in tensors]
+    norms: list[float] = []
+    for t, peak_tensor in zip(tensors, peaks, strict=True):
+        peak = float(peak_tensor)
+        if not math.isfinite(peak):
+            return peak  # an inf or NaN entry: the norm is honestly non-finite
+        if peak == 0.0:
+            continue
+        norms.append(peak * float(torch.linalg.vector_norm(t.double() / peak)))
+    if not norms:
+        return 0.0
+    largest = max(norms)
+    return largest * math.sqrt(sum((n / largest) ** 2 for n in norms))
 
 
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)
@@ -120,9 +165,16 @@ def _factor_for(factor: float, dtype: torch.dtype, device: torch.device) -> Tens
     return factor
 
 
-def scale_(tensors: TensorList, factor: float, *, foreach: bool) -> None:
-    """t ← factor · t for every tensor (the foreach path rounds ``factor`` as the loop does)."""
+def scale_(tensors: TensorList, factor: float | Tensor, *, foreach: bool) -> None:
+    """t ← factor · t for every tensor (the foreach path rounds ``factor`` as the loop does).
+
+    ``factor`` is a 0-d tensor under ``torch.compile`` (see :func:`traced_factor`)."""
     if not tensors:
+        return
+    if isinstance(factor, Tensor):
+        for dtype, members in _groups(tensors):
+            wide = torch.float32 if dtype in REDUCED_PRECISION else dtype
+            torch._foreach_mul_(members, factor.to(wide))
         return
     if not foreach:
         for t in tensors:
@@ -253,3 +305,178 @@ def zero_(tensors: TensorList, *, foreach: bool) -> None:
 def empty_like(tensors: TensorList) -> list[Tensor]:
     """Uninitialised buffers shaped like ``tensors`` (one extra parameter copy of memory)."""
     return [torch.empty_like(t, memory_format=torch.preserve_format) for t in tensors]
+
+
+# -- fused sweeps for the memory-bound methods -----------------------------------------------
+#
+# On large tensors the optimizer's arithmetic is bound by memory traffic, not by flops: every
+# foreach call reads and writes whole tensors. The metric methods need several elementwise
+# steps per coordinate (Fisher SAM: g², 1 + ηg², g/f, a sum, a scale), so the fast path below
+# walks each large tensor in cache-sized chunks and runs all of a chunk's steps while it sits
+# in the cache; memory sees one read (and, where the result is written, one write) per sweep.
+# Small tensors keep the foreach path: per-chunk calls would cost more than they save. The
+# per-tensor loop (``foreach=False``) stays the readable oracle of the same formulas.
+
+FUSED_MIN_NUMEL = 1 << 16
+"""Tensors with at least this many elements take the chunked path (foreach below)."""
+
+CHUNK_NUMEL = 1 << 17
+"""Elements per chunk: 512 KiB of float32. Measured on W2-wide's tensors (2-core EPYC,
+one thread): 2^17 to 2^18 elements per chunk ran Fisher SAM's sweep 3× faster than 2^15 (the
+Python cost of each chunk's calls) and 10× faster than whole tensors (which leave the cache)."""
+
+
+def _split_by_size(tensors: TensorList) -> tuple[list[int], list[int]]:
+    """Indices of the large (chunked) and small (foreach) tensors; a non-contiguous tensor
+    counts as small, since only a contiguous one can be walked through flat views."""
+    large, small = [], []
+    for i, t in enumerate(tensors):
+        (large if t.numel() >= FUSED_MIN_NUMEL and t.is_contiguous() else small).append(i)
+    return large, small
+
+
+def _chunk_pairs(*tensors: Tensor) -> zip:
+    """Matching flat chunks of same-shaped contiguous tensors."""
+    return zip(*(t.view(-1).split(CHUNK_NUMEL) for t in tensors), strict=True)
+
+
+def _work_buffer(reference: Tensor, count: int = 1) -> list[Tensor]:
+    """Chunk-sized buffers in the accumulation dtype of ``reference``."""
+    dtype = accumulation_dtype(reference.dtype)
+    size = min(CHUNK_NUMEL, reference.numel())
+    return [torch.empty(size, dtype=dtype, device=reference.device) for _ in range(count)]
+
+
+def fisher_precondition_(grads: TensorList, eta: float, *, foreach: bool) -> float | Tensor:
+    """g ← u = g/(1 + η·g²) in place, and returns gᵀF⁻¹g = Σ g·u: Fisher SAM's F⁻¹g and its
+    normaliser for the diagonal F = 1 + η·g², in one sweep over the gradients.
+
+    Half-precision gradients are widened to float32 for the arithmetic (g² overflows float16
+    beyond 256) and u is rounded back to their dtype. Each tensor's (each chunk's) share of
+    the sum is taken with ``torch.dot`` (``sum`` of a product on the per-tensor path) in the
+    accumulation dtype and the shares are added in float64. Under ``torch.compile`` every
+    tensor takes the foreach path and the sum stays a 0-d tensor (traced, not a constant).
+    """
+    if torch.compiler.is_compiling():
+        wide = [t.to(accumulation_dtype(t.dtype)) for t in grads]
+        f = [torch.ones_like(w) for w in wide]
+        torch._foreach_addcmul_(f, wide, wide, value=eta)
+        u = torch._foreach_div(wide, f)
+        products = torch._foreach_mul(wide, u)
+        torch._foreach_copy_(list(grads), u)
+        return torch.stack([p.sum(dtype=torch.float64) for p in products]).sum()
+    total = 0.0
+    if not foreach:
+        for g in grads:
+            wide = g.to(accumulation_dtype(g.dtype))
+            f = torch.addcmul(torch.ones_like(wide), wide, wide, value=eta)
+            u = wide.div(f)
+            total += float((wide * u).sum())
+            g.copy_(u)
+        return total
+    large, small = _split_by_size(grads)
+    for i in large:
+        g = grads[i]
+        f_buffer, u_buffer = _work_buffer(g, 2)
+        one = torch.ones((), dtype=f_buffer.dtype, device=g.device)
+        for (chunk,) in _chunk_pairs(g):
+            wide = chunk if chunk.dtype == f_buffer.dtype else chunk.to(f_buffer.dtype)
+            size = chunk.numel()
+            f = torch.addcmul(one, wide, wide, value=eta, out=f_buffer[:size])
+            u = torch.div(wide, f, out=u_buffer[:size])
+            total += float(torch.dot(wide, u))
+            chunk.copy_(u)
+    for index_group in _index_groups(grads, small):
+        members = [grads[i] for i in index_group]
+        wide = [t.to(accumulation_dtype(t.dtype)) for t in members]
+        f = [torch.ones_like(w) for w in wide]
+        torch._foreach_addcmul_(f, wide, wide, value=eta)
+        u = torch._foreach_div(wide, f)
+        for product in torch._foreach_mul(wide, u):
+            total += float(product.sum())
+        torch._foreach_copy_(members, u)
+    return total
+
+
+def _index_groups(tensors: TensorList, indices: list[int]) -> list[list[int]]:
+    """``indices`` split by (device, dtype) of their tensors."""
+    if not indices:
+        return []
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i in indices:
+        groups[(tensors[i].device, tensors[i].dtype)].append(i)
+    return list(groups.values())
+
+
+def friendly_direction_(
+    grads: TensorList, emas: TensorList, sigma: float, lmbda: float, *, foreach: bool
+) -> None:
+    """Friendly SAM's direction and EMA in one sweep: d = g − σ·m (the EMA from *before*
+    this step), then m ← λ·m + (1 − λ)·g with the raw g; d is left in ``grads``."""
+    if not foreach:
+        for g, m in zip(grads, emas, strict=True):
+            previous = m.clone()
+            m.mul_(lmbda).add_(g, alpha=1.0 - lmbda)
+            g.add_(previous, alpha=-sigma)
+        return
+    large, small = _split_by_size(grads)
+    if torch.compiler.is_compiling():  # chunk loops would unroll into huge graphs
+        large, small = [], sorted(large + small)
+    for i in large:
+        g, m = grads[i], emas[i]
+        previous_buffer = torch.empty(min(CHUNK_NUMEL, g.numel()), dtype=m.dtype, device=m.device)
+        for chunk_g, chunk_m in _chunk_pairs(g, m):
+            # d into the buffer, the EMA by lerp (m + (1 − λ)(g − m), the same EMA up to
+            # rounding), d back into g: three calls on a chunk in cache instead of four.
+            direction = torch.add(
+                chunk_g, chunk_m, alpha=-sigma, out=previous_buffer[: chunk_g.numel()]
+            )
+            chunk_m.lerp_(chunk_g, 1.0 - lmbda)
+            chunk_g.copy_(direction)
+    if small:
+        small_grads = [grads[i] for i in small]
+        small_emas = [emas[i] for i in small]
+        previous = [m.clone() for m in small_emas]
+        scale_(small_emas, lmbda, foreach=True)
+        add_(small_emas, small_grads, alpha=1.0 - lmbda, foreach=True)
+        add_(small_grads, previous, alpha=-sigma, foreach=True)
+
+
+def dot(first: TensorList, second: TensorList, *, foreach: bool) -> Tensor:
+    """Σᵢ ⟨firstᵢ, secondᵢ⟩ over all pairs, as a 0-d float64 tensor on the first tensor's device.
+
+    Accumulated as :func:`squared_norm` is: per tensor in float32 at least (float64 for float64
+    tensors), summed over tensors in float64. Half-precision pairs are widened one tensor at a
+    time, so only one temporary of one tensor's size exists at once. Both paths run one
+    ``torch.dot`` per tensor pair, which reads the two tensors once and allocates nothing:
+    torch has no ``_foreach`` dot product (``_foreach_mul`` would allocate a whole copy of the
+    gradients; ``_foreach_mm`` on 1×n·n×1 views is slower on CPU and follows the float32 matmul
+    precision, TF32 on a GPU if the user allowed it). The foreach path stacks the per-tensor
+    results of a (device, dtype) group and sums them in one reduction; the loop adds them one
+    at a time. The two may differ in the last bit of the sum.
+    """
+    if len(first) != len(second):
+        raise ValueError(f"dot needs lists of equal length, got {len(first)} and {len(second)}")
+    if len(first) == 0:
+        return torch.zeros((), dtype=torch.float64)
+    result_device = first[0].device
+    total = torch.zeros((), dtype=torch.float64, device=result_device)
+    for (_, dtype), indices in group_by_device_and_dtype(first).items():
+        acc = accumulation_dtype(dtype)
+        products = [_flat_dot(first[i], second[i], acc) for i in indices]
+        if foreach:
+            group_total = torch.stack(products).sum(dtype=torch.float64)
+            total = total + group_total.to(device=result_device)
+        else:
+            for product in products:
+                total = total + product.to(device=result_device, dtype=torch.float64)
+    return total
+
+
+def _flat_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """⟨a, b⟩ of two same-shaped tensors, computed in ``acc`` (a 0-d tensor of dtype ``acc``)."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"dot needs tensors of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    return torch.dot(a.to(acc).reshape(-1), b.to(acc).reshape(-1))

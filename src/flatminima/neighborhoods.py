@@ -12,7 +12,11 @@ formula for one metric M, computed without forming M.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
 
 from flatminima import kernels
 from flatminima.groups import GroupView, all_grads
@@ -38,6 +42,18 @@ def _zero_all(views: list[GroupView], *, foreach: bool) -> None:
     kernels.zero_(all_grads(views), foreach=foreach)
 
 
+def _scale_to_radius_(
+    views: list[GroupView], norm: float, norm_tensor: Tensor, xi: float, *, foreach: bool
+) -> None:
+    """d ← ρ·d/(D + ξ) in every view, with the view's group's ρ and the global normaliser D
+    (a float in eager mode, a traced tensor under ``torch.compile``: see
+    :func:`kernels.traced_factor`)."""
+    for view in views:
+        rho = float(view.hyperparameters["rho"])
+        factor = kernels.traced_factor(rho, norm + xi, norm_tensor + xi)
+        kernels.scale_(view.grads, factor, foreach=foreach)
+
+
 class EuclideanBall:
     """ε = ρ·d / (‖d‖ + ξ): SAM's ball, M = I (Foret et al. 2021, eq. 2).
 
@@ -46,13 +62,11 @@ class EuclideanBall:
     """
 
     def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
-        norm = kernels.global_norm(all_grads(views), foreach=foreach)
+        norm, norm_tensor = kernels.norm_and_tensor(all_grads(views), foreach=foreach)
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
-        for view in views:
-            scale = float(view.hyperparameters["rho"]) / (norm + GRADIENT_NORM_EPSILON)
-            kernels.scale_(view.grads, scale, foreach=foreach)
+        _scale_to_radius_(views, norm, norm_tensor, GRADIENT_NORM_EPSILON, foreach=foreach)
 
 
 class MongeBall:
@@ -65,13 +79,17 @@ class MongeBall:
     """
 
     def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
-        norm = kernels.global_norm(all_grads(views), foreach=foreach)
+        norm, norm_tensor = kernels.norm_and_tensor(all_grads(views), foreach=foreach)
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
         shrink = math.sqrt(1.0 + norm * norm)
         for view in views:
-            scale = float(view.hyperparameters["rho"]) / ((norm + GRADIENT_NORM_EPSILON) * shrink)
+            scale = kernels.traced_factor(
+                float(view.hyperparameters["rho"]),
+                (norm + GRADIENT_NORM_EPSILON) * shrink,
+                (norm_tensor + GRADIENT_NORM_EPSILON) * (1.0 + norm_tensor.square()).sqrt(),
+            )
             kernels.scale_(view.grads, scale, foreach=foreach)
 
 
@@ -82,7 +100,16 @@ class AdaptiveEllipsoid:
     (η = 0 is exactly the popular port's ``adaptive=True``; η > 0 lets zero weights move).
     ``rho`` and ``eta`` are read per group. T is built in the scratch buffer, which the engine
     then reuses for the weights' backup.
+
+    Args:
+        eta: a fixed η for every group (GSAM's and WSAM's ``adaptive=True`` is η = 0); ``None``
+            reads ``eta`` from each group (ASAM).
+        epsilon: ξ (SamsungLabs/ASAM's 1e-16 by default; the GSAM and WSAM codes add 1e-12).
     """
+
+    def __init__(self, *, eta: float | None = None, epsilon: float = ASAM_NORM_EPSILON) -> None:
+        self.eta = eta
+        self.epsilon = epsilon
 
     def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
         scales = []
@@ -90,48 +117,61 @@ class AdaptiveEllipsoid:
             scale = view.scratch_or_new()
             kernels.copy_(scale, view.params, foreach=foreach)
             kernels.abs_(scale, foreach=foreach)
-            kernels.add_scalar_(scale, float(view.hyperparameters["eta"]), foreach=foreach)
+            eta = float(view.hyperparameters["eta"]) if self.eta is None else self.eta
+            if eta != 0.0:  # adding 0 changes nothing: skip a pass over the tensors
+                kernels.add_scalar_(scale, eta, foreach=foreach)
             kernels.mul_(view.grads, scale, foreach=foreach)  # T d
             scales.append(scale)
-        norm = kernels.global_norm(all_grads(views), foreach=foreach)
+        norm, norm_tensor = kernels.norm_and_tensor(all_grads(views), foreach=foreach)
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
         for view, scale in zip(views, scales, strict=True):
             kernels.mul_(view.grads, scale, foreach=foreach)  # T² d
-            kernels.scale_(
-                view.grads,
-                float(view.hyperparameters["rho"]) / (norm + ASAM_NORM_EPSILON),
-                foreach=foreach,
-            )
+        _scale_to_radius_(views, norm, norm_tensor, self.epsilon, foreach=foreach)
 
 
 class FisherEllipsoid:
     """ε = ρ·F⁻¹d / (√(dᵀF⁻¹d) + ξ) with the diagonal Fisher F = 1 + η·g⊙g (Kim et al. 2022).
 
     The radius the paper calls γ is ``rho``; ``eta`` scales the empirical Fisher of the current
-    minibatch gradient. Computed as v = g/√f, D = ‖v‖ = √(gᵀF⁻¹g), ε = ρ·(v/√f)/D, which
-    needs only √f (built in the scratch buffer). Not invariant to the loss scale: unscale AMP
+    minibatch gradient. One sweep over the gradients (spec §4.3) turns each g into F⁻¹g and
+    sums gᵀF⁻¹g; a scale by ρ/D then makes ε. f is never stored, so no scratch is needed. η
+    and ρ are read per group, D is global. Not invariant to the loss scale: unscale AMP
     gradients before the first step.
     """
 
     def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
-        roots = []
-        for view in views:
-            root = view.scratch_or_new()
-            kernels.root_one_plus_scaled_square_(
-                root, view.grads, float(view.hyperparameters["eta"]), foreach=foreach
-            )  # √f = √(1 + η g²)
-            kernels.div_(view.grads, root, foreach=foreach)  # v = g/√f
-            roots.append(root)
-        norm = kernels.global_norm(all_grads(views), foreach=foreach)  # √(gᵀF⁻¹g)
+        quadratic = sum(
+            kernels.fisher_precondition_(
+                view.grads, float(view.hyperparameters["eta"]), foreach=foreach
+            )
+            for view in views
+        )
+        norm_tensor = torch.as_tensor(quadratic, dtype=torch.float64).sqrt()  # √(gᵀF⁻¹g)
+        norm = float(norm_tensor)
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
-        for view, root in zip(views, roots, strict=True):
-            kernels.div_(view.grads, root, foreach=foreach)  # F⁻¹g = g/f
-            kernels.scale_(
-                view.grads,
-                float(view.hyperparameters["rho"]) / (norm + GRADIENT_NORM_EPSILON),
-                foreach=foreach,
-            )
+        _scale_to_radius_(views, norm, norm_tensor, GRADIENT_NORM_EPSILON, foreach=foreach)
+
+
+class WithRadius:
+    """The neighbourhood ``inner`` with the radius ``radius(group)`` in place of ``group["rho"]``.
+
+    For radii that are a function of the group at this step: GSAM's ρ_t, which follows the
+    learning rate. The group itself is not written to; each view of this step gets a copy of
+    its hyperparameters with ``rho`` replaced.
+    """
+
+    def __init__(self, inner: Neighborhood, radius: Callable[[Mapping[str, Any]], float]) -> None:
+        self.inner = inner
+        self.radius = radius
+
+    def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
+        for view in views:
+            view.hyperparameters = {
+                **view.hyperparameters,
+                "rho": self.radius(view.hyperparameters),
+            }
+        self.inner.perturbation_(views, foreach=foreach)

@@ -27,7 +27,7 @@ class MethodSpec:
     hyperparameters: Mapping[str, Any] = field(default_factory=dict)
     """Accepted hyperparameters and their defaults (the authors' published defaults)."""
     build_fn: Callable[..., torch.optim.Optimizer] | None = None
-    passes_fn: Callable[[Hyperparameters], int] | None = None
+    passes_fn: Callable[[Hyperparameters, int], int] | None = None
 
     def resolved(self, overrides: Hyperparameters | None = None) -> dict[str, Any]:
         """Defaults updated with ``overrides``; an unknown name raises ``ValueError``."""
@@ -41,11 +41,26 @@ class MethodSpec:
             )
         return {**self.hyperparameters, **overrides}
 
-    def passes_per_step(self, overrides: Hyperparameters | None = None) -> int:
-        """Forward/backward passes one optimizer step costs with these hyperparameters."""
+    def passes_per_step(self, overrides: Hyperparameters | None = None, step: int = 0) -> int:
+        """Forward/backward passes step number ``step`` (from 0) costs with these
+        hyperparameters."""
         if self.passes_fn is None:
             return 1
-        return self.passes_fn(self.resolved(overrides))
+        return self.passes_fn(self.resolved(overrides), step)
+
+    def cycle(self, overrides: Hyperparameters | None = None, horizon: int = 64) -> int:
+        """The period of the method's pass pattern (LookSAM's k; 1 for most methods): the
+        smallest p with passes(step) = passes(step + p) over the first ``horizon`` steps."""
+        pattern = [self.passes_per_step(overrides, step) for step in range(horizon)]
+        for period in range(1, horizon // 2 + 1):
+            if all(pattern[i] == pattern[i + period] for i in range(horizon - period)):
+                return period
+        return horizon
+
+    def mean_passes_per_step(self, overrides: Hyperparameters | None = None) -> float:
+        """Passes per step averaged over one cycle (1 + 1/k for LookSAM)."""
+        period = self.cycle(overrides)
+        return sum(self.passes_per_step(overrides, step) for step in range(period)) / period
 
     def build(
         self,
@@ -60,10 +75,16 @@ class MethodSpec:
         return self.build_fn(base_optimizer, model=model, **hyperparameters)
 
 
+def _summary(cls: type) -> str:
+    """The docstring's first paragraph, on one line (a summary may wrap in the source)."""
+    paragraph = (cls.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in paragraph.splitlines())
+
+
 def _spec_for(name: str, cls: type) -> MethodSpec:
     return MethodSpec(
         name=name,
-        summary=(cls.__doc__ or "").strip().splitlines()[0],
+        summary=_summary(cls),
         hyperparameters=dict(cls.hyperparameter_defaults),
         build_fn=cls,
         passes_fn=cls.passes_per_step,
@@ -84,6 +105,22 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+def start_epoch(
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    *,
+    model: torch.nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    batches: Callable[[], Any],
+) -> None:
+    """The per-epoch hook a training loop calls before each epoch, whatever the method: it
+    lets methods that learn from data outside the step (Sparse SAM's Fisher mask) do so, and
+    does nothing for the others and for the bare base optimizer."""
+    start = getattr(optimizer, "start_epoch", None)
+    if start is not None:
+        start(epoch, model=model, loss_fn=loss_fn, batches=batches)
+
+
 def get_method(name: str) -> MethodSpec:
     """The spec registered under ``name``; ``ValueError`` lists the accepted names."""
     try:
@@ -100,3 +137,25 @@ def canonical_method_name(name: str) -> str:
 def method_names() -> list[str]:
     """Every registered name, the base optimizer first."""
     return list(METHODS)
+
+
+def readme_method_table() -> str:
+    """The README's method table, generated from each method's declaration (a test holds the
+    README to it; ``python -m flatminima.registry`` prints it)."""
+    lines = [
+        "| class | CLI name | paper | passes / step | extra memory | hyperparameters (defaults) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, cls in methods.BY_NAME.items():
+        defaults = ", ".join(
+            f"`{key}={value!r}`" for key, value in cls.hyperparameter_defaults.items()
+        )
+        lines.append(
+            f"| `{cls.__name__}` | `{name}` | {cls.paper} | {cls.passes_text} | "
+            f"{cls.extra_memory} | {defaults} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(readme_method_table())

@@ -696,13 +696,21 @@ def _stop_first(context: None, item: int, emit: Any) -> str:
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_9_a_stop_on_one_worker_ends_the_grid_on_every_worker(jobs: int) -> None:
     ended: list[int] = []
+    stopped: list[bool] = []
 
-    def follow(event: Event) -> bool:
+    def follow(event: Event) -> None:
         if event.kind == "end":
             ended.append(event.index)
-        return event.kind == "end" and event.payload == "stop"
+            stopped.append(event.payload == "stop")
 
-    run_tasks(_stop_first, list(range(8)), jobs=jobs, setup=_nothing, on_event=follow)
+    run_tasks(
+        _stop_first,
+        list(range(8)),
+        jobs=jobs,
+        setup=_nothing,
+        on_event=follow,
+        should_stop=lambda: any(stopped),
+    )
     assert ended[-1] == 0 and len(ended) <= jobs  # nothing started after the stop was seen
 
 

@@ -141,3 +141,83 @@ def tilted_sam_step(
         for i in range(len(weights))
     ]
     return base.step(weights, combined)
+
+
+# -- GSAM and WSAM (issue 9) --------------------------------------------------------------------
+
+
+def gsam_radius(rho, rho_min, lr, lr_min, lr_max):
+    """Algorithm 1, line 1: ρ_t = ρ_min + (ρ_max − ρ_min)(lr_t − lr_min)/(lr_max − lr_min)."""
+    if rho_min is None or lr_max == lr_min:
+        return rho
+    return rho_min + (rho - rho_min) * (lr - lr_min) / (lr_max - lr_min)
+
+
+def gsam_step(
+    weights,
+    grad_fn: GradFn,
+    base: ReferenceSGD,
+    *,
+    rho,
+    alpha,
+    rho_min=None,
+    lr_min=0.0,
+    lr_max=None,
+    adaptive=False,
+):
+    """ε = ρ_t g/(‖g‖+ξ) (adaptive: ρ_t |w|²g/(‖|w|g‖+ξ)); g̃ = ∇L(w+ε);
+    g⊥ = g − (⟨g,g̃⟩/‖g̃‖²) g̃; descend with d = g̃ − α g⊥."""
+    rho_t = gsam_radius(rho, rho_min, base.lr, lr_min, base.lr if lr_max is None else lr_max)
+    _, g = grad_fn(weights)
+    if adaptive:
+        t = [w.abs() for w in weights]
+        n = norm([ti * gi for ti, gi in zip(t, g, strict=True)])
+        eps = [rho_t * ti * ti * gi / (n + XI) for ti, gi in zip(t, g, strict=True)]
+    else:
+        n = norm(g)
+        eps = [rho_t * gi / (n + XI) for gi in g]
+    _, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
+    inner = sum(float((gi * gti).sum()) for gi, gti in zip(g, g_tilde, strict=True))
+    squared = sum(float((gti * gti).sum()) for gti in g_tilde)
+    projection = inner / squared
+    d = [gti - alpha * (gi - projection * gti) for gi, gti in zip(g, g_tilde, strict=True)]
+    return base.step(weights, d)
+
+
+def clip(vectors: list[Tensor], max_norm) -> list[Tensor]:
+    """torch.nn.utils.clip_grad_norm_: v·min(1, max_norm/(‖v‖ + 1e-6))."""
+    factor = min(1.0, max_norm / (norm(vectors) + 1e-6))
+    return [factor * v for v in vectors]
+
+
+def wsam_step(
+    weights,
+    grad_fn: GradFn,
+    base: ReferenceSGD,
+    *,
+    rho,
+    gamma,
+    decouple=True,
+    max_norm=None,
+    adaptive=False,
+):
+    """ε as SAM's (adaptive: davda54's); α = γ/(1−γ); coupled: descend with α g̃ + (1−α) g;
+    decoupled: descend with g, then w ← w − lr·α·(g̃ − g). Optional clipping of g and g̃."""
+    _, g = grad_fn(weights)
+    if adaptive:
+        t = [w.abs() for w in weights]
+        n = norm([ti * gi for ti, gi in zip(t, g, strict=True)])
+        eps = [rho * ti * ti * gi / (n + XI) for ti, gi in zip(t, g, strict=True)]
+    else:
+        n = norm(g)
+        eps = [rho * gi / (n + XI) for gi in g]
+    _, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
+    if max_norm is not None:
+        g, g_tilde = clip(g, max_norm), clip(g_tilde, max_norm)
+    a = gamma / (1 - gamma)
+    if decouple:
+        stepped = base.step(weights, g)
+        return [
+            w - base.lr * a * (gti - gi) for w, gi, gti in zip(stepped, g, g_tilde, strict=True)
+        ]
+    return base.step(weights, [a * gti + (1 - a) * gi for gi, gti in zip(g, g_tilde, strict=True)])

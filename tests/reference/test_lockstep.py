@@ -6,18 +6,10 @@ import functools
 
 import pytest
 import torch
-from loops import (
-    FriendlyState,
-    ReferenceSGD,
-    asam_step,
-    fisher_sam_step,
-    friendly_sam_step,
-    monge_sam_step,
-    sam_step,
-    tilted_sam_step,
-)
+from loops import FriendlyState, ReferenceSGD, gsam_step
 
 import flatminima
+from records import RECORDS, MethodRecord
 from support import batches, tiny_mlp
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
@@ -41,37 +33,31 @@ def grad_fn_for(model: torch.nn.Module, batch):
 
 
 CASES = [
-    (flatminima.SAM, {"rho": 0.1}, lambda: sam_step),
-    (flatminima.ASAM, {"rho": 0.5, "eta": 0.01}, lambda: asam_step),
-    (flatminima.FisherSAM, {"rho": 0.1, "eta": 1.0}, lambda: fisher_sam_step),
-    (flatminima.MongeSAM, {"rho": 0.1}, lambda: monge_sam_step),
-    (
-        flatminima.FriendlySAM,
-        {"rho": 0.1, "sigma": 1.0, "lmbda": 0.6},
-        lambda: functools.partial(friendly_sam_step, state=FriendlyState()),
-    ),
-    (
-        flatminima.FriendlySAM,
-        {"rho": 0.1, "sigma": 0.5, "lmbda": 0.9},
-        lambda: functools.partial(friendly_sam_step, state=FriendlyState()),
-    ),
-    (
-        flatminima.TiltedSAM,
-        {"rho": 0.05, "tilt": 3.0, "num_samples": 3, "radius": 0.05, "noise_scale": 1.0},
-        lambda: functools.partial(tilted_sam_step, generator=torch.Generator().manual_seed(4)),
-    ),
+    pytest.param(record, name, id=f"{record.id}-{name}")
+    for record in RECORDS
+    if record.reference is not None
+    for name in record.lockstep
 ]
 
 
-def lockstep_deviation(cls, hyperparameters, make_reference, foreach=True) -> float:
+def lockstep_deviation(record: MethodRecord, configuration: str, foreach: bool = True) -> float:
     """Runs the optimizer and its reference side by side; the largest weight difference."""
+    return deviation_from(
+        record.cls,
+        record.configurations[configuration],
+        record.reference,  # type: ignore[arg-type]
+        foreach=foreach,
+        extras=record.extras(),
+    )
+
+
+def deviation_from(cls, hyperparameters, make_reference, *, foreach=True, extras=None) -> float:
     model = tiny_mlp()
-    extra = {"generator": torch.Generator().manual_seed(4)} if cls is flatminima.TiltedSAM else {}
     optimizer = cls(
         torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
         foreach=foreach,
         **hyperparameters,
-        **extra,
+        **(extras or {}),
     )
     reference_step = make_reference()
     reference_base = ReferenceSGD(LR, MOMENTUM, WEIGHT_DECAY)
@@ -96,12 +82,14 @@ def lockstep_deviation(cls, hyperparameters, make_reference, foreach=True) -> fl
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
-@pytest.mark.parametrize(
-    ("cls", "hyperparameters", "make_reference"), CASES, ids=lambda c: getattr(c, "__name__", None)
-)
-def test_method_follows_its_reference_loop(cls, hyperparameters, make_reference, foreach):
-    deviation = lockstep_deviation(cls, hyperparameters, make_reference, foreach)
-    assert deviation < TOLERANCE, f"{cls.__name__} drifted {deviation:.2e} from its reference"
+@pytest.mark.parametrize(("record", "configuration"), CASES)
+def test_method_follows_its_reference_loop(record, configuration, foreach):
+    deviation = lockstep_deviation(record, configuration, foreach)
+    assert deviation < TOLERANCE, f"{record.id} drifted {deviation:.2e} from its reference"
+
+
+def test_every_method_has_a_reference_loop():
+    assert all(record.reference is not None for record in RECORDS)
 
 
 def test_friendly_sam_does_not_follow_the_ema_of_the_debiased_gradient():
@@ -121,9 +109,69 @@ def test_friendly_sam_does_not_follow_the_ema_of_the_debiased_gradient():
         _, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
         return base.step(weights, g_tilde)
 
-    deviation = lockstep_deviation(
+    deviation = deviation_from(
         flatminima.FriendlySAM,
         {"rho": 0.1, "sigma": 1.0, "lmbda": 0.6},
         lambda: functools.partial(port_step, state=FriendlyState()),
     )
     assert deviation > 1e-6
+
+
+# -- GSAM and WSAM (issue 9) --------------------------------------------------------------------
+
+
+def test_clipping_bites_in_the_wsam_lockstep_configurations():
+    """max_norm = 0.2 clips every batch at the start (‖g‖ from 0.29 to 0.57), or the clipped
+    configurations would test nothing."""
+    model = tiny_mlp()
+    for batch in batches(STEPS):
+        _, g = grad_fn_for(model, batch)([p.detach() for p in model.parameters()])
+        assert sum(float((gi * gi).sum()) for gi in g) ** 0.5 > 0.2
+
+
+SCHEDULE = [0.1, 0.08, 0.05, 0.03, 0.01, 0.0]
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize(
+    "hyperparameters",
+    [
+        {"rho": 0.2, "alpha": 0.4, "rho_min": 0.05},
+        {"rho": 0.2, "alpha": 0.4, "rho_min": 0.05, "lr_min": 0.01},
+        {"rho": 0.5, "alpha": 0.6, "rho_min": 0.1, "adaptive": True},
+    ],
+    ids=lambda h: "-".join(f"{k}={v}" for k, v in h.items()),
+)
+def test_gsam_radius_follows_the_learning_rate_in_lockstep(hyperparameters, foreach):
+    """The group's learning rate changes every step (as a scheduler would change it); ρ_t
+    follows it in both, with lr_max the learning rate at construction."""
+    model = tiny_mlp()
+    optimizer = flatminima.GSAM(
+        torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
+        foreach=foreach,
+        **hyperparameters,
+    )
+    reference_base = ReferenceSGD(LR, MOMENTUM, WEIGHT_DECAY)
+    weights = [p.detach().clone() for p in model.parameters()]
+    worst = 0.0
+    for lr, (x, y) in zip(SCHEDULE, batches(len(SCHEDULE)), strict=True):
+        optimizer.param_groups[0]["lr"] = lr
+        reference_base.lr = lr
+        weights = gsam_step(
+            weights, grad_fn_for(model, (x, y)), reference_base, lr_max=LR, **hyperparameters
+        )
+
+        def closure(x=x, y=y):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        worst = max(
+            worst,
+            max(
+                float((p.detach() - w).abs().max())
+                for p, w in zip(model.parameters(), weights, strict=True)
+            ),
+        )
+    assert worst < TOLERANCE

@@ -13,9 +13,9 @@ all of them.
 :mod:`~flatminima.cli.options` declares the options (each shared one once),
 :mod:`~flatminima.cli.commands` holds the commands, which check and print; this module runs one
 and turns errors and interruptions into one line. The work is done by
-:mod:`flatminima.experiments`. Bad input ends with one line naming the argument and
-what it accepts, exit status 2, before anything is written to the database. Exit status 1: a
-run failed, or the grid stopped (a full disk); 3: the grid is incomplete because another process
+:mod:`flatminima.experiments`. Bad input ends with one line naming the argument and what it
+accepts, exit status 2, before anything is written to the database. Exit status 1: a run
+failed, or the grid stopped (a full disk); 3: the grid is incomplete because another process
 still trains some of its runs. Ctrl-C and SIGTERM
 stop the same way: workers stopped, finished runs and measurements kept, one line saying how to
 go on.

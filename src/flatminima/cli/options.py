@@ -291,7 +291,7 @@ def _add_demo_parser(commands: Any) -> None:
         description=f"The base optimizer alone against {described} on MNIST-1D with "
         f"{demo.DEMO_TRAINING['label_noise']:.0%} label noise, then the sharpness of every "
         "trained model and the report. Finished runs and measurements are kept: run it again "
-        "to resume. --quick: the base optimizer against SAM, two seeds (a minute or two).",
+        "to resume. --quick: the base optimizer against SAM only (a minute or two).",
     )
     parser.add_argument(
         "--quick",

@@ -461,8 +461,7 @@ def run_grid(
     workers = max(1, min(jobs, len(pending)))
     bars = GridProgress(summary.total, summary.already_finished, workers, progress)
 
-    def follow(event: Event) -> bool:
-        """Draw the event; ``True`` (stop the grid) after a fault every later run would meet."""
+    def follow(event: Event) -> None:
         config = pending[event.index]
         if event.kind == "start":
             bars.start(event.slot, config.label, config.epochs)
@@ -471,7 +470,6 @@ def run_grid(
         else:
             _count(summary, config.label, *event.payload)
             bars.end(event.slot, event.payload[0])
-        return summary.stopped is not None
 
     try:
         run_tasks(
@@ -481,6 +479,9 @@ def run_grid(
             setup=_training_process,
             setup_args=(Path(db_path), data_dir, threads, stale_after_s),
             on_event=follow,
+            # A full disk (or another storage fault every later run would meet too) stops the
+            # grid: the other workers' runs stay `running` under dead processes, redone next time.
+            should_stop=lambda: bool(summary.stopped),
         )
     except WorkersExited as error:
         summary.failed.append(

@@ -54,14 +54,14 @@ def run_tasks(
     jobs: int,
     setup: Callable[..., AbstractContextManager[Any]],
     setup_args: tuple[Any, ...] = (),
-    on_event: Callable[[Event], bool | None],
+    on_event: Callable[[Event], None],
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
     """Call ``task(context, item, emit)`` for every item, ``context`` being what
     ``setup(*setup_args)`` yields once per process (a database connection, the thread count),
-    and pass every :class:`Event` to ``on_event`` here. ``task``, ``setup`` and the items must
-    be picklable (module-level functions) when ``jobs > 1``. ``on_event`` returning true for
-    an ``end`` event stops everything: no task starts after it, and the workers still running
-    one are terminated (a fault every later task would meet too, such as a full disk)."""
+    and pass every :class:`Event` to ``on_event`` here. After each task's end, ``should_stop()``
+    true stops everything: no further task starts and the workers are terminated. ``task``,
+    ``setup`` and the items must be picklable (module-level functions) when ``jobs > 1``."""
     workers = max(1, min(jobs, len(items)))
     if workers == 1:
         with setup(*setup_args) as context:
@@ -71,7 +71,8 @@ def run_tasks(
                 def emit(payload: Any, index: int = index) -> None:
                     on_event(Event("progress", 0, index, payload))
 
-                if on_event(Event("end", 0, index, task(context, item, emit))):
+                on_event(Event("end", 0, index, task(context, item, emit)))
+                if should_stop():
                     return
         return
     context = multiprocessing.get_context("spawn")
@@ -98,11 +99,11 @@ def run_tasks(
                 if not any(process.is_alive() for process in processes):
                     raise WorkersExited(remaining) from None
                 continue
-            stop = on_event(event)
+            on_event(event)
             if event.kind == "end":
                 remaining -= 1
-                if stop:
-                    return  # the workers are terminated below
+                if should_stop():
+                    return  # the `finally` below terminates the workers
         for process in processes:
             process.join()
     finally:

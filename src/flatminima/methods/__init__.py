@@ -3,9 +3,11 @@
 from flatminima.methods.asam import ASAM
 from flatminima.methods.fisher_sam import FisherSAM
 from flatminima.methods.friendly_sam import FriendlySAM
+from flatminima.methods.gsam import GSAM
 from flatminima.methods.monge_sam import MongeSAM
 from flatminima.methods.sam import SAM
 from flatminima.methods.tilted_sam import TiltedSAM
+from flatminima.methods.wsam import WSAM
 
 BY_NAME = {
     "sam": SAM,
@@ -14,7 +16,19 @@ BY_NAME = {
     "monge-sam": MongeSAM,
     "tilted-sam": TiltedSAM,
     "friendly-sam": FriendlySAM,
+    "gsam": GSAM,
+    "wsam": WSAM,
 }
 """Command-line name → class, read by :mod:`flatminima.registry`."""
 
-__all__ = ["ASAM", "BY_NAME", "SAM", "FisherSAM", "FriendlySAM", "MongeSAM", "TiltedSAM"]
+__all__ = [
+    "ASAM",
+    "BY_NAME",
+    "GSAM",
+    "SAM",
+    "WSAM",
+    "FisherSAM",
+    "FriendlySAM",
+    "MongeSAM",
+    "TiltedSAM",
+]
