@@ -140,10 +140,10 @@ def _add_training_runtime(parser: argparse.ArgumentParser, db_default: str = DEF
         type=float,
         default=DEFAULT_STALE_AFTER_S / 3600,
         metavar="HOURS",
-        help="take over a run that a process under another hostname (another container on "
-        "this machine, or the machine the database was copied from) left running with no "
-        f"epoch recorded for this long (default: {DEFAULT_STALE_AFTER_S / 3600:g}; inf: never; "
-        "a dead process under this hostname is noticed at once)",
+        help="take over a run another process left running with no epoch recorded for this "
+        f"long (default: {DEFAULT_STALE_AFTER_S / 3600:g}; inf: never); a process under this "
+        "hostname that is gone (its PID free, or held by a process started at another time) "
+        "is noticed at once",
     )
     _add_data_dir(parser)
 

@@ -364,7 +364,10 @@ def execute_run(
             data_fingerprint=data_fingerprint,
         )
     except sqlite3.Error as error:
-        raise _stop_if_storage_fault(error) from error
+        stop = _stop_if_storage_fault(error)
+        if stop is None:
+            raise
+        raise stop from error
     if run_id is None:
         return "skipped"
     try:

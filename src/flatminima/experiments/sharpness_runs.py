@@ -415,6 +415,8 @@ def measure_runs(
         selected = select_runs(store, runs, methods)
         summary = SharpnessSummary(selected=len(selected))
         tasks = _plan(store, selected, settings, landscape=landscape, force=force, summary=summary)
+        if tasks:
+            store.check_writable(weights=False)  # before measuring, not after
         bar = CountProgress(len(tasks), "sharpness", enabled=progress)
 
         def record(event: Event) -> None:
