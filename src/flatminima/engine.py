@@ -1,26 +1,23 @@
 """The engine every sharpness-aware method runs on.
 
-A method is a few small parts (see DESIGN.md §2) plus the base optimizer:
+A method is a short *program* over one step (``step.py``): a generator that yields the passes
+it wants and, between them, perturbs, restores and combines gradients with small parts
+(DESIGN.md §2):
 
 * an ascent direction (``directions.py``): which vector to climb along;
 * a neighbourhood (``neighborhoods.py``): which ε of size ρ in its metric to step to;
 * a combination (``combiners.py``): how the perturbed gradients become the update;
-* optionally a start (``starts.py``): where each perturbation begins (Tilted SAM's random
-  starts; the weights themselves otherwise);
+* optionally a start (``starts.py``): where each perturbation begins (Tilted SAM);
 * the base optimizer instance (SGD, AdamW, ...), which takes the descent step at w.
 
-The engine owns everything else: the passes, zeroing gradients, the weights' backup and its
-restore *by copy*, BatchNorm statistics on perturbed passes, DDP's ``no_sync``, and the state
-dict. One generator, :meth:`SharpnessAwareOptimizer._passes`, describes a step; the closure
-form (:meth:`~SharpnessAwareOptimizer.step`), the two-pass manual form
-(:meth:`~SharpnessAwareOptimizer.first_step` / :meth:`~SharpnessAwareOptimizer.second_step`)
-and the general manual form (:meth:`~SharpnessAwareOptimizer.evaluations`) all drive it, so
-they cannot disagree.
-
-Memory: the weights' backup is one parameter copy. Before it holds the weights, the same
-buffer is lent, on request, to the direction and the neighbourhood as scratch space
-(``GroupView.scratch_or_new``), which is how ASAM and Fisher SAM build their metric without a
-second copy; when no part asks for it, the backup is simply a clone of the weights.
+The engine owns the mechanics: gradients zeroed before each pass, BatchNorm statistics
+updated by exactly one declared pass, DDP's ``no_sync`` on every pass but the one whose
+gradient is the update, the weights restored *by copy* in a ``finally`` (also on exceptions
+and aborts), the descent through one hooked call (so ``step(closure)``, the manual forms and
+:meth:`~SharpnessAwareOptimizer.evaluations` all fire the step hooks and the LR scheduler's
+bookkeeping), the step counter, validation of hyperparameters whenever a param group changes,
+and the state dict (nothing transient in it). The default program is SAM's shape, which the
+first six methods share; the others write their own.
 """
 
 from __future__ import annotations
@@ -33,42 +30,32 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from flatminima import kernels
+from flatminima import hyperparameters as hp
 from flatminima.combiners import Combiner, PerturbedGradient
-from flatminima.directions import AscentDirection
-from flatminima.groups import GroupView, all_grads
-from flatminima.neighborhoods import Neighborhood
-from flatminima.passes import all_reduce_mean_, pass_context
+from flatminima.directions import AscentDirection, GradientDirection
+from flatminima.groups import GroupView
+from flatminima.neighborhoods import EuclideanBall, Neighborhood
+from flatminima.passes import pass_context
+from flatminima.step import PERTURBED, START, BorrowingView, Evaluation, Step, _Backup
 
-START = "start"
-"""An evaluation at the point a perturbation starts from (the weights themselves for SAM)."""
-PERTURBED = "perturbed"
-"""An evaluation at a perturbed point w + ε."""
+__all__ = [
+    "PERTURBED",
+    "START",
+    "Evaluation",
+    "Evaluations",
+    "SharpnessAwareOptimizer",
+    "StartPoint",
+    "Step",
+    "StepPlan",
+]
 
 DEFAULTED_KEY = "flatminima_defaulted"
 """Param-group entry listing the method hyperparameters a wrapper filled in from its own
 arguments (as opposed to values the user set per group). A later wrapper around the same base
 optimizer overwrites these, and keeps the user's."""
 
-
-class Evaluation:
-    """One forward/backward pass the method asks for.
-
-    ``point`` is :data:`START` or :data:`PERTURBED`; ``index`` counts the perturbations of the
-    step (always 0 for two-pass methods). Report the pass's loss with :meth:`report`: methods
-    that weigh their perturbations by the loss (Tilted SAM) need it, the others ignore it.
-    """
-
-    def __init__(self, index: int, point: str) -> None:
-        self.index = index
-        self.point = point
-        self.loss: Tensor | float | None = None
-
-    def report(self, loss: Tensor | float | None) -> None:
-        self.loss = loss
-
-    def __repr__(self) -> str:
-        return f"Evaluation(index={self.index}, point={self.point!r})"
+Program = Generator[Evaluation, Evaluation, Any]
+"""A method's step: yields passes, receives each back once it has run, returns the loss."""
 
 
 class StartPoint:
@@ -80,7 +67,7 @@ class StartPoint:
 
 @dataclass
 class StepPlan:
-    """How one step is organised: perturbations, their combination, their start points."""
+    """How the default program organises a step: perturbations, their combination, starts."""
 
     samples: int = 1
     combiner: Combiner = field(default_factory=PerturbedGradient)
@@ -93,6 +80,11 @@ class StepOutcome:
     """What a finished step reports back."""
 
     loss: Any = None
+
+
+class _Descent:
+    """The argument ``step`` receives when the engine routes a manual form's descent through
+    it, so that step hooks and LR-scheduler bookkeeping fire exactly once per step."""
 
 
 class Evaluations:
@@ -110,12 +102,14 @@ class Evaluations:
                 evaluation.report(loss)
     """
 
-    def __init__(self, optimizer: SharpnessAwareOptimizer) -> None:
+    def __init__(self, optimizer: SharpnessAwareOptimizer, *, hooked: bool = True) -> None:
         # The generator holds the outcome, not this object: no reference cycle, so dropping an
         # unfinished iteration (a `break`) closes the generator, and restores the weights, at
         # once rather than at some later garbage collection.
         self._outcome = StepOutcome()
-        self._generator = optimizer._start_step(self._outcome, zero_first=True)
+        self._generator = optimizer._start_step(
+            self._outcome, caller_ran_first_pass=False, hooked=hooked
+        )
 
     @property
     def loss(self) -> Any:
@@ -132,13 +126,16 @@ class Evaluations:
 
 
 class SharpnessAwareOptimizer(torch.optim.Optimizer):
-    """A base optimizer wrapped with a sharpness-aware perturbation.
+    """A base optimizer wrapped with a sharpness-aware step.
 
-    Subclasses (one per method, in ``flatminima.methods``) choose the parts and validate their
-    hyperparameters; nothing else. ``param_groups`` *is* the base optimizer's list (same list,
+    Subclasses (one per method, in ``flatminima.methods``) declare their hyperparameters
+    (:attr:`declaration`), choose their parts, and, where SAM's shape does not fit, write
+    their own :meth:`program`. ``param_groups`` *is* the base optimizer's list (same list,
     same dicts), so LR schedulers, ``add_param_group`` and per-group hyperparameters work on
     either object, and every method hyperparameter can be set per group
-    (``{"params": ..., "rho": 0.1}``).
+    (``{"params": ..., "rho": 0.1}``). ``defaults`` holds the base optimizer's defaults and
+    the method's, so every ``torch.optim.lr_scheduler`` (``OneCycleLR``, ``CyclicLR``...)
+    works on the wrapper.
 
     Conventions (and where they differ from the authors' codes):
 
@@ -148,33 +145,38 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     * Dropout draws fresh masks on each pass, the PyTorch convention (the JAX SAM reuses the
       first pass's key, P15). Seed the pass yourself if you need the same mask.
     * Every parameter the step moves is restored by copy, whether or not it has a gradient on
-      a later pass (P2, P3). Methods that start at the weights (all but Tilted SAM) move only
-      the parameters with a gradient on the start pass; Tilted SAM's random start moves every
-      parameter with ``requires_grad``.
-    * Sparse gradients are refused with a clear error; FSDP / ZeRO sharded gradients are not
-      supported (the norm would be per shard, P4).
+      a later pass (P2, P3).
+    * Sparse gradients, complex parameters and a base optimizer with ``maximize=True`` are
+      refused with a clear error (negate the loss instead of maximizing); FSDP / ZeRO sharded
+      gradients are not supported (the norm would be per shard, P4).
     """
 
+    declaration: ClassVar[tuple[hp.Hyperparameter, ...]] = ()
+    """The method's hyperparameters, declared once (see :mod:`flatminima.hyperparameters`)."""
+
     hyperparameter_defaults: ClassVar[dict[str, Any]] = {}
-    """The method's hyperparameters and their defaults (read by the registry and the CLI)."""
+    """Name → default, derived from :attr:`declaration` (read by the registry and the CLI)."""
+
+    manual_two_pass: ClassVar[bool] = True
+    """Whether ``first_step()`` / ``second_step()`` apply: one pass at w, then one at w + ε."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "declaration" in cls.__dict__:
+            cls.hyperparameter_defaults = hp.defaults_of(cls.declaration)
+            cls.__doc__ = _with_symbol_table(cls.__doc__, cls.declaration)
 
     def __init__(
         self,
         base_optimizer: torch.optim.Optimizer,
         *,
         hyperparameters: Mapping[str, Any],
-        direction: AscentDirection,
-        neighborhood: Neighborhood,
+        direction: AscentDirection | None = None,
+        neighborhood: Neighborhood | None = None,
         model: nn.Module | None = None,
         foreach: bool | None = None,
     ) -> None:
-        if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"base_optimizer must be a torch.optim.Optimizer instance, got "
-                f"{type(base_optimizer).__name__}"
-            )
-        if isinstance(base_optimizer, SharpnessAwareOptimizer):
-            raise TypeError("base_optimizer is already sharpness-aware; wrap a plain optimizer")
+        _check_base_optimizer(base_optimizer, type(self).__name__)
         clashes = sorted(set(hyperparameters) & set(base_optimizer.defaults))
         if clashes:
             raise ValueError(
@@ -185,17 +187,22 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         self._check_hyperparameters(hyperparameters)
         for group in base_optimizer.param_groups:
-            self._check_hyperparameters({**hyperparameters, **_user_set(group, hyperparameters)})
+            self._check_group({**group, **hyperparameters, **_user_set(group, hyperparameters)})
         self.base_optimizer = base_optimizer
         self.model = model
         self.foreach = True if foreach is None else bool(foreach)
-        self.direction = direction
-        self.neighborhood = neighborhood
-        self._pending: Generator[Evaluation, None, None] | None = None
-        self._open_step: weakref.ref[Generator[Evaluation, None, None]] | None = None
+        self.direction = direction or GradientDirection()
+        self.neighborhood = neighborhood or EuclideanBall()
+        self._method_defaults = dict(hyperparameters)
+        self._step_count = 0
+        self._validated: dict[int, tuple[dict[str, Any], tuple[Any, ...]]] = {}
+        self._pending: Generator[Evaluation, Evaluation, None] | None = None
+        self._open_step: weakref.ref[Generator[Evaluation, Evaluation, None]] | None = None
         # torch.optim.Optimizer.__init__ calls add_param_group for each group: ours fills in
         # the method's hyperparameters and leaves the groups where they are, in the base.
         super().__init__(base_optimizer.param_groups, dict(hyperparameters))
+        # Schedulers read the base optimizer's defaults (OneCycleLR looks for momentum/betas).
+        self.defaults = {**base_optimizer.defaults, **self._method_defaults}
         self._check_groups_agree(self.param_groups)
 
     # -- what a method defines -------------------------------------------------------------
@@ -203,19 +210,53 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     @classmethod
     def _check_hyperparameters(cls, values: Mapping[str, Any]) -> None:
         """Raises ``ValueError`` naming the argument and its accepted range."""
+        hp.check_values(cls.declaration, values)
 
     def _check_groups_agree(self, groups: list[dict[str, Any]]) -> None:
-        """Raises ``ValueError`` if hyperparameters that shape the whole step differ between
-        ``groups`` (none do for two-pass methods)."""
+        """Raises ``ValueError`` if a step-level hyperparameter differs between ``groups``."""
+        hp.check_groups_agree(self.declaration, groups, type(self).__name__)
 
     @classmethod
-    def passes_per_step(cls, hyperparameters: Mapping[str, Any] | None = None) -> int:
-        """Forward/backward passes of one step: a start pass and a perturbed pass."""
+    def passes_per_step(
+        cls, hyperparameters: Mapping[str, Any] | None = None, step: int = 0
+    ) -> int:
+        """Forward/backward passes of step number ``step`` (counted from 0) with these
+        hyperparameters: a start pass and a perturbed pass unless the method says otherwise."""
         return 2
 
     def _step_plan(self) -> StepPlan:
-        """The organisation of this step; multi-sample methods override it."""
+        """The organisation of this step for the default program."""
         return StepPlan()
+
+    def program(self, step: Step) -> Program:
+        """SAM's shape, for each of the plan's samples: a pass at the start point, ε from its
+        gradient, a pass at the perturbed point, the weights restored; then the combiner
+        turns the perturbed gradients into the update. Returns the first start pass's loss
+        (or the combiner's objective, e.g. Tilted SAM's tilted loss)."""
+        plan = self._step_plan()
+        first_loss = None
+        for sample in range(plan.samples):
+            if plan.start is not None:
+                step.move_to_start(plan.start)
+            # Exactly one pass per step updates BatchNorm statistics: the first start pass.
+            start = yield step.clean_pass(index=sample, update_statistics=sample == 0)
+            if sample == 0:
+                first_loss = start.loss
+            step.perturb(self.direction, self.neighborhood)
+            last = sample == plan.samples - 1
+            perturbed = yield step.perturbed_pass(
+                index=sample, synchronise=last and plan.combiner.synchronised_by_last_pass
+            )
+            loss = perturbed.loss
+            plan.combiner.add(
+                step.params,
+                None if loss is None or not plan.combiner.needs_loss else _as_float(loss),
+                foreach=step.foreach,
+            )
+            step.restore()
+        plan.combiner.finish(step.params, foreach=step.foreach)
+        objective = plan.combiner.objective()
+        return first_loss if objective is None else torch.tensor(objective, dtype=torch.float64)
 
     def _extra_state(self) -> dict[str, Any]:
         """Method state that is not per parameter (saved by ``state_dict``)."""
@@ -241,54 +282,152 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group to the base optimizer too; method hyperparameters default to the
         constructor's values and are validated before anything is added."""
-        values = {**self.defaults, **_user_set(param_group, self.defaults)}
+        values = {**self._method_defaults, **_user_set(param_group, self._method_defaults)}
         self._check_hyperparameters(values)
         is_new = not any(param_group is group for group in self.base_optimizer.param_groups)
         if is_new:
+            self._check_group({**param_group, **values})
             self._check_groups_agree([*self.param_groups, values])
             self.base_optimizer.add_param_group(param_group)
         self._fill_defaults(param_group)
 
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        """What a group may not hold whatever the method: ``maximize=True``, complex
+        parameters, and method hyperparameters out of range."""
+        name = type(self).__name__
+        if group.get("maximize", False):
+            raise ValueError(
+                f"{name} does not support a base optimizer with maximize=True (the "
+                "perturbation would climb the objective it should guard against); minimise "
+                "the negated loss instead"
+            )
+        params = group.get("params", [])
+        if isinstance(params, Tensor):
+            params = [params]
+        for p in params if isinstance(params, (list, tuple)) else []:
+            if isinstance(p, Tensor) and p.is_complex():
+                raise ValueError(
+                    f"{name} does not support complex parameters (got a {p.dtype} tensor of "
+                    f"shape {tuple(p.shape)}); view them as real with torch.view_as_real"
+                )
+        self._check_hyperparameters(
+            {k: group[k] for k in self.hyperparameter_defaults if k in group}
+        )
+
     def _fill_defaults(self, group: dict[str, Any]) -> None:
-        defaulted = [name for name in self.defaults if name not in _user_set(group, self.defaults)]
+        defaults = self._method_defaults
+        defaulted = [name for name in defaults if name not in _user_set(group, defaults)]
         for name in defaulted:
-            group[name] = self.defaults[name]
+            group[name] = defaults[name]
         group[DEFAULTED_KEY] = tuple(sorted(set(defaulted) | set(group.get(DEFAULTED_KEY, ()))))
 
-    def _complete_groups(self) -> None:
-        """Groups added to the base optimizer directly (its ``add_param_group``, its
-        ``load_state_dict`` of a plain checkpoint) get the method's hyperparameters."""
+    def _prepare_groups(self) -> None:
+        """Before each step: groups added to the base optimizer directly (its
+        ``add_param_group``, its ``load_state_dict`` of a plain checkpoint) get the method's
+        hyperparameters, and any group whose values changed since the last step (a scheduler,
+        a user's edit) is validated again, with the constructor's messages."""
+        names = tuple(self._method_defaults)
+        changed = False
         for group in self.param_groups:
-            if any(name not in group for name in self.defaults):
-                self._check_hyperparameters({**self.defaults, **_user_set(group, self.defaults)})
+            if any(name not in group for name in names):
                 self._fill_defaults(group)
+            signature = (*(group[name] for name in names), group.get("maximize", False))
+            seen = self._validated.get(id(group))
+            if seen is not None and seen[0] is group and _same(seen[1], signature):
+                continue
+            self._check_group(group)
+            self._validated[id(group)] = (group, signature)
+            changed = True
+        if changed:
+            self._check_groups_agree(self.param_groups)
 
     def state_dict(self) -> dict[str, Any]:
         """The method's persistent state *and* the base optimizer's whole state (P1).
 
-        Nothing transient is in it: the weights' backup exists only inside a step.
+        Nothing transient is in it: the weights' backup exists only inside a step. The
+        method's name is recorded, so that another method's checkpoint is refused.
         """
         own = super().state_dict()
         return {
             "state": own["state"],
             "param_groups": own["param_groups"],
             "base_optimizer": self.base_optimizer.state_dict(),
-            "method": self._extra_state(),
+            "method": {
+                "name": type(self).__name__,
+                "step": self._step_count,
+                **self._extra_state(),
+            },
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(
+        self, state_dict: dict[str, Any], *, base_optimizer_only: bool = False
+    ) -> None:
+        """Loads a checkpoint of the same method. ``base_optimizer_only=True`` takes only the
+        base optimizer's part (its momentum, its learning rates) from a checkpoint of any
+        flatminima method, and keeps this method's own hyperparameters and state."""
         if "base_optimizer" not in state_dict:
             raise ValueError(
                 "state_dict has no 'base_optimizer' entry: it was not saved by a flatminima "
                 "optimizer (load a bare base optimizer's state into .base_optimizer instead)"
             )
+        if base_optimizer_only:
+            ours = [
+                {k: g[k] for k in (*self._method_defaults, DEFAULTED_KEY) if k in g}
+                for g in self.param_groups
+            ]
+            self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
+            for group, own in zip(self.param_groups, ours, strict=False):
+                for name in self._method_defaults:
+                    group.pop(name, None)
+                group.update(own)
+            self._validated.clear()
+            return
+        self._check_same_method(state_dict)
+        method = state_dict.get("method", {})
         # Maps the method's per-parameter state onto the current parameters; the group dicts
         # it builds are dropped (see the param_groups setter), the base's load restores them.
         super().load_state_dict(
             {"state": state_dict["state"], "param_groups": state_dict["param_groups"]}
         )
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
-        self._load_extra_state(state_dict.get("method", {}))
+        self._step_count = int(method.get("step", 0))
+        self._load_extra_state(method)
+        self._validated.clear()
+
+    def _check_same_method(self, state_dict: Mapping[str, Any]) -> None:
+        ours = type(self).__name__
+        theirs = state_dict.get("method", {}).get("name")
+        if theirs is None:
+            # Saved before checkpoints named their method: judge by the hyperparameter names.
+            saved = {
+                k
+                for g in state_dict["param_groups"]
+                for k in g
+                if k in _known_hyperparameter_names()
+            }
+            if saved == set(self._method_defaults):
+                return
+            theirs = f"a method with hyperparameters {sorted(saved)}"
+        if theirs != ours:
+            raise ValueError(
+                f"this checkpoint is {theirs}'s, not {ours}'s; load it into {theirs}, or pass "
+                "base_optimizer_only=True to take only the base optimizer's state"
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the transient step (copies and pickles of an optimizer between
+        steps work and share nothing with the original)."""
+        if self._open_step is not None and self._open_step() is not None:
+            raise RuntimeError(
+                "cannot copy or pickle an optimizer in the middle of a step; finish or abort it"
+            )
+        state = dict(self.__dict__)
+        state["_pending"] = None
+        state["_open_step"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
 
     # -- the three ways to run a step ------------------------------------------------------
 
@@ -296,13 +435,15 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         """One step: calls ``closure`` (forward + backward, returns the loss) as often as the
         method needs, zeroing the gradients before each call, and returns the loss at the
         unperturbed weights (Tilted SAM, which never evaluates them: its tilted loss)."""
+        if isinstance(closure, _Descent):
+            return self.base_optimizer.step()  # a manual form's descent, hooked through here
         if closure is None:
             raise TypeError(
                 f"{type(self).__name__}.step() needs a closure that runs the forward and "
                 "backward pass and returns the loss; without one, use first_step()/"
                 "second_step() or evaluations()"
             )
-        with self.evaluations() as evaluations:
+        with Evaluations(self, hooked=False) as evaluations:
             for evaluation in evaluations:
                 with torch.enable_grad():
                     evaluation.report(closure())
@@ -321,15 +462,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         and backward) inside ``model.no_sync()`` yourself: the engine cannot wrap a pass it
         does not run (:meth:`step` and :meth:`evaluations` do it for you).
         """
-        plan = self._step_plan()
-        if plan.samples != 1 or plan.start is not None or plan.combiner.needs_loss:
+        if not self._manual_two_pass_applies():
+            passes = self.passes_per_step(self.param_groups[0], self._step_count)
             raise TypeError(
-                f"{type(self).__name__} needs {self.passes_per_step(self.param_groups[0])} "
-                "passes per step, a start point of its own or the passes' losses: use "
-                "step(closure) or evaluations()"
+                f"{type(self).__name__} needs {passes} passes per step, passes of its own "
+                "shape or the passes' losses: use step(closure) or evaluations()"
             )
-        passes = self._start_step(StepOutcome(), zero_first=False, plan=plan)
-        next(passes)  # the start pass at w: the caller has already run it
+        passes = self._start_step(StepOutcome(), caller_ran_first_pass=True, hooked=True)
         next(passes)  # builds ε, perturbs, stops before the perturbed pass
         self._pending = passes
 
@@ -340,6 +479,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise RuntimeError("second_step() called without first_step()")
         passes, self._pending = self._pending, None
         for _ in passes:
+            passes.close()
             raise RuntimeError("internal error: a two-pass step asked for a third pass")
 
     def abort_step(self) -> None:
@@ -347,6 +487,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if self._pending is not None:
             passes, self._pending = self._pending, None
             passes.close()
+
+    def _manual_two_pass_applies(self) -> bool:
+        if not self.manual_two_pass:
+            return False
+        plan = self._step_plan()
+        return plan.samples == 1 and plan.start is None and not plan.combiner.needs_loss
 
     # -- the step itself -------------------------------------------------------------------
 
@@ -357,9 +503,6 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 p.grad = None
-
-    def _trainable_params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     def _views(self, lender: _Backup | None = None) -> list[GroupView]:
         """The parameters with a gradient, per group, in one pass over the parameters; with
@@ -376,12 +519,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                     "(e.g. nn.Embedding(sparse=True)); use dense gradients"
                 )
             views.append(
-                _BorrowingView(hyperparameters=group, params=params, grads=grads, lender=lender)
+                BorrowingView(hyperparameters=group, params=params, grads=grads, lender=lender)
             )
         return views
 
     def _start_step(
-        self, outcome: StepOutcome, *, zero_first: bool, plan: StepPlan | None = None
+        self, outcome: StepOutcome, *, caller_ran_first_pass: bool, hooked: bool
     ) -> Generator[Evaluation, None, None]:
         """A new step's generator, after checking that no other step is open."""
         open_step = None if self._open_step is None else self._open_step()
@@ -390,160 +533,104 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 "the previous step is unfinished (its weights may still be perturbed): finish "
                 "its passes, call abort_step(), or run evaluations() inside a `with` block"
             )
-        passes = self._passes(outcome, zero_first=zero_first, plan=plan)
+        self._prepare_groups()
+        passes = self._run_program(
+            outcome, caller_ran_first_pass=caller_ran_first_pass, hooked=hooked
+        )
         self._open_step = weakref.ref(passes)
         return passes
 
-    def _passes(
-        self, outcome: StepOutcome, *, zero_first: bool, plan: StepPlan | None = None
+    def _run_program(
+        self, outcome: StepOutcome, *, caller_ran_first_pass: bool, hooked: bool
     ) -> Generator[Evaluation, None, None]:
-        """One step, as a generator that yields before each forward/backward pass.
+        """Runs the method's program, handing each pass it asks for to the caller.
 
-        The caller runs the pass between two ``next`` calls. Closing the generator early
-        (an exception in the pass, :meth:`abort_step`) restores the weights by copy.
+        The caller runs the pass between two ``next`` calls. Closing this generator early
+        (an exception in the pass, :meth:`abort_step`) restores the weights by copy. With
+        ``caller_ran_first_pass`` (``first_step``), the program's first pass is the one the
+        caller already ran.
         """
-        self._complete_groups()
-        plan = plan or self._step_plan()
-        foreach = self.foreach
-        params = self._trainable_params()
-        backup = _Backup(foreach)
-        start_losses: list[Any] = []
+        step = Step(self, count=self._step_count)
+        program = self.program(step)
         try:
-            for sample in range(plan.samples):
-                if plan.start is not None:
-                    with torch.no_grad():
-                        backup.take(params)
-                        backup.moved = True
-                        plan.start.move_(params, backup.values)
-                if zero_first or sample > 0:
-                    self._clear_grads()
-                start = Evaluation(sample, START)
-                # Exactly one pass per step updates BatchNorm statistics: the first start pass
-                # (the clean pass for SAM and kin).
-                with pass_context(self.model, freeze_statistics=sample > 0, synchronise=False):
-                    yield start
-                start_losses.append(start.loss)
-
-                with torch.no_grad():
-                    self._perturb(backup)
-                self._clear_grads()
-
-                last = sample == plan.samples - 1
-                perturbed = Evaluation(sample, PERTURBED)
-                # Every pass but the last runs under DDP's no_sync, forward and backward: the
-                # ascent gradient stays per process (SAM's m-sharpness), one all-reduce a step.
-                with pass_context(
-                    self.model,
-                    freeze_statistics=True,
-                    synchronise=last and plan.combiner.synchronised_by_last_pass,
-                ):
-                    yield perturbed
-                loss = perturbed.loss
-                plan.combiner.add(
-                    params,
-                    None if loss is None or not plan.combiner.needs_loss else _as_float(loss),
-                    foreach=foreach,
-                )
-                with torch.no_grad():
-                    backup.restore()
-
-            plan.combiner.finish(params, foreach=foreach)
-            if not plan.combiner.synchronised_by_last_pass:
-                all_reduce_mean_(self.model, params)
-            self.base_optimizer.step()
-            objective = plan.combiner.objective()
-            outcome.loss = (
-                start_losses[0]
-                if objective is None
-                else torch.tensor(objective, dtype=torch.float64)
-            )
+            try:
+                evaluation = next(program)
+                handed = 0
+                while True:
+                    if not (handed == 0 and caller_ran_first_pass):
+                        self._clear_grads()
+                        with pass_context(
+                            self.model,
+                            freeze_statistics=not evaluation.updates_statistics,
+                            synchronise=evaluation.synchronise,
+                        ):
+                            yield evaluation
+                    handed += 1
+                    evaluation = program.send(evaluation)
+            except StopIteration as finished:
+                loss = finished.value
+            step._synchronise_update()
+            if hooked:
+                self.step(_Descent())  # type: ignore[arg-type]
+            else:
+                self.base_optimizer.step()
+            step._finish()
+            self._step_count += 1
+            outcome.loss = loss
         finally:
-            with torch.no_grad():
-                backup.restore()
+            program.close()
+            step._close()
             self._open_step = None
 
-    def _perturb(self, backup: _Backup) -> None:
-        """From the start point's gradients: direction, ε, and w ← w + ε (the backup taken
-        first if no start point took it)."""
-        lend_scratch = not backup.taken
-        views = self._views(backup if lend_scratch else None)
-        if lend_scratch:
-            backup.lend_to(views)
-        self.direction.direction_(views, self.state, foreach=self.foreach)
-        self.neighborhood.perturbation_(views, foreach=self.foreach)
-        if lend_scratch:
-            backup.fill()
-        backup.moved = True
-        kernels.add_(
-            [p for view in views for p in view.params], all_grads(views), foreach=self.foreach
+
+def _check_base_optimizer(base_optimizer: Any, method: str) -> None:
+    if isinstance(base_optimizer, SharpnessAwareOptimizer):
+        raise TypeError("base_optimizer is already sharpness-aware; wrap a plain optimizer")
+    if isinstance(base_optimizer, torch.optim.Optimizer):
+        return
+    if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"base_optimizer must be an optimizer instance, got the class "
+            f"{base_optimizer.__name__}; write {method}({base_optimizer.__name__}"
+            f"(model.parameters(), lr=...), rho=...)"
         )
+    raise TypeError(
+        f"base_optimizer must be a torch.optim.Optimizer instance, got "
+        f"{type(base_optimizer).__name__}; write {method}(torch.optim.SGD(model.parameters(), "
+        "lr=...), rho=...) — the parameters go to the base optimizer"
+    )
 
 
-class _Backup:
-    """The weights' backup: one parameter copy, restored by copy (never by subtracting ε)."""
-
-    def __init__(self, foreach: bool) -> None:
-        self.foreach = foreach
-        self.params: list[Tensor] = []
-        self.values: list[Tensor] = []
-        self.taken = False
-        self.moved = False
-        self._borrowers: list[GroupView] = []
-
-    def take(self, params: list[Tensor]) -> None:
-        """Copies ``params`` now (once per step). Called under ``torch.no_grad()``, where a
-        clone has no autograd history already: no ``detach()``, one tensor object fewer per
-        parameter."""
-        if not self.taken:
-            if torch.is_grad_enabled():
-                raise RuntimeError("internal error: the backup is taken under torch.no_grad()")
-            self.params, self.values = params, [p.clone() for p in params]
-            self.taken = True
-
-    def lend_to(self, views: list[GroupView]) -> None:
-        """Backs up the parameters of ``views`` at :meth:`fill`; until then a view that asks
-        for scratch space (``scratch_or_new``) gets its slice of the backup's memory."""
-        self.params = [p for view in views for p in view.params]
-        self._borrowers = views
-
-    def allocate_for_borrowers(self) -> None:
-        """Allocates the backup now, on the first request for scratch, and hands every
-        borrowing view its slice (taken from one list in order: no per-tensor matching)."""
-        if self.values or not self.params:
-            return
-        self.values = kernels.empty_like(self.params)
-        offset = 0
-        for view in self._borrowers:
-            view.scratch = self.values[offset : offset + len(view.params)]
-            offset += len(view.params)
-
-    def fill(self) -> None:
-        """Copies the weights into the backup. When no part borrowed scratch (SAM, Monge SAM)
-        the memory is allocated and filled by one ``clone`` per tensor instead of an
-        allocation and a separate copy."""
-        if self.values:
-            kernels.copy_(self.values, self.params, foreach=self.foreach)
-        else:
-            self.values = [p.clone() for p in self.params]
-        self._borrowers = []
-        self.taken = True
-
-    def restore(self) -> None:
-        if self.moved:
-            kernels.copy_(self.params, self.values, foreach=self.foreach)
-            self.moved = False
+def _with_symbol_table(doc: str | None, declaration: hp.Declaration) -> str | None:
+    """Replaces the ``{hyperparameters}`` line of a method's docstring by its symbol table."""
+    if not doc or "{hyperparameters}" not in doc:
+        return doc
+    lines = doc.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == "{hyperparameters}":
+            indent = line[: len(line) - len(line.lstrip())]
+            table = [
+                indent + row if row else row for row in hp.symbol_table(declaration).splitlines()
+            ]
+            lines[i : i + 1] = table
+            break
+    return "\n".join(lines)
 
 
-@dataclass
-class _BorrowingView(GroupView):
-    """A view whose scratch, when a part asks for it, is the weights' backup's memory."""
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Equal, element by element, with identity first (tensors in a group compare by value
+    only at a cost, and ``nan != nan`` must count as a change)."""
+    return len(a) == len(b) and all(
+        x is y or (type(x) is type(y) and x == y) for x, y in zip(a, b, strict=True)
+    )
 
-    lender: _Backup | None = None
 
-    def scratch_or_new(self) -> list[Tensor]:
-        if self.scratch is None and self.lender is not None:
-            self.lender.allocate_for_borrowers()
-        return super().scratch_or_new()
+def _known_hyperparameter_names() -> set[str]:
+    """Every hyperparameter name of every registered method (imported late: methods import
+    this module)."""
+    from flatminima import methods
+
+    return {name for cls in methods.BY_NAME.values() for name in cls.hyperparameter_defaults}
 
 
 def _user_set(group: Mapping[str, Any], names: Mapping[str, Any]) -> dict[str, Any]:
@@ -554,4 +641,11 @@ def _user_set(group: Mapping[str, Any], names: Mapping[str, Any]) -> dict[str, A
 
 def _as_float(loss: Tensor | float) -> float:
     """A reported loss as a Python float (detached: it is a value, not part of the graph)."""
-    return float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"the loss a pass reports must be a scalar (one number), got a tensor of shape "
+                f"{tuple(loss.shape)}; reduce it with .mean() before returning it"
+            )
+        return float(loss.detach())
+    return float(loss)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
-
 import torch
 from torch import nn
 
-from flatminima import validation
+from flatminima import hyperparameters as hp
 from flatminima.directions import GradientDirection
 from flatminima.engine import SharpnessAwareOptimizer
 from flatminima.neighborhoods import AdaptiveEllipsoid
@@ -24,17 +21,7 @@ class ASAM(SharpnessAwareOptimizer):
     weights (zero-initialised biases) move, as the official code does for the parameters it
     scales (PITFALLS P6). ξ = 1e-16 as in SamsungLabs/ASAM. Two passes, one parameter copy.
 
-    ======  ==========  =============================================================
-    paper   argument    meaning
-    ======  ==========  =============================================================
-    ρ       ``rho``     radius of the adaptive ball; default 0.5, the CIFAR-10 value of
-                        the official README (1.0 for CIFAR-100), tuned there with η = 0
-                        and T = 1 on the parameters whose name lacks "weight"; here T
-                        covers every parameter, so biases and norm shifts move less at
-                        the same ρ
-    η       ``eta``     offset keeping T invertible; default 0.01, the default of the
-                        official ``ASAM`` class (its CIFAR script passes 0.0)
-    ======  ==========  =============================================================
+    {hyperparameters}
 
     Args:
         base_optimizer: the optimizer instance that takes the descent step.
@@ -55,7 +42,25 @@ class ASAM(SharpnessAwareOptimizer):
         >>> loss = optimizer.step(closure)
     """
 
-    hyperparameter_defaults: ClassVar[dict[str, Any]] = {"rho": 0.5, "eta": 0.01}
+    declaration = (
+        hp.Hyperparameter(
+            "rho",
+            0.5,
+            hp.non_negative,
+            "ρ",
+            "radius of the adaptive ball; the CIFAR-10 value of the official README (1.0 for "
+            "CIFAR-100), tuned there with η = 0 and T = 1 on parameters whose name lacks "
+            "'weight'; here T covers every parameter, so biases move less at the same ρ",
+        ),
+        hp.Hyperparameter(
+            "eta",
+            0.01,
+            hp.non_negative,
+            "η",
+            "offset keeping T invertible; the official ASAM class's default (its CIFAR script "
+            "passes 0.0)",
+        ),
+    )
 
     def __init__(
         self,
@@ -74,8 +79,3 @@ class ASAM(SharpnessAwareOptimizer):
             model=model,
             foreach=foreach,
         )
-
-    @classmethod
-    def _check_hyperparameters(cls, values: Mapping[str, Any]) -> None:
-        validation.non_negative("rho", values["rho"])
-        validation.non_negative("eta", values["eta"])

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
-
 import torch
 from torch import nn
 
-from flatminima import validation
+from flatminima import hyperparameters as hp
 from flatminima.directions import GradientDirection
 from flatminima.engine import SharpnessAwareOptimizer
 from flatminima.neighborhoods import FisherEllipsoid
@@ -25,12 +22,7 @@ class FisherSAM(SharpnessAwareOptimizer):
     The perturbation depends on the gradient's absolute scale: use mean-reduced losses and
     unscale AMP gradients first. Two passes, one parameter copy.
 
-    ======  ==========  =============================================================
-    paper   argument    meaning
-    ======  ==========  =============================================================
-    γ       ``rho``     radius of the Fisher ellipsoid; default 0.1 (reimplementations)
-    η       ``eta``     scale of the empirical Fisher; default 1.0 (reimplementations)
-    ======  ==========  =============================================================
+    {hyperparameters}
 
     Args:
         base_optimizer: the optimizer instance that takes the descent step.
@@ -51,7 +43,14 @@ class FisherSAM(SharpnessAwareOptimizer):
         >>> loss = optimizer.step(closure)
     """
 
-    hyperparameter_defaults: ClassVar[dict[str, Any]] = {"rho": 0.1, "eta": 1.0}
+    declaration = (
+        hp.Hyperparameter(
+            "rho", 0.1, hp.non_negative, "γ", "radius of the Fisher ellipsoid (reimplementations)"
+        ),
+        hp.Hyperparameter(
+            "eta", 1.0, hp.non_negative, "η", "scale of the empirical Fisher (reimplementations)"
+        ),
+    )
 
     def __init__(
         self,
@@ -70,8 +69,3 @@ class FisherSAM(SharpnessAwareOptimizer):
             model=model,
             foreach=foreach,
         )
-
-    @classmethod
-    def _check_hyperparameters(cls, values: Mapping[str, Any]) -> None:
-        validation.non_negative("rho", values["rho"])
-        validation.non_negative("eta", values["eta"])

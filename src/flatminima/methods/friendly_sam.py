@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
-
 import torch
 from torch import nn
 
-from flatminima import validation
+from flatminima import hyperparameters as hp
 from flatminima.directions import FriendlyDirection
 from flatminima.engine import SharpnessAwareOptimizer
 from flatminima.neighborhoods import EuclideanBall
@@ -27,14 +24,7 @@ class FriendlySAM(SharpnessAwareOptimizer):
     σ = 0 is SAM. The EMA is persistent state, saved by ``state_dict()``. Two passes, two
     parameter copies (the EMA and the weights' backup).
 
-    ======  ==========  =============================================================
-    paper   argument    meaning
-    ======  ==========  =============================================================
-    ρ       ``rho``     radius of the Euclidean ball; default 0.2 (authors' ``run.sh``,
-                        CIFAR-100 ResNet-18)
-    σ       ``sigma``   removal coefficient of the full-gradient estimate; default 1
-    λ       ``lmbda``   EMA decay; default 0.6 (authors' ``run.sh``)
-    ======  ==========  =============================================================
+    {hyperparameters}
 
     Args:
         base_optimizer: the optimizer instance that takes the descent step.
@@ -56,7 +46,19 @@ class FriendlySAM(SharpnessAwareOptimizer):
         >>> loss = optimizer.step(closure)
     """
 
-    hyperparameter_defaults: ClassVar[dict[str, Any]] = {"rho": 0.2, "sigma": 1.0, "lmbda": 0.6}
+    declaration = (
+        hp.Hyperparameter(
+            "rho",
+            0.2,
+            hp.non_negative,
+            "ρ",
+            "radius of the Euclidean ball (authors' run.sh, CIFAR-100 ResNet-18)",
+        ),
+        hp.Hyperparameter(
+            "sigma", 1.0, hp.non_negative, "σ", "removal coefficient of the full-gradient estimate"
+        ),
+        hp.Hyperparameter("lmbda", 0.6, hp.half_open_unit, "λ", "EMA decay (authors' run.sh)"),
+    )
 
     def __init__(
         self,
@@ -76,9 +78,3 @@ class FriendlySAM(SharpnessAwareOptimizer):
             model=model,
             foreach=foreach,
         )
-
-    @classmethod
-    def _check_hyperparameters(cls, values: Mapping[str, Any]) -> None:
-        validation.non_negative("rho", values["rho"])
-        validation.non_negative("sigma", values["sigma"])
-        validation.half_open_unit("lmbda", values["lmbda"])

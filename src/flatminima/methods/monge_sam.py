@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
-
 import torch
 from torch import nn
 
-from flatminima import validation
+from flatminima import hyperparameters as hp
 from flatminima.directions import GradientDirection
 from flatminima.engine import SharpnessAwareOptimizer
 from flatminima.neighborhoods import MongeBall
@@ -24,12 +21,7 @@ class MongeSAM(SharpnessAwareOptimizer):
     the gradient's absolute scale (mean-reduced losses; unscale AMP gradients first). Two
     passes, one parameter copy.
 
-    ======  ==========  =============================================================
-    paper   argument    meaning
-    ======  ==========  =============================================================
-    ρ       ``rho``     radius in the Monge metric; default 0.05 (SAM's CIFAR-10 value:
-                        the paper's default could not be verified, spec §5.5)
-    ======  ==========  =============================================================
+    {hyperparameters}
 
     Args:
         base_optimizer: the optimizer instance that takes the descent step.
@@ -49,7 +41,16 @@ class MongeSAM(SharpnessAwareOptimizer):
         >>> loss = optimizer.step(closure)
     """
 
-    hyperparameter_defaults: ClassVar[dict[str, Any]] = {"rho": 0.05}
+    declaration = (
+        hp.Hyperparameter(
+            "rho",
+            0.05,
+            hp.non_negative,
+            "ρ",
+            "radius in the Monge metric; SAM's CIFAR-10 value (the paper's default could not "
+            "be verified, spec §5.5)",
+        ),
+    )
 
     def __init__(
         self,
@@ -67,7 +68,3 @@ class MongeSAM(SharpnessAwareOptimizer):
             model=model,
             foreach=foreach,
         )
-
-    @classmethod
-    def _check_hyperparameters(cls, values: Mapping[str, Any]) -> None:
-        validation.non_negative("rho", values["rho"])

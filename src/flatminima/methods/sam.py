@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar
-
 import torch
 from torch import nn
 
-from flatminima import validation
+from flatminima import hyperparameters as hp
 from flatminima.directions import GradientDirection
 from flatminima.engine import SharpnessAwareOptimizer
 from flatminima.neighborhoods import EuclideanBall
@@ -23,13 +20,7 @@ class SAM(SharpnessAwareOptimizer):
     and a zero or non-finite ‖g‖ gives ε = 0. Two forward/backward passes per step, one extra
     parameter copy (the weights' backup, freed after the step).
 
-    ======  ==========  =============================================================
-    paper   argument    meaning
-    ======  ==========  =============================================================
-    ρ       ``rho``     radius of the Euclidean ball; default 0.05, the CIFAR-10 value
-                        of google-research/sam's README (0.1 for CIFAR-100 in the
-                        SamsungLabs/ASAM README's commands)
-    ======  ==========  =============================================================
+    {hyperparameters}
 
     Args:
         base_optimizer: the optimizer *instance* that takes the descent step (SGD, AdamW...).
@@ -52,7 +43,16 @@ class SAM(SharpnessAwareOptimizer):
         >>> loss = optimizer.step(closure)
     """
 
-    hyperparameter_defaults: ClassVar[dict[str, Any]] = {"rho": 0.05}
+    declaration = (
+        hp.Hyperparameter(
+            "rho",
+            0.05,
+            hp.non_negative,
+            "ρ",
+            "radius of the Euclidean ball; 0.05 is the CIFAR-10 value of google-research/sam's "
+            "README (0.1 for CIFAR-100 in the SamsungLabs/ASAM README's commands)",
+        ),
+    )
 
     def __init__(
         self,
@@ -70,7 +70,3 @@ class SAM(SharpnessAwareOptimizer):
             model=model,
             foreach=foreach,
         )
-
-    @classmethod
-    def _check_hyperparameters(cls, values: Mapping[str, Any]) -> None:
-        validation.non_negative("rho", values["rho"])

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from flatminima import validation
+from flatminima import hyperparameters as hp
 from flatminima.combiners import TiltedAverage
 from flatminima.directions import GradientDirection
 from flatminima.engine import SharpnessAwareOptimizer, StepPlan
 from flatminima.neighborhoods import EuclideanBall
 from flatminima.starts import RandomSphereStart
-
-STEP_LEVEL = ("tilt", "num_samples", "radius", "noise_scale")
-"""Hyperparameters that shape the whole step and so must agree across param groups."""
 
 
 class TiltedSAM(SharpnessAwareOptimizer):
@@ -47,15 +44,7 @@ class TiltedSAM(SharpnessAwareOptimizer):
     mean of s equal gradients may differ from the gradient in the last bit). The manual
     two-pass form is not available: each pass's loss is needed.
 
-    ======  ===============  ========================================================
-    paper   argument         meaning
-    ======  ===============  ========================================================
-    t       ``tilt``         tilt; default 1 (authors' script)
-    s       ``num_samples``  perturbations per step; default 3
-    ρ       ``rho``          radius of the SAM step from each start; default 0.05
-    r       ``radius``       radius of the random start; default 1.0
-    \-      ``noise_scale``  std of the start noise before projection; default 1.0
-    ======  ===============  ========================================================
+    {hyperparameters}
 
     Args:
         base_optimizer: the optimizer instance that takes the descent step.
@@ -82,13 +71,28 @@ class TiltedSAM(SharpnessAwareOptimizer):
         ...         evaluation.report(loss)
     """
 
-    hyperparameter_defaults: ClassVar[dict[str, Any]] = {
-        "rho": 0.05,
-        "tilt": 1.0,
-        "num_samples": 3,
-        "radius": 1.0,
-        "noise_scale": 1.0,
-    }
+    declaration = (
+        hp.Hyperparameter(
+            "rho", 0.05, hp.non_negative, "ρ", "radius of the SAM step from each start"
+        ),
+        hp.Hyperparameter(
+            "tilt", 1.0, hp.non_negative, "t", "tilt (authors' script)", step_level=True
+        ),
+        hp.Hyperparameter(
+            "num_samples", 3, hp.positive_int, "s", "perturbations per step", step_level=True
+        ),
+        hp.Hyperparameter(
+            "radius", 1.0, hp.non_negative, "r", "radius of the random start", step_level=True
+        ),
+        hp.Hyperparameter(
+            "noise_scale",
+            1.0,
+            hp.non_negative,
+            "-",
+            "std of the start noise before projection",
+            step_level=True,
+        ),
+    )
 
     def __init__(
         self,
@@ -120,30 +124,13 @@ class TiltedSAM(SharpnessAwareOptimizer):
         self.generator = generator
 
     @classmethod
-    def _check_hyperparameters(cls, values: Mapping[str, Any]) -> None:
-        validation.non_negative("rho", values["rho"])
-        validation.non_negative("tilt", values["tilt"])
-        validation.positive_int("num_samples", values["num_samples"])
-        validation.non_negative("radius", values["radius"])
-        validation.non_negative("noise_scale", values["noise_scale"])
-
-    @classmethod
-    def passes_per_step(cls, hyperparameters: Mapping[str, Any] | None = None) -> int:
+    def passes_per_step(
+        cls, hyperparameters: Mapping[str, Any] | None = None, step: int = 0
+    ) -> int:
         values = {**cls.hyperparameter_defaults, **(hyperparameters or {})}
         return 2 * int(values["num_samples"])
 
-    def _check_groups_agree(self, groups: list[dict[str, Any]]) -> None:
-        first = groups[0]
-        for group in groups[1:]:
-            for name in STEP_LEVEL:
-                if group.get(name, first[name]) != first[name]:
-                    raise ValueError(
-                        f"{name} shapes the whole Tilted SAM step and must be the same in every "
-                        f"param group, got {first[name]!r} and {group[name]!r}"
-                    )
-
     def _step_plan(self) -> StepPlan:
-        self._check_groups_agree(self.param_groups)  # a scheduler may have changed one since
         first = self.param_groups[0]
         return StepPlan(
             samples=int(first["num_samples"]),

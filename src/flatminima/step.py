@@ -1,0 +1,310 @@
+"""One optimizer step, as a method's program sees it.
+
+A method describes its step as a generator, ``program(step)``, that yields the passes it wants
+(:class:`Evaluation`) and, between them, moves the weights and combines gradients through the
+:class:`Step` it is handed. The engine runs the passes (zeroing gradients first, freezing
+BatchNorm statistics, DDP's ``no_sync``), takes the descent step once the program returns, and
+restores the weights by copy in a ``finally``, whatever happened. A program reads like its
+paper's algorithm box::
+
+    def program(self, step):
+        clean = yield step.clean_pass()
+        g = step.keep_gradients()
+        step.perturb(self.direction, self.neighborhood)
+        yield step.perturbed_pass()
+        step.restore()
+        ...                                      # combine p.grad with g
+        return clean.loss
+
+The step holds everything transient (the weights' backup, kept gradients): it is dropped when
+the step ends, so none of it reaches ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from flatminima import kernels
+from flatminima.groups import GroupView, all_grads
+from flatminima.passes import all_reduce_mean_
+
+if TYPE_CHECKING:
+    from flatminima.directions import AscentDirection
+    from flatminima.engine import SharpnessAwareOptimizer
+    from flatminima.neighborhoods import Neighborhood
+
+START = "start"
+"""An evaluation at the point a perturbation starts from (the weights themselves for SAM)."""
+PERTURBED = "perturbed"
+"""An evaluation at a perturbed point w + ε."""
+
+
+class Evaluation:
+    """One forward/backward pass the method asks for.
+
+    ``point`` is :data:`START` or :data:`PERTURBED`; ``index`` counts the perturbations of the
+    step (0 for methods with one). Report the pass's loss with :meth:`report`: methods that
+    weigh their passes by the loss (Tilted SAM) need it; the others return the first pass's
+    loss from ``step``. ``updates_statistics`` (the one pass of a step that may update
+    BatchNorm's running statistics) and ``synchronise`` (the pass whose gradient DDP may
+    all-reduce during backward, because it *is* the update) are the engine's business.
+    """
+
+    def __init__(
+        self, index: int, point: str, *, updates_statistics: bool, synchronise: bool
+    ) -> None:
+        self.index = index
+        self.point = point
+        self.updates_statistics = updates_statistics
+        self.synchronise = synchronise
+        self.loss: Tensor | float | None = None
+
+    def report(self, loss: Tensor | float | None) -> None:
+        self.loss = loss
+
+    def __repr__(self) -> str:
+        return f"Evaluation(index={self.index}, point={self.point!r})"
+
+
+class Step:
+    """What a method's program may see and do during one step.
+
+    Attributes:
+        params: the trainable parameters of every group, in group order.
+        count: the number of steps this optimizer completed before this one (saved in
+            ``state_dict()``): LookSAM's every-k refresh reads it.
+        state: the method's persistent per-parameter state (``optimizer.state``).
+        foreach: whether the kernels take the ``torch._foreach_*`` path.
+    """
+
+    def __init__(self, optimizer: SharpnessAwareOptimizer, *, count: int) -> None:
+        self._optimizer = optimizer
+        self.foreach = optimizer.foreach
+        self.count = count
+        self.state = optimizer.state
+        self.params = [
+            p for group in optimizer.param_groups for p in group["params"] if p.requires_grad
+        ]
+        self._backup = _Backup(self.foreach)
+        self._after_descent: list[Callable[[], None]] = []
+        self._statistics_pass_taken = False
+        self._synchronised = False
+        self._reduced = False
+
+    # -- what the program reads ----------------------------------------------------------------
+
+    @property
+    def groups(self) -> list[dict[str, Any]]:
+        """The param groups (hyperparameters as they are at this step)."""
+        return self._optimizer.param_groups
+
+    def base_state(self, param: Tensor) -> Mapping[str, Any]:
+        """The base optimizer's state for ``param``, read-only (empty before its first step)."""
+        return MappingProxyType(self._optimizer.base_optimizer.state.get(param, {}))
+
+    def views(self) -> list[GroupView]:
+        """The parameters that have a gradient now, per group, with their gradients."""
+        return self._optimizer._views()
+
+    def gradients(self) -> list[Tensor | None]:
+        """``p.grad`` of every trainable parameter (``None`` where it has none)."""
+        return [p.grad for p in self.params]
+
+    # -- passes ------------------------------------------------------------------------------------
+
+    def clean_pass(self, *, index: int = 0, update_statistics: bool = True) -> Evaluation:
+        """A pass at the start point (the weights themselves unless a start moved them)."""
+        return self._evaluation(index, START, update_statistics, synchronise=False)
+
+    def perturbed_pass(self, *, index: int = 0, synchronise: bool = False) -> Evaluation:
+        """A pass at the perturbed point. ``synchronise=True`` only for the last pass of a
+        step whose gradient is the update as it stands (SAM): DDP all-reduces it during
+        backward; otherwise the engine all-reduces the final update once."""
+        return self._evaluation(index, PERTURBED, False, synchronise=synchronise)
+
+    def _evaluation(
+        self, index: int, point: str, update_statistics: bool, *, synchronise: bool
+    ) -> Evaluation:
+        if update_statistics:
+            if self._statistics_pass_taken:
+                raise RuntimeError(
+                    "internal error: a step may update BatchNorm statistics on one pass only"
+                )
+            self._statistics_pass_taken = True
+        if self._synchronised:
+            raise RuntimeError("internal error: a synchronising pass must be the step's last")
+        self._synchronised = synchronise
+        return Evaluation(
+            index, point, updates_statistics=update_statistics, synchronise=synchronise
+        )
+
+    # -- moving the weights -----------------------------------------------------------------------
+
+    def perturb(self, direction: AscentDirection, neighborhood: Neighborhood) -> None:
+        """w ← w + ε, ε built in place in ``p.grad`` from the gradients now there: first the
+        direction, then the neighbourhood. The backup is taken first (if nothing took it yet)
+        and its memory is lent to the parts as scratch until then, which is how ASAM and
+        Fisher SAM build their metric without a second parameter copy."""
+        backup = self._backup
+        with torch.no_grad():
+            lend_scratch = not backup.taken
+            views = self._optimizer._views(backup if lend_scratch else None)
+            if lend_scratch:
+                backup.lend_to(views)
+            direction.direction_(views, self.state, foreach=self.foreach)
+            neighborhood.perturbation_(views, foreach=self.foreach)
+            if lend_scratch:
+                backup.fill()
+            backup.moved = True
+            kernels.add_(
+                [p for view in views for p in view.params], all_grads(views), foreach=self.foreach
+            )
+
+    def move_weights(self, params: list[Tensor], deltas: list[Tensor], alphas: list[float]) -> None:
+        """w ← w + αᵢ·δᵢ for each parameter (after backing up every trainable parameter):
+        for perturbations built outside ``p.grad`` (Momentum-SAM's −ρ·v/‖v‖)."""
+        with torch.no_grad():
+            self.back_up()
+            self._backup.moved = True
+            by_alpha: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+            for p, d, a in zip(params, deltas, alphas, strict=True):
+                targets, sources = by_alpha.setdefault(a, ([], []))
+                targets.append(p)
+                sources.append(d)
+            for alpha, (targets, sources) in by_alpha.items():
+                kernels.add_(targets, sources, alpha=alpha, foreach=self.foreach)
+
+    def move_to_start(self, start: Any) -> None:
+        """Backs the weights up and lets ``start`` move them to w + ζ (Tilted SAM)."""
+        with torch.no_grad():
+            self.back_up()
+            self._backup.moved = True
+            start.move_(self.params, self._backup.values)
+
+    def back_up(self) -> None:
+        """Copies every trainable parameter now, once per step."""
+        if not self._backup.taken:
+            with torch.no_grad():
+                self._backup.take(self.params)
+
+    def restore(self) -> None:
+        """Puts the weights back, by copy (never by subtracting ε)."""
+        with torch.no_grad():
+            self._backup.restore()
+
+    # -- gradients -------------------------------------------------------------------------
+
+    def keep_gradients(self) -> list[Tensor | None]:
+        """A copy of every trainable parameter's gradient (``None`` where it has none): one
+        parameter copy, freed when the step ends."""
+        with torch.no_grad():
+            return [None if p.grad is None else p.grad.clone() for p in self.params]
+
+    def all_reduce(self, tensors: list[Tensor]) -> None:
+        """Averages ``tensors`` over DDP's processes (nothing without DDP): for a kept
+        gradient that enters the update outside ``p.grad`` (WSAM's decoupled correction)."""
+        model = self._optimizer.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not isinstance(model, DistributedDataParallel) or not tensors:
+            return
+        import torch.distributed as dist
+
+        group = model.process_group
+        world_size = dist.get_world_size(group)
+        for t in tensors:
+            dist.all_reduce(t, group=group)
+            t.div_(world_size)
+
+    def after_descent(self, callback: Callable[[], None]) -> None:
+        """Runs ``callback`` (under ``torch.no_grad()``) after the base optimizer's step."""
+        self._after_descent.append(callback)
+
+    # -- the engine's side ----------------------------------------------------------------------
+
+    def _synchronise_update(self) -> None:
+        """All-reduces the update unless DDP did it during the last pass's backward."""
+        if not self._synchronised:
+            all_reduce_mean_(self._optimizer.model, self.params)
+
+    def _finish(self) -> None:
+        with torch.no_grad():
+            for callback in self._after_descent:
+                callback()
+
+    def _close(self) -> None:
+        self.restore()
+        self._after_descent = []
+
+
+class _Backup:
+    """The weights' backup: one parameter copy, restored by copy (never by subtracting ε)."""
+
+    def __init__(self, foreach: bool) -> None:
+        self.foreach = foreach
+        self.params: list[Tensor] = []
+        self.values: list[Tensor] = []
+        self.taken = False
+        self.moved = False
+        self._borrowers: list[GroupView] = []
+
+    def take(self, params: list[Tensor]) -> None:
+        """Copies ``params`` now (once per step). Called under ``torch.no_grad()``, where a
+        clone has no autograd history already: no ``detach()``, one tensor object fewer per
+        parameter."""
+        if not self.taken:
+            if torch.is_grad_enabled():
+                raise RuntimeError("internal error: the backup is taken under torch.no_grad()")
+            self.params, self.values = params, [p.clone() for p in params]
+            self.taken = True
+
+    def lend_to(self, views: list[GroupView]) -> None:
+        """Backs up the parameters of ``views`` at :meth:`fill`; until then a view that asks
+        for scratch space (``scratch_or_new``) gets its slice of the backup's memory."""
+        self.params = [p for view in views for p in view.params]
+        self._borrowers = views
+
+    def allocate_for_borrowers(self) -> None:
+        """Allocates the backup now, on the first request for scratch, and hands every
+        borrowing view its slice (taken from one list in order: no per-tensor matching)."""
+        if self.values or not self.params:
+            return
+        self.values = kernels.empty_like(self.params)
+        offset = 0
+        for view in self._borrowers:
+            view.scratch = self.values[offset : offset + len(view.params)]
+            offset += len(view.params)
+
+    def fill(self) -> None:
+        """Copies the weights into the backup. When no part borrowed scratch (SAM, Monge SAM)
+        the memory is allocated and filled by one ``clone`` per tensor instead of an
+        allocation and a separate copy."""
+        if self.values:
+            kernels.copy_(self.values, self.params, foreach=self.foreach)
+        else:
+            self.values = [p.clone() for p in self.params]
+        self._borrowers = []
+        self.taken = True
+
+    def restore(self) -> None:
+        if self.moved:
+            kernels.copy_(self.params, self.values, foreach=self.foreach)
+            self.moved = False
+
+
+@dataclass
+class BorrowingView(GroupView):
+    """A view whose scratch, when a part asks for it, is the weights' backup's memory."""
+
+    lender: _Backup | None = None
+
+    def scratch_or_new(self) -> list[Tensor]:
+        if self.scratch is None and self.lender is not None:
+            self.lender.allocate_for_borrowers()
+        return super().scratch_or_new()
