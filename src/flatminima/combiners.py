@@ -51,11 +51,13 @@ class PerturbedGradient:
 class TiltedAverage:
     """d = Σ_j softmax_j(t·L_j)·∇L(θ + ε_j): Tilted SAM's aggregation (Li, Zhou, Bilmes 2025).
 
-    The weighted sum is streamed: a running maximum a_max of t·L_j and a running sum
-    S = Σ_j exp(t·L_j − a_max) are kept, and the accumulated gradient is rescaled by
-    exp(a_old − a_new) whenever the maximum grows. Memory is one gradient copy whatever the
-    number of samples (the released code keeps one clone per sample), and large t·L cannot
-    overflow. The gradient tensors of each pass are taken over, not copied.
+    The weighted sum is streamed: a running maximum L_max of the losses and a running sum
+    S = Σ_j exp(t·(L_j − L_max)) are kept, and the accumulated gradient is rescaled by
+    exp(t·(L_old − L_new)) whenever the maximum grows. Memory is one gradient copy whatever the
+    number of samples (the released code keeps one clone per sample). The exponents are
+    t·(L_j − L_max) ≤ 0, never t·L_j, so no tilt, however large, overflows them (t = 1e308 with
+    losses near 2 would make t·L infinite and the weights NaN). The gradient tensors of each
+    pass are taken over, not copied.
     """
 
     synchronised_by_last_pass = False
@@ -65,7 +67,7 @@ class TiltedAverage:
         """A fresh accumulator (the engine builds one per step)."""
         self.tilt = tilt
         self._sum: list[Tensor | None] = []
-        self._max_exponent = -math.inf
+        self._max_loss = -math.inf
         self._weight_total = 0.0
         self._loss_sum = 0.0
         self._count = 0
@@ -76,27 +78,30 @@ class TiltedAverage:
                 "Tilted SAM weighs each perturbed gradient by its loss: the closure must return "
                 "the loss (or call evaluation.report(loss) in the manual form)"
             )
-        exponent = self.tilt * loss
         grads = [p.grad for p in params]
         if self._count == 0:
             self._sum = grads
-            self._max_exponent = exponent
+            self._max_loss = loss
             self._weight_total = 1.0
         else:
-            if exponent > self._max_exponent:
-                rescale = math.exp(self._max_exponent - exponent)
+            if loss > self._max_loss:
+                rescale = self._weight(self._max_loss - loss)
                 self._scale_sum(rescale, foreach=foreach)
                 self._weight_total *= rescale
-                self._max_exponent = exponent
+                self._max_loss = loss
                 weight = 1.0
             else:
-                weight = math.exp(exponent - self._max_exponent)
+                weight = self._weight(loss - self._max_loss)
             self._accumulate(grads, weight, foreach=foreach)
             self._weight_total += weight
         self._loss_sum += loss
         self._count += 1
         for p in params:
             p.grad = None  # the tensors now belong to the running sum
+
+    def _weight(self, below_max: float) -> float:
+        """exp(t·(L − L_max)) for L − L_max = ``below_max`` ≤ 0 (t = 0 gives 1, not NaN)."""
+        return 1.0 if self.tilt == 0.0 else math.exp(self.tilt * below_max)
 
     def _scale_sum(self, factor: float, *, foreach: bool) -> None:
         present = [t for t in self._sum if t is not None]
@@ -127,4 +132,4 @@ class TiltedAverage:
             return None
         if self.tilt == 0.0:
             return self._loss_sum / self._count
-        return (self._max_exponent + math.log(self._weight_total / self._count)) / self.tilt
+        return self._max_loss + math.log(self._weight_total / self._count) / self.tilt

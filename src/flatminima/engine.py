@@ -157,6 +157,15 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     hyperparameter_defaults: ClassVar[dict[str, Any]] = {}
     """Name → default, derived from :attr:`declaration` (read by the registry and the CLI)."""
 
+    paper: ClassVar[str] = ""
+    """Authors and venue, for the README's method table and ``flatminima methods``."""
+
+    passes_text: ClassVar[str] = "2"
+    """Forward/backward passes per step, in words (the README's table)."""
+
+    extra_memory: ClassVar[str] = "1 P"
+    """Extra parameter copies at the step's peak, in words (P = one copy of the parameters)."""
+
     manual_two_pass: ClassVar[bool] = True
     """Whether ``first_step()`` / ``second_step()`` apply: one pass at w, then one at w + ε."""
 
@@ -371,16 +380,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 "optimizer (load a bare base optimizer's state into .base_optimizer instead)"
             )
         if base_optimizer_only:
-            ours = [
-                {k: g[k] for k in (*self._method_defaults, DEFAULTED_KEY) if k in g}
-                for g in self.param_groups
-            ]
-            self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
-            for group, own in zip(self.param_groups, ours, strict=False):
-                for name in self._method_defaults:
-                    group.pop(name, None)
-                group.update(own)
-            self._validated.clear()
+            self._load_base_part(state_dict["base_optimizer"])
             return
         self._check_same_method(state_dict)
         method = state_dict.get("method", {})
@@ -394,24 +394,37 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._load_extra_state(method)
         self._validated.clear()
 
+    def _load_base_part(self, base_state: dict[str, Any]) -> None:
+        """The base optimizer's state and group settings from another method's checkpoint;
+        that method's hyperparameters are dropped from the groups and ours kept."""
+        ours = [
+            {k: g[k] for k in (*self._method_defaults, DEFAULTED_KEY) if k in g}
+            for g in self.param_groups
+        ]
+        self.base_optimizer.load_state_dict(base_state)
+        foreign = _known_hyperparameter_names() | {DEFAULTED_KEY}
+        for group, own in zip(self.param_groups, ours, strict=True):
+            for name in foreign & set(group):
+                del group[name]
+            group.update(own)
+        self._validated.clear()
+
     def _check_same_method(self, state_dict: Mapping[str, Any]) -> None:
         ours = type(self).__name__
         theirs = state_dict.get("method", {}).get("name")
+        hint = "or pass base_optimizer_only=True to take only the base optimizer's state"
         if theirs is None:
             # Saved before checkpoints named their method: judge by the hyperparameter names.
-            saved = {
-                k
-                for g in state_dict["param_groups"]
-                for k in g
-                if k in _known_hyperparameter_names()
-            }
-            if saved == set(self._method_defaults):
-                return
-            theirs = f"a method with hyperparameters {sorted(saved)}"
-        if theirs != ours:
+            known = _known_hyperparameter_names()
+            saved = {k for g in state_dict["param_groups"] for k in g if k in known}
+            if saved != set(self._method_defaults):
+                raise ValueError(
+                    f"this checkpoint holds the hyperparameters {sorted(saved)}, not {ours}'s "
+                    f"({sorted(self._method_defaults)}): it is another method's; {hint}"
+                )
+        elif theirs != ours:
             raise ValueError(
-                f"this checkpoint is {theirs}'s, not {ours}'s; load it into {theirs}, or pass "
-                "base_optimizer_only=True to take only the base optimizer's state"
+                f"this checkpoint is {theirs}'s, not {ours}'s; load it into {theirs}, {hint}"
             )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -462,7 +475,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         and backward) inside ``model.no_sync()`` yourself: the engine cannot wrap a pass it
         does not run (:meth:`step` and :meth:`evaluations` do it for you).
         """
-        if not self._manual_two_pass_applies():
+        if not self.manual_two_pass:
             passes = self.passes_per_step(self.param_groups[0], self._step_count)
             raise TypeError(
                 f"{type(self).__name__} needs {passes} passes per step, passes of its own "
@@ -487,12 +500,6 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if self._pending is not None:
             passes, self._pending = self._pending, None
             passes.close()
-
-    def _manual_two_pass_applies(self) -> bool:
-        if not self.manual_two_pass:
-            return False
-        plan = self._step_plan()
-        return plan.samples == 1 and plan.start is None and not plan.combiner.needs_loss
 
     # -- the step itself -------------------------------------------------------------------
 

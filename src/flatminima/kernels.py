@@ -12,6 +12,7 @@ group, so that half-precision gradients neither overflow nor lose the small entr
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import defaultdict
 from collections.abc import Sequence
@@ -92,8 +93,32 @@ def global_norm(tensors: TensorList, *, foreach: bool) -> float:
 
     Returning a float makes the caller's zero / non-finite guard a plain ``if`` and costs one
     device synchronisation per call, which is negligible next to a forward/backward pass.
+    A finite vector always has a finite norm: when the fast sum of squares overflows (float32
+    and bfloat16 entries above ~1.8e19, float64 above ~1e154), the norm is taken again with
+    each tensor scaled by its largest entry. Only a non-finite entry gives a non-finite norm.
     """
-    return float(squared_norm(tensors, foreach=foreach).sqrt())
+    norm = float(squared_norm(tensors, foreach=foreach).sqrt())
+    if math.isfinite(norm):
+        return norm
+    return _rescaled_global_norm(tensors)
+
+
+def _rescaled_global_norm(tensors: TensorList) -> float:
+    """‖t‖ as peak·‖t/peak‖, per tensor and over the tensors, in float64: the slow path for
+    sums of squares that overflow (it allocates a scaled copy of one tensor at a time)."""
+    peaks = [torch.linalg.vector_norm(t, math.inf, dtype=torch.float64) for t in tensors]
+    norms: list[float] = []
+    for t, peak_tensor in zip(tensors, peaks, strict=True):
+        peak = float(peak_tensor)
+        if not math.isfinite(peak):
+            return peak  # an inf or NaN entry: the norm is honestly non-finite
+        if peak == 0.0:
+            continue
+        norms.append(peak * float(torch.linalg.vector_norm(t.double() / peak)))
+    if not norms:
+        return 0.0
+    largest = max(norms)
+    return largest * math.sqrt(sum((n / largest) ** 2 for n in norms))
 
 
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)

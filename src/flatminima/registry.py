@@ -60,10 +60,16 @@ class MethodSpec:
         return self.build_fn(base_optimizer, model=model, **hyperparameters)
 
 
+def _summary(cls: type) -> str:
+    """The docstring's first paragraph, on one line (a summary may wrap in the source)."""
+    paragraph = (cls.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in paragraph.splitlines())
+
+
 def _spec_for(name: str, cls: type) -> MethodSpec:
     return MethodSpec(
         name=name,
-        summary=(cls.__doc__ or "").strip().splitlines()[0],
+        summary=_summary(cls),
         hyperparameters=dict(cls.hyperparameter_defaults),
         build_fn=cls,
         passes_fn=cls.passes_per_step,
@@ -92,3 +98,25 @@ def get_method(name: str) -> MethodSpec:
 def method_names() -> list[str]:
     """Every registered name, the base optimizer first."""
     return list(METHODS)
+
+
+def readme_method_table() -> str:
+    """The README's method table, generated from each method's declaration (a test holds the
+    README to it; ``python -m flatminima.registry`` prints it)."""
+    lines = [
+        "| class | CLI name | paper | passes / step | extra memory | hyperparameters (defaults) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, cls in methods.BY_NAME.items():
+        defaults = ", ".join(
+            f"`{key}={value!r}`" for key, value in cls.hyperparameter_defaults.items()
+        )
+        lines.append(
+            f"| `{cls.__name__}` | `{name}` | {cls.paper} | {cls.passes_text} | "
+            f"{cls.extra_memory} | {defaults} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(readme_method_table())

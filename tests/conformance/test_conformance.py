@@ -34,7 +34,11 @@ by_foreach = pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "
 def build(record: MethodRecord, model, base: str, foreach: bool = True, **overrides):
     hyperparameters = {**record.typical, **overrides}
     return record.cls(
-        make_base(base, model.parameters()), model=model, foreach=foreach, **hyperparameters
+        make_base(base, model.parameters()),
+        model=model,
+        foreach=foreach,
+        **hyperparameters,
+        **record.extras(),
     )
 
 
@@ -55,11 +59,14 @@ def test_identity_setting_is_bitwise_the_base_optimizer(record, base, foreach):
 @by_base
 def test_closure_is_called_the_declared_number_of_times(record, base):
     model = tiny_mlp()
-    optimizer = build(record, model, base)
-    calls: list[int] = []
-    for batch in batches(3):
-        optimizer.step(closure_for(model, batch, calls))
-    assert len(calls) == 3 * record.cls.passes_per_step(record.typical)
+    for name, hyperparameters in record.configurations.items():
+        optimizer = build(record, model, base, **hyperparameters)
+        for step, batch in enumerate(batches(6)):
+            calls: list[int] = []
+            optimizer.step(closure_for(model, batch, calls))
+            expected = record.passes(hyperparameters, step)
+            assert len(calls) == expected, (name, step)
+            assert record.cls.passes_per_step(hyperparameters, step) == expected, (name, step)
 
 
 @by_record
@@ -140,7 +147,7 @@ def test_lr_zero_leaves_weights_untouched(record):
 @by_record
 @by_foreach
 def test_exception_in_any_pass_restores_the_weights(record, foreach):
-    passes = record.cls.passes_per_step(record.typical)
+    passes = record.passes(record.typical, 0)
     for failing_pass in range(passes):
         model = tiny_mlp()
         optimizer = build(record, model, "sgd", foreach)
@@ -334,7 +341,8 @@ def test_manual_forms_match_the_closure_form(record):
                 evaluation.report(loss)
     assert_bitwise_equal(snapshot(manual_model), snapshot(closure_model))
 
-    if record.cls.passes_per_step(record.typical) == 2:
+    assert record.cls.manual_two_pass == record.manual_two_pass
+    if record.manual_two_pass:
         two_step_model = tiny_mlp()
         optimizer = build(record, two_step_model, "sgd")
         for x, y in data:

@@ -240,9 +240,7 @@ def test_monge_sam_limits():
 # -- loss-scale (in)variance (row 8) ----------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "record", [r for r in RECORDS if r.cls.passes_per_step(r.typical) == 2], ids=lambda r: r.id
-)
+@pytest.mark.parametrize("record", [r for r in RECORDS if r.manual_two_pass], ids=lambda r: r.id)
 def test_loss_scale_changes_epsilon_only_for_metric_methods(record):
     perturbations = []
     for scale in (1.0, 50.0):

@@ -6,18 +6,10 @@ import functools
 
 import pytest
 import torch
-from loops import (
-    FriendlyState,
-    ReferenceSGD,
-    asam_step,
-    fisher_sam_step,
-    friendly_sam_step,
-    monge_sam_step,
-    sam_step,
-    tilted_sam_step,
-)
+from loops import FriendlyState, ReferenceSGD
 
 import flatminima
+from records import RECORDS, MethodRecord
 from support import batches, tiny_mlp
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
@@ -41,37 +33,31 @@ def grad_fn_for(model: torch.nn.Module, batch):
 
 
 CASES = [
-    (flatminima.SAM, {"rho": 0.1}, lambda: sam_step),
-    (flatminima.ASAM, {"rho": 0.5, "eta": 0.01}, lambda: asam_step),
-    (flatminima.FisherSAM, {"rho": 0.1, "eta": 1.0}, lambda: fisher_sam_step),
-    (flatminima.MongeSAM, {"rho": 0.1}, lambda: monge_sam_step),
-    (
-        flatminima.FriendlySAM,
-        {"rho": 0.1, "sigma": 1.0, "lmbda": 0.6},
-        lambda: functools.partial(friendly_sam_step, state=FriendlyState()),
-    ),
-    (
-        flatminima.FriendlySAM,
-        {"rho": 0.1, "sigma": 0.5, "lmbda": 0.9},
-        lambda: functools.partial(friendly_sam_step, state=FriendlyState()),
-    ),
-    (
-        flatminima.TiltedSAM,
-        {"rho": 0.05, "tilt": 3.0, "num_samples": 3, "radius": 0.05, "noise_scale": 1.0},
-        lambda: functools.partial(tilted_sam_step, generator=torch.Generator().manual_seed(4)),
-    ),
+    pytest.param(record, name, id=f"{record.id}-{name}")
+    for record in RECORDS
+    if record.reference is not None
+    for name in record.lockstep
 ]
 
 
-def lockstep_deviation(cls, hyperparameters, make_reference, foreach=True) -> float:
+def lockstep_deviation(record: MethodRecord, configuration: str, foreach: bool = True) -> float:
     """Runs the optimizer and its reference side by side; the largest weight difference."""
+    return deviation_from(
+        record.cls,
+        record.configurations[configuration],
+        record.reference,  # type: ignore[arg-type]
+        foreach=foreach,
+        extras=record.extras(),
+    )
+
+
+def deviation_from(cls, hyperparameters, make_reference, *, foreach=True, extras=None) -> float:
     model = tiny_mlp()
-    extra = {"generator": torch.Generator().manual_seed(4)} if cls is flatminima.TiltedSAM else {}
     optimizer = cls(
         torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
         foreach=foreach,
         **hyperparameters,
-        **extra,
+        **(extras or {}),
     )
     reference_step = make_reference()
     reference_base = ReferenceSGD(LR, MOMENTUM, WEIGHT_DECAY)
@@ -96,12 +82,14 @@ def lockstep_deviation(cls, hyperparameters, make_reference, foreach=True) -> fl
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
-@pytest.mark.parametrize(
-    ("cls", "hyperparameters", "make_reference"), CASES, ids=lambda c: getattr(c, "__name__", None)
-)
-def test_method_follows_its_reference_loop(cls, hyperparameters, make_reference, foreach):
-    deviation = lockstep_deviation(cls, hyperparameters, make_reference, foreach)
-    assert deviation < TOLERANCE, f"{cls.__name__} drifted {deviation:.2e} from its reference"
+@pytest.mark.parametrize(("record", "configuration"), CASES)
+def test_method_follows_its_reference_loop(record, configuration, foreach):
+    deviation = lockstep_deviation(record, configuration, foreach)
+    assert deviation < TOLERANCE, f"{record.id} drifted {deviation:.2e} from its reference"
+
+
+def test_every_method_has_a_reference_loop():
+    assert all(record.reference is not None for record in RECORDS)
 
 
 def test_friendly_sam_does_not_follow_the_ema_of_the_debiased_gradient():
@@ -121,7 +109,7 @@ def test_friendly_sam_does_not_follow_the_ema_of_the_debiased_gradient():
         _, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
         return base.step(weights, g_tilde)
 
-    deviation = lockstep_deviation(
+    deviation = deviation_from(
         flatminima.FriendlySAM,
         {"rho": 0.1, "sigma": 1.0, "lmbda": 0.6},
         lambda: functools.partial(port_step, state=FriendlyState()),

@@ -42,6 +42,10 @@ class ASAM(SharpnessAwareOptimizer):
         >>> loss = optimizer.step(closure)
     """
 
+    paper = "Kwon et al., ICML 2021"
+    passes_text = "2"
+    extra_memory = "1 P"
+
     declaration = (
         hp.Hyperparameter(
             "rho",

@@ -43,6 +43,10 @@ class FisherSAM(SharpnessAwareOptimizer):
         >>> loss = optimizer.step(closure)
     """
 
+    paper = "Kim et al., ICML 2022"
+    passes_text = "2"
+    extra_memory = "1 P"
+
     declaration = (
         hp.Hyperparameter(
             "rho", 0.1, hp.non_negative, "γ", "radius of the Fisher ellipsoid (reimplementations)"

@@ -46,6 +46,10 @@ class FriendlySAM(SharpnessAwareOptimizer):
         >>> loss = optimizer.step(closure)
     """
 
+    paper = "Li et al., CVPR 2024"
+    passes_text = "2"
+    extra_memory = "2 P (EMA + backup)"
+
     declaration = (
         hp.Hyperparameter(
             "rho",

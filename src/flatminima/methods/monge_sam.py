@@ -41,6 +41,10 @@ class MongeSAM(SharpnessAwareOptimizer):
         >>> loss = optimizer.step(closure)
     """
 
+    paper = "Jacobsen & Arvanitidis, 2025"
+    passes_text = "2"
+    extra_memory = "1 P"
+
     declaration = (
         hp.Hyperparameter(
             "rho",

@@ -43,6 +43,10 @@ class SAM(SharpnessAwareOptimizer):
         >>> loss = optimizer.step(closure)
     """
 
+    paper = "Foret et al., ICLR 2021"
+    passes_text = "2"
+    extra_memory = "1 P (backup)"
+
     declaration = (
         hp.Hyperparameter(
             "rho",

@@ -71,6 +71,12 @@ class TiltedSAM(SharpnessAwareOptimizer):
         ...         evaluation.report(loss)
     """
 
+    paper = "Li, Zhou & Bilmes, ICML 2025"
+    passes_text = "2·`num_samples`"
+    extra_memory = "2 P, whatever `num_samples`"
+
+    manual_two_pass = False  # 2·s passes, and each perturbed pass's loss is needed
+
     declaration = (
         hp.Hyperparameter(
             "rho", 0.05, hp.non_negative, "ρ", "radius of the SAM step from each start"

@@ -1,0 +1,227 @@
+"""The engine's step program: what any method's program gets, whichever way a step is run."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import flatminima
+from flatminima import hyperparameters as hp
+from flatminima.engine import SharpnessAwareOptimizer
+from records import RECORDS
+from support import assert_bitwise_equal, batches, closure_for, make_base, run, snapshot, tiny_mlp
+
+by_record = pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.id)
+
+
+def build(record, model, base="sgd"):
+    return record.cls(
+        make_base(base, model.parameters()), model=model, **record.typical, **record.extras()
+    )
+
+
+def one_step(optimizer, model, batch, form):
+    """One step in ``form``: closure, evaluations, or the two-pass manual form."""
+    x, y = batch
+    if form == "closure":
+        optimizer.step(closure_for(model, batch))
+    elif form == "evaluations":
+        with optimizer.evaluations() as evaluations:
+            for evaluation in evaluations:
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                evaluation.report(loss)
+    else:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.first_step()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.second_step()
+
+
+def forms(record):
+    return ["closure", "evaluations", *(["manual"] if record.manual_two_pass else [])]
+
+
+@by_record
+def test_step_hooks_fire_once_per_step_whichever_way_it_is_run(record):
+    for form in forms(record):
+        model = tiny_mlp()
+        optimizer = build(record, model)
+        pre, post = [], []
+        optimizer.register_step_pre_hook(lambda *args, pre=pre: pre.append(1))
+        optimizer.register_step_post_hook(lambda *args, post=post: post.append(1))
+        for batch in batches(3):
+            one_step(optimizer, model, batch, form)
+        assert (len(pre), len(post)) == (3, 3), form
+
+
+@by_record
+def test_a_scheduler_on_the_wrapper_sees_every_form_as_a_step(record):
+    """Before, first_step/second_step and evaluations() bypassed the hooked step, and the
+    scheduler warned "lr_scheduler.step() before optimizer.step()"."""
+    for form in forms(record):
+        model = tiny_mlp()
+        optimizer = build(record, model)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for batch in batches(2):
+                one_step(optimizer, model, batch, form)
+                scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.025), form
+
+
+@by_record
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_schedulers_that_read_momentum_work_on_the_wrapper(record, base):
+    """OneCycleLR and CyclicLR look for momentum / betas in ``optimizer.defaults``."""
+    model = tiny_mlp()
+    optimizer = build(record, model, base)
+    assert {"lr", *record.cls.hyperparameter_defaults} <= set(optimizer.defaults)
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
+    run(optimizer, model, batches(2))
+    one_cycle.step()
+    model = tiny_mlp()
+    optimizer = build(record, model, base)
+    cyclic = torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=0.01, max_lr=0.1, step_size_up=2)
+    run(optimizer, model, batches(2))
+    cyclic.step()
+    momentum_key = "momentum" if base == "sgd" else "betas"
+    assert momentum_key in optimizer.param_groups[0]
+
+
+@by_record
+def test_the_step_counter_counts_finished_steps_and_is_saved(record):
+    model = tiny_mlp()
+    optimizer = build(record, model)
+    run(optimizer, model, batches(3))
+    failing = closure_for(model, batches(1)[0])
+
+    def boom():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        optimizer.step(boom)  # an aborted step is not counted
+    assert optimizer.state_dict()["method"]["step"] == 3
+    resumed = build(record, tiny_mlp())
+    resumed.load_state_dict(optimizer.state_dict())
+    assert resumed._step_count == 3
+    optimizer.step(failing)
+    assert optimizer._step_count == 4
+
+
+# -- a method written as a program ------------------------------------------------------------
+
+
+class CleanPlusPerturbed(SharpnessAwareOptimizer):
+    """A toy method that uses every tool of the step: d = g + g̃ at w, then w ← w − c after
+    the base step.
+
+    {hyperparameters}
+    """
+
+    declaration = (
+        hp.Hyperparameter("rho", 0.1, hp.non_negative, "ρ", "radius"),
+        hp.Hyperparameter("shift", 0.0, hp.finite, "c", "moved after the descent"),
+    )
+
+    def __init__(self, base, *, rho=0.1, shift=0.0, model=None, fail_at=None):
+        super().__init__(base, hyperparameters={"rho": rho, "shift": shift}, model=model)
+        self.fail_at = fail_at
+        self.seen_counts: list[int] = []
+
+    def program(self, step):
+        self.seen_counts.append(step.count)
+        clean = yield step.clean_pass()
+        kept = step.keep_gradients()
+        step.perturb(self.direction, self.neighborhood)
+        if self.fail_at == "perturbed":
+            raise RuntimeError("failed while perturbed")
+        yield step.perturbed_pass()
+        step.restore()
+        with torch.no_grad():
+            for p, g in zip(step.params, kept, strict=True):
+                if g is not None and p.grad is not None:
+                    p.grad.add_(g)
+
+        def shift():
+            if self.fail_at == "after":
+                raise RuntimeError("failed after the descent")
+            for group in step.groups:
+                for p in group["params"]:
+                    p.sub_(group["shift"])
+
+        step.after_descent(shift)
+        return clean.loss
+
+
+def test_a_program_combines_the_clean_and_perturbed_gradients():
+    model, reference = tiny_mlp(), tiny_mlp()
+    optimizer = CleanPlusPerturbed(torch.optim.SGD(model.parameters(), lr=0.1), shift=0.01)
+    sam = flatminima.SAM(torch.optim.SGD(reference.parameters(), lr=0.1), rho=0.1)
+    batch = batches(1)[0]
+    x, y = batch
+    # Reference: SGD with g + g̃, by hand from SAM's own pieces.
+    reference.zero_grad()
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    clean = [p.grad.clone() for p in reference.parameters()]
+    sam.first_step()
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    sam.abort_step()
+    with torch.no_grad():
+        for p, g in zip(reference.parameters(), clean, strict=True):
+            p.sub_(0.1 * (p.grad + g) + 0.01)
+    optimizer.step(closure_for(model, batch))
+    assert (
+        max(
+            float((a - b).abs().max())
+            for a, b in zip(model.parameters(), reference.parameters(), strict=True)
+        )
+        < 1e-15
+    )
+    assert optimizer.seen_counts == [0]
+    optimizer.step(closure_for(model, batch))
+    assert optimizer.seen_counts == [0, 1]
+
+
+@pytest.mark.parametrize("fail_at", ["perturbed", "after"])
+def test_a_program_that_fails_leaves_the_weights_unperturbed(fail_at):
+    model = tiny_mlp()
+    optimizer = CleanPlusPerturbed(
+        torch.optim.SGD(model.parameters(), lr=0.0), shift=0.0, fail_at=fail_at
+    )
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="failed"):
+        optimizer.step(closure_for(model, batches(1)[0]))
+    assert_bitwise_equal(snapshot(model), before)
+    optimizer.fail_at = None
+    optimizer.step(closure_for(model, batches(1)[0]))  # usable again
+
+
+def test_the_base_state_is_read_only_to_a_program():
+    model = tiny_mlp()
+    optimizer = flatminima.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    run(optimizer, model, batches(1))
+    from flatminima.step import Step
+
+    view = Step(optimizer, count=0).base_state(next(model.parameters()))
+    assert "momentum_buffer" in view
+    with pytest.raises(TypeError):
+        view["momentum_buffer"] = None  # type: ignore[index]
+
+
+def test_only_one_pass_of_a_step_may_update_batchnorm_statistics():
+    class TwoStatisticsPasses(CleanPlusPerturbed):
+        def program(self, step):
+            yield step.clean_pass()
+            yield step.clean_pass()  # a second statistics pass: a programming error
+
+    model = tiny_mlp(batchnorm=True)
+    optimizer = TwoStatisticsPasses(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="BatchNorm statistics on one pass only"):
+        optimizer.step(closure_for(model, batches(1)[0]))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
