@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from flatminima import accumulation, amp
 from flatminima import hyperparameters as hp
 from flatminima.combiners import Combiner, PerturbedGradient
 from flatminima.directions import AscentDirection, GradientDirection
@@ -165,6 +166,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     extra_memory: ClassVar[str] = "1 P"
     """Extra parameter copies at the step's peak, in words (P = one copy of the parameters)."""
+
+    _step_supports_amp_scaling: ClassVar[bool] = True
+    """``torch.amp.GradScaler``'s contract: its ``step`` hands this optimizer the scale instead
+    of unscaling the gradients present at the call (the later passes would stay scaled); see
+    :mod:`flatminima.amp`."""
 
     manual_two_pass: ClassVar[bool] = True
     """Whether ``first_step()`` / ``second_step()`` apply: one pass at w, then one at w + ε."""
@@ -482,7 +488,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 "shape or the passes' losses: use step(closure) or evaluations()"
             )
         passes = self._start_step(StepOutcome(), caller_ran_first_pass=True, hooked=True)
-        next(passes)  # builds ε, perturbs, stops before the perturbed pass
+        next(passes, None)  # builds ε, perturbs, stops before the perturbed pass (or ends the
+        # step at once when pass 1 overflowed under a GradScaler; second_step is then a no-op)
         self._pending = passes
 
     def second_step(self) -> None:
@@ -560,11 +567,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         step = Step(self, count=self._step_count)
         program = self.program(step)
         try:
+            scaling = amp.pass_scaling(self)  # None without an attached GradScaler
             try:
-                evaluation = next(program)
+                evaluation = first = next(program)
                 handed = 0
                 while True:
                     if not (handed == 0 and caller_ran_first_pass):
+                        if handed == 0:
+                            accumulation.refuse_new_gradients(self)
                         self._clear_grads()
                         with pass_context(
                             self.model,
@@ -573,6 +583,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                         ):
                             yield evaluation
                     handed += 1
+                    if scaling is not None and scaling.unscale_(self):
+                        outcome.loss = first.loss  # an overflow: no further pass, no descent
+                        return
                     evaluation = program.send(evaluation)
             except StopIteration as finished:
                 loss = finished.value
@@ -588,6 +601,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             program.close()
             step._close()
             self._open_step = None
+            accumulation.mark_left_gradients(self)
 
 
 def _check_base_optimizer(base_optimizer: Any, method: str) -> None:
