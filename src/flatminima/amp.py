@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from flatminima.engine import SharpnessAwareOptimizer
 
 _SCALER_ATTRIBUTE = "_flatminima_grad_scaler"
+_LAST_STEP_ATTRIBUTE = "_flatminima_last_scaling"
 
 
 def use_grad_scaler(optimizer: torch.optim.Optimizer, scaler: Any | None) -> None:
@@ -81,6 +82,12 @@ def attached_grad_scaler(optimizer: torch.optim.Optimizer) -> Any | None:
     return getattr(optimizer, _SCALER_ATTRIBUTE, None)
 
 
+def step_was_skipped(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the last step run with an attached scaler was skipped for an overflow."""
+    last = getattr(optimizer, _LAST_STEP_ATTRIBUTE, None)
+    return last is not None and bool(last.found_inf.item())
+
+
 class PassScaling:
     """One step's unscaling: every pass's gradients divided by the scale in place, and a flag
     that is set if any of them held an inf or a NaN.
@@ -102,6 +109,7 @@ class PassScaling:
         # The record GradScaler.update() reads: one found-inf tensor per device and optimizer.
         record = scaler._per_optimizer_states[id(optimizer)]
         record["found_inf_per_device"] = {self.found_inf.device: self.found_inf}
+        optimizer.__dict__[_LAST_STEP_ATTRIBUTE] = self
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> bool:
         """Unscales the gradients now in ``.grad``; returns whether any pass so far overflowed
