@@ -87,6 +87,22 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+def start_epoch(
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    *,
+    model: torch.nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    batches: Callable[[], Any],
+) -> None:
+    """The per-epoch hook a training loop calls before each epoch, whatever the method: it
+    lets methods that learn from data outside the step (Sparse SAM's Fisher mask) do so, and
+    does nothing for the others and for the bare base optimizer."""
+    start = getattr(optimizer, "start_epoch", None)
+    if start is not None:
+        start(epoch, model=model, loss_fn=loss_fn, batches=batches)
+
+
 def get_method(name: str) -> MethodSpec:
     """The spec registered under ``name``; ``ValueError`` lists the accepted names."""
     try:
