@@ -87,6 +87,7 @@ def test_import_needs_torch_alone():
     unimportable (torch itself treats numpy as optional)."""
     code = _BLOCK + (
         "import torch, flatminima, flatminima.sharpness, flatminima.registry\n"
+        "import flatminima.amp, flatminima.accumulation, flatminima.integrations\n"
         "torch.manual_seed(0)\n"
         "model = torch.nn.Linear(3, 1)\n"
         "optimizer = flatminima.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)\n"
@@ -111,6 +112,22 @@ def test_command_line_without_the_runner_packages_names_the_extra():
     assert len(lines) == 1, result.stderr
     assert "pip install 'flatminima[experiments]'" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "package", "extra"),
+    [
+        ("lightning", "pytorch_lightning", "lightning"),
+        ("transformers", "transformers", "transformers"),
+        ("accelerate", "accelerate", "accelerate"),
+    ],
+)
+def test_an_integration_without_its_framework_names_the_extra(module, package, extra):
+    code = f"import sys\nsys.modules[{package!r}] = None\nimport flatminima.integrations.{module}\n"
+    result = _run_python(code)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError:") and f"pip install 'flatminima[{extra}]'" in last
 
 
 def test_the_script_entry_point_is_the_guarded_main():

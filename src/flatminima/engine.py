@@ -483,7 +483,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"{type(self).__name__}.step() needs a closure that runs the forward and "
                 "backward pass and returns the loss; without one, use first_step()/"
-                "second_step() or evaluations()"
+                "second_step() or evaluations() (Lightning, Hugging Face Trainer, accelerate: "
+                "see flatminima.integrations)"
             )
         with_evaluation = _takes_an_argument(closure)
         with Evaluations(self, hooked=False) as evaluations:

@@ -233,3 +233,24 @@ def test_step_without_a_closure_is_a_loud_error():
     model, optimizer = prepare(accelerator(), model, optimizer)
     with pytest.raises(TypeError, match="needs a closure"):
         optimizer.step()
+
+
+def test_cyclic_schedule_through_prepare_moves_the_base_learning_rate():
+    acc = accelerator()
+    model, optimizer = make("sam")
+    scheduler = torch.optim.lr_scheduler.CyclicLR(
+        optimizer, base_lr=0.01, max_lr=0.1, step_size_up=2
+    )
+    model, optimizer, scheduler = prepare(acc, model, optimizer, scheduler)
+    rates = []
+    for x, y in data():
+
+        def closure(x=x, y=y):
+            loss = F.cross_entropy(model(x), y)
+            acc.backward(loss)
+            return loss
+
+        optimizer.step(closure)
+        scheduler.step()
+        rates.append(optimizer.optimizer.base_optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx([0.055, 0.1, 0.055])

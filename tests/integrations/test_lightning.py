@@ -226,3 +226,27 @@ def test_manual_first_step_second_step_is_refused_and_leaves_the_weights():
         fit(module, epochs=1)
     for a, b in zip(module.net.parameters(), before, strict=True):
         assert torch.equal(a, b)
+
+
+class OneCycleModule(Module):
+    def configure_optimizers(self):
+        optimizer = build(self.method, self.net)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=9)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def test_one_cycle_schedule_drives_the_base_learning_rate():
+    module = OneCycleModule("sam")
+    fit(module, plugins=[precision_plugin()])
+    # The same schedule on a bare SGD, stepped as often as the 8 training steps.
+    bare = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(bare, max_lr=0.2, total_steps=9)
+    for _ in range(8):
+        bare.step()
+        schedule.step()
+    base = module.optimizers().optimizer.base_optimizer
+    assert base.param_groups[0]["lr"] == pytest.approx(bare.param_groups[0]["lr"], rel=1e-12)
+    assert base.param_groups[0]["momentum"] == pytest.approx(bare.param_groups[0]["momentum"])

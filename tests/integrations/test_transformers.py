@@ -216,3 +216,21 @@ def test_a_trainer_without_a_flatminima_optimizer_is_refused(tmp_path):
     )
     with pytest.raises(TypeError, match="needs a flatminima optimizer"):
         trainer.train()
+
+
+def test_one_cycle_schedule_passed_to_the_trainer(tmp_path):
+    model = tiny_gpt2()
+    optimizer = methods.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=4)
+    trainer = SharpnessAwareTrainer(
+        model=model,
+        args=arguments(tmp_path),
+        train_dataset=dataset(),
+        optimizers=(optimizer, scheduler),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history if "loss" in entry]
+    assert rates[0] == pytest.approx(0.1 / 25)  # OneCycleLR's initial rate, then it climbs
+    assert max(rates) > rates[0]
