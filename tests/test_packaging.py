@@ -28,6 +28,7 @@ EXPERIMENT_MODULES = ["numpy", "matplotlib", "scipy", "sklearn", "mnist1d", "tqd
 OPTIMIZER_TESTS = ["tests/conformance", "tests/methods", "tests/reference", "tests/sharpness"]
 NEEDS_THE_EXPERIMENTS_EXTRA = [
     "--ignore=tests/methods/test_examples.py",  # trains on scikit-learn's digits
+    "--ignore=tests/conformance/test_optimizer_robustness.py",  # numpy scalars, imported at the top
     "--ignore=tests/sharpness/test_sharpness_plots.py",  # matplotlib
     "--deselect=tests/sharpness/test_sharpness_examples.py::test_docstring_examples"
     "[flatminima.sharpness.plots]",
