@@ -87,7 +87,8 @@ def _manual_two_pass_works(cls: type) -> bool:
     """Whether ``first_step()`` accepts a step of this method with its defaults, tried on a
     one-parameter model (the engine refuses it with ``TypeError`` where it does not apply)."""
     weight = torch.nn.Parameter(torch.ones(2))
-    optimizer = cls(torch.optim.SGD([weight], lr=0.1))
+    # SGD with momentum: the base every method accepts (Momentum SAM perturbs along it).
+    optimizer = cls(torch.optim.SGD([weight], lr=0.1, momentum=0.9))
     weight.pow(2).sum().backward()
     try:
         optimizer.first_step()
