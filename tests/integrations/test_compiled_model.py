@@ -19,7 +19,9 @@ def train(name: str, backend: str | None) -> nn.Module:
     net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 4))
     forward = net if backend is None else torch.compile(net, backend=backend)
     extra = {"generator": torch.Generator().manual_seed(7)} if name == "tilted-sam" else {}
-    optimizer = methods.BY_NAME[name](torch.optim.SGD(net.parameters(), lr=0.1), model=net, **extra)
+    optimizer = methods.BY_NAME[name](
+        torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), model=net, **extra
+    )
     generator = torch.Generator().manual_seed(1)
     for _ in range(3):
         x = torch.randn(16, 8, generator=generator)

@@ -79,6 +79,9 @@ def train(tmp_path, *, method: str = "sam", trainer_class=SharpnessAwareTrainer,
     kwargs = {}
     if trainer_class is SharpnessAwareTrainer:
         kwargs["sharpness_aware"] = functools.partial(methods.BY_NAME[method], **extra)
+        if overrides.pop("sgd", False):  # SGD with momentum, which every method accepts
+            base = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+            kwargs = {"optimizers": (methods.BY_NAME[method](base, model=model, **extra), None)}
     resume = overrides.pop("resume_from_checkpoint", None)
     scaler = overrides.pop("scaler", None)
     on_model = overrides.pop("on_model", None)
@@ -126,10 +129,11 @@ def test_every_method_runs_all_its_passes_on_every_micro_batch(tmp_path, name):
         tmp_path,
         method=name,
         gradient_accumulation_steps=2,
+        sgd=True,
         on_model=lambda m: m.register_forward_hook(lambda *_: forwards.append(1)),
     )
-    passes = methods.BY_NAME[name].passes_per_step(None)
-    assert len(forwards) == 4 * 2 * passes  # steps × micro-batches × passes
+    passes = sum(methods.BY_NAME[name].passes_per_step(None, step) for step in range(4))
+    assert len(forwards) == 2 * passes  # micro-batches × passes of the four steps
     assert trainer.state.global_step == 4
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
