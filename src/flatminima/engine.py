@@ -188,6 +188,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     of unscaling the gradients present at the call (the later passes would stay scaled); see
     :mod:`flatminima.amp`."""
 
+    needs_per_example_closure: ClassVar[bool] = False
+    """Whether the closure must take its evaluation (which examples, whether a gradient) and
+    return per-example losses: data-aware methods (ESAM, micro-batch SAM)."""
+
     manual_two_pass: ClassVar[bool] = True
     """Whether ``first_step()`` / ``second_step()`` apply: one pass at w, then one at w + ε."""
 

@@ -18,7 +18,9 @@ from torch.nn import functional as F
 import flatminima
 from flatminima import amp, methods
 
-METHODS = list(methods.BY_NAME)
+# The data-aware methods need a closure that takes its evaluation and returns per-example
+# losses; the frameworks' closures do neither, so these recipes serve the other methods.
+METHODS = [name for name, cls in methods.BY_NAME.items() if not cls.needs_per_example_closure]
 
 
 def make(name: str, *, seed: int = 0) -> tuple[nn.Module, flatminima.SharpnessAwareOptimizer]:
@@ -127,8 +129,15 @@ def overflowing_closure(model, x, y, scaler, overflow_on_call: int, calls: list[
     return closure
 
 
-@pytest.mark.parametrize("overflow_on_call", [1, 2])
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize(
+    ("name", "overflow_on_call"),
+    [
+        (name, call)
+        for name in METHODS
+        for call in (1, 2)
+        if call <= methods.BY_NAME[name].passes_per_step(None, 0)
+    ],
+)
 def test_an_overflow_on_any_pass_skips_the_step_and_backs_the_scale_off(name, overflow_on_call):
     model, optimizer = make(name)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, backoff_factor=0.5)

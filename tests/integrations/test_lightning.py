@@ -17,7 +17,9 @@ from pytorch_lightning.plugins.precision import MixedPrecision  # noqa: E402
 from flatminima import methods  # noqa: E402
 from flatminima.integrations.lightning import precision_plugin  # noqa: E402
 
-METHODS = list(methods.BY_NAME)
+# The data-aware methods need a closure that takes its evaluation and returns per-example
+# losses; the frameworks' closures do neither, so these recipes serve the other methods.
+METHODS = [name for name, cls in methods.BY_NAME.items() if not cls.needs_per_example_closure]
 logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
 logging.getLogger("lightning").setLevel(logging.ERROR)
 

@@ -20,7 +20,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 from flatminima import methods  # noqa: E402
 from flatminima.integrations.transformers import SharpnessAwareTrainer  # noqa: E402
 
-METHODS = list(methods.BY_NAME)
+# The data-aware methods need a closure that takes its evaluation and returns per-example
+# losses; the frameworks' closures do neither, so these recipes serve the other methods.
+METHODS = [name for name, cls in methods.BY_NAME.items() if not cls.needs_per_example_closure]
 transformers.logging.set_verbosity_error()
 logging.getLogger("accelerate").setLevel(logging.ERROR)
 

@@ -68,3 +68,8 @@ def test_each_declared_check_refuses_a_bad_value_with_the_argument_named(record)
 @by_record
 def test_declared_memory_is_the_records(record):
     assert record.cls.memory_copies == record.memory_copies
+
+
+@by_record
+def test_declared_closure_needs_are_the_records(record):
+    assert record.cls.needs_per_example_closure == record.needs_per_example_closure

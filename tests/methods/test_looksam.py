@@ -91,6 +91,7 @@ def test_alpha_zero_is_sam_on_refresh_steps_and_the_base_optimizer_in_between(fo
     sam = flatminima.SAM(base, rho=0.1, foreach=foreach)  # the same base: one momentum
     for step, batch in enumerate(data):
         if step % 3 == 0:
+            base.zero_grad(set_to_none=True)  # the plain step left its gradients in .grad
             sam.step(closure_for(reference, batch))
         else:
             base.zero_grad(set_to_none=True)

@@ -437,6 +437,7 @@ def test_a_parameter_added_later_is_not_perturbed_until_the_next_refresh():
     )
     optimizer.step(closure_for(model, batches(1)[0]))  # the mask is drawn here
     optimizer.add_param_group({"params": list(last.parameters())})
+    last.zero_grad()  # left by the first step's backward while not yet the optimizer's
     optimizer.step(closure_for(model, batches(1)[0]))
     assert all(not bool(optimizer.state[p][MASK].any()) for p in last.parameters())
     optimizer.refresh_mask(model, F.cross_entropy, DATA, epoch=0)

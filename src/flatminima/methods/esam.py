@@ -89,6 +89,7 @@ class ESAM(SharpnessAwareOptimizer):
         >>> loss = optimizer.step(closure)
     """
 
+    needs_per_example_closure = True
     paper = "Du et al., ICLR 2022"
     passes_text = "1 + γ (+ 1 forward)"
     extra_memory = "1 P (backup)"

@@ -64,6 +64,7 @@ class MicroBatchSAM(SharpnessAwareOptimizer):
         >>> loss = optimizer.step(closure)
     """
 
+    needs_per_example_closure = True
     paper = "Behdin et al., arXiv 2023"
     passes_text = "2 (in M micro-batches)"
     extra_memory = "2 P (backup + update)"
