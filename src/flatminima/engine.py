@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from flatminima import hyperparameters as hp
+from flatminima import sharded
 from flatminima.combiners import Combiner, PerturbedGradient
 from flatminima.directions import AscentDirection, GradientDirection
 from flatminima.groups import GroupView
@@ -259,7 +260,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             loss = perturbed.loss
             plan.combiner.add(
                 step.params,
-                None if loss is None or not plan.combiner.needs_loss else _as_float(loss),
+                None if loss is None or not plan.combiner.needs_loss else _global_loss(loss, step),
                 foreach=step.foreach,
             )
             step.restore()
@@ -644,6 +645,14 @@ def _user_set(group: Mapping[str, Any], names: Mapping[str, Any]) -> dict[str, A
     """The method hyperparameters in ``group`` that the user set (not a wrapper's defaults)."""
     defaulted = set(group.get(DEFAULTED_KEY, ()))
     return {name: group[name] for name in names if name in group and name not in defaulted}
+
+
+def _global_loss(loss: Tensor | float, step: Step) -> float:
+    """A pass's loss for a combiner that weighs by it: under FSDP the mean over the processes,
+    so that every shard of the update gets the same weights (the gradients it weighs are
+    already averaged over the processes); the process's own loss otherwise (under DDP each
+    process combines its own gradients, which are averaged afterwards)."""
+    return sharded.mean_over_processes(_as_float(loss), step.params)
 
 
 def _as_float(loss: Tensor | float) -> float:

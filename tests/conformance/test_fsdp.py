@@ -1,0 +1,372 @@
+"""FSDP2 for real: two processes on the gloo backend on this CPU, the model ``fully_shard``ed.
+
+Under FSDP2 parameters and gradients are DTensors and every pass's gradient is reduce-scattered,
+so each process holds its shard of the gradient averaged over the processes: ε must be the one
+the unsharded model gets from the whole batch (PITFALLS P4: a norm per shard is wrong). One
+spawn of two processes runs everything here, for every method record:
+
+* trajectories: several steps of a sharded model, each process on its half of every batch,
+  against the unsharded model on the whole batch: the parameters must agree to float rounding
+  after every step (a per-shard norm, or per-process loss weights, would be off at the first);
+* BatchNorm with ``model=`` an FSDP module: running statistics updated by exactly one pass;
+* every kernel on DTensors (uneven shards, an empty shard, a source laid out differently,
+  the overflow-safe norm) against the same kernel on the whole tensors.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import math
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flatminima import kernels
+from records import RECORDS, MethodRecord
+from support import make_base
+
+if not dist.is_available():  # pragma: no cover - every supported build has it
+    pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
+
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+WORLD_SIZE = 2
+STEPS = 4
+BATCH = 16
+TRAJECTORY_TOLERANCE = 1e-12
+"""float64 parameters of size ~1: only the order of the sums (per shard, then across) differs."""
+
+
+# -- the model and the data ---------------------------------------------------------------------
+
+
+def _model(*, batchnorm: bool = False) -> nn.Module:
+    """4 → 5 → 3 → 1 in float64: 5 and 3 rows split unevenly over two processes, and the last
+    layer's single row leaves process 1 an empty shard of its weight and bias."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(4, 5)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(5))
+    layers += [nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1)]
+    return nn.Sequential(*layers).double()
+
+
+def _shard(model: nn.Module) -> nn.Module:
+    """``fully_shard`` on every Linear, then on the root (its own parameter group)."""
+    for module in model:
+        if isinstance(module, nn.Linear):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(BATCH, 4, generator=generator, dtype=torch.float64),
+            torch.randn(BATCH, 1, generator=generator, dtype=torch.float64),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def _closure(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def closure() -> torch.Tensor:
+        loss = nn.functional.mse_loss(model(x), y)  # a mean: the halves' mean is the whole's
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    return (param.full_tensor() if isinstance(param, DTensor) else param).detach().clone()
+
+
+# -- what each process runs ---------------------------------------------------------------------
+
+SETTINGS = (("sgd", None), ("adamw", False))
+"""(base optimizer, foreach): SGD with momentum and weight decay on the default (foreach) path,
+AdamW on the per-tensor path."""
+
+
+def _trajectory(record: MethodRecord, configuration: str, base: str, foreach: Any, rank: int):
+    """The largest |sharded − unsharded| parameter entry over the steps, and how far the
+    unsharded run moved from the initial weights (so that agreement is not trivial)."""
+    hyperparameters = record.configurations[configuration]
+    whole = _model()
+    initial = [p.detach().clone() for p in whole.parameters()]
+    reference = record.cls(
+        make_base(base, whole.parameters()), **hyperparameters, **record.extras(), foreach=foreach
+    )
+    sharded = _shard(_model())
+    optimizer = record.cls(
+        make_base(base, sharded.parameters()),
+        **hyperparameters,
+        **record.extras(),
+        model=sharded,
+        foreach=foreach,
+    )
+    largest = 0.0
+    for x, y in _batches():
+        half = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+        reference.step(_closure(whole, x, y))
+        optimizer.step(_closure(sharded, x[half], y[half]))
+        for got, want in zip(sharded.parameters(), whole.parameters(), strict=True):
+            largest = max(largest, float((_full(got) - want.detach()).abs().max()))
+    moved = max(
+        float((p.detach() - p0).abs().max())
+        for p, p0 in zip(whole.parameters(), initial, strict=True)
+    )
+    return {"difference": largest, "moved": moved}
+
+
+def _batchnorm(record: MethodRecord, rank: int) -> dict[str, Any]:
+    """One step with ``model=`` the sharded model: BatchNorm's buffers after it."""
+    model = _shard(_model(batchnorm=True))
+    optimizer = record.cls(
+        make_base("sgd", model.parameters()), **record.typical, **record.extras(), model=model
+    )
+    x, y = _batches()[0]
+    half = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+    optimizer.step(_closure(model, x[half], y[half]))
+    # What one forward at the initial weights leaves in the buffers, on this process's half.
+    expected = _model(batchnorm=True)
+    expected(x[half])
+    norm, expected_norm = model[1], expected[1]
+    return {
+        "batches_tracked": int(norm.num_batches_tracked),
+        "running_mean": float((norm.running_mean - expected_norm.running_mean).abs().max()),
+        "running_var": float((norm.running_var - expected_norm.running_var).abs().max()),
+    }
+
+
+# Every public function of kernels.py, called on lists of tensors: (call, exact). ``call``
+# gets the lists and ``foreach`` and returns what the kernel returns; the lists' contents
+# after the call are compared too. ``exact``: entry-wise kernels must give the unsharded
+# entries bit for bit; sums may differ in the order of their terms.
+KERNEL_CASES: dict[str, tuple[Callable[[list[list[torch.Tensor]], bool], Any], bool]] = {
+    "squared_norm": (lambda ls, f: kernels.squared_norm(ls[0], foreach=f), False),
+    "global_norm": (lambda ls, f: kernels.global_norm(ls[0], foreach=f), False),
+    "scale_": (lambda ls, f: kernels.scale_(ls[0], 1.0 / 3.0, foreach=f), True),
+    "add_": (lambda ls, f: kernels.add_(ls[0], ls[1], alpha=-0.7, foreach=f), True),
+    "add_scalar_": (lambda ls, f: kernels.add_scalar_(ls[0], 0.25, foreach=f), True),
+    "mul_": (lambda ls, f: kernels.mul_(ls[0], ls[1], foreach=f), True),
+    "div_": (lambda ls, f: kernels.div_(ls[0], ls[2], foreach=f), True),
+    "copy_": (lambda ls, f: kernels.copy_(ls[0], ls[1], foreach=f), True),
+    "abs_": (lambda ls, f: kernels.abs_(ls[0], foreach=f), True),
+    "sqrt_": (lambda ls, f: kernels.sqrt_(ls[2], foreach=f), True),
+    "root_one_plus_scaled_square_": (
+        lambda ls, f: kernels.root_one_plus_scaled_square_(ls[0], ls[1], 0.5, foreach=f),
+        True,
+    ),
+    "zero_": (lambda ls, f: kernels.zero_(ls[0], foreach=f), True),
+    "normal_": (
+        lambda ls, f: kernels.normal_(ls[0], generator=torch.Generator().manual_seed(7)),
+        True,
+    ),
+    "empty_like": (lambda ls, f: [tuple(t.shape) for t in kernels.empty_like(ls[0])], True),
+}
+
+NOT_KERNELS = {"accumulation_dtype", "group_by_device_and_dtype"}
+"""Public helpers of kernels.py that take no tensor lists (nothing to shard)."""
+
+SHAPES = [(5, 3), (1,), (4,), (2, 2), (3,)]
+DTYPES = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float16]
+
+
+def _whole_lists() -> list[list[torch.Tensor]]:
+    """Three lists of the same shapes; the third positive (a divisor, a square root's input)."""
+    generator = torch.Generator().manual_seed(5)
+    lists = [
+        [torch.randn(s, generator=generator).to(d) for s, d in zip(SHAPES, DTYPES, strict=True)]
+        for _ in range(3)
+    ]
+    lists[2] = [t.abs() + 0.5 for t in lists[2]]
+    return lists
+
+
+def _compare(got: Any, want: Any, exact: bool) -> float:
+    """max |got − want| (inf on any mismatch when ``exact``)."""
+    if isinstance(got, list):
+        return max(_compare(g, w, exact) for g, w in zip(got, want, strict=True))
+    if isinstance(got, tuple) or got is None:
+        return 0.0 if got == want else math.inf
+    got_value = _full(got) if isinstance(got, torch.Tensor) else torch.tensor(got)
+    want_value = want.detach() if isinstance(want, torch.Tensor) else torch.tensor(want)
+    if exact:
+        return 0.0 if torch.equal(got_value, want_value) else math.inf
+    scale = max(1.0, float(want_value.double().abs().max()))
+    return float((got_value.double() - want_value.double()).abs().max()) / scale
+
+
+def _kernels(mesh: Any) -> dict[str, float]:
+    """Every kernel on DTensors against the whole tensors; ``name[foreach]`` → difference."""
+    out: dict[str, float] = {}
+    layouts: dict[str, list[Callable[[torch.Tensor], list[Any]]]] = {
+        "shards": [lambda t: [Shard(0)]] * 3,
+        # the sources replicated or sharded along their last dimension: redistributed first
+        "mixed layouts": [
+            lambda t: [Shard(0)],
+            lambda t: [Replicate()],
+            lambda t: [Shard(t.dim() - 1)],
+        ],
+    }
+    for layout, placements in layouts.items():
+        for name, (call, exact) in KERNEL_CASES.items():
+            for foreach in (True, False):
+                whole = _whole_lists()
+                sharded = [
+                    [distribute_tensor(t.clone(), mesh, place(t), src_data_rank=None) for t in ts]
+                    for ts, place in zip(whole, placements, strict=True)
+                ]
+                want = call(whole, foreach)
+                got = call(sharded, foreach)
+                difference = _compare(got, want, exact)
+                for got_list, want_list in zip(sharded, whole, strict=True):
+                    difference = max(difference, _compare(got_list, want_list, exact))
+                out[f"{layout}: {name}[foreach={foreach}]"] = difference
+    # The overflow-safe norm: float32 entries whose squares overflow, on shards.
+    huge = [torch.full(s, 3e30, dtype=torch.float32) for s in SHAPES]
+    huge[0][1, 2] = -7e31
+    want_norm = kernels.global_norm(huge, foreach=True)
+    got_norm = kernels.global_norm(
+        [distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None) for t in huge], foreach=True
+    )
+    out["overflowing global_norm"] = abs(got_norm - want_norm) / want_norm
+    return out
+
+
+def _refusals(mesh: Any) -> dict[str, str]:
+    """The messages for lists the kernels must refuse."""
+    messages = {}
+    shard = distribute_tensor(torch.ones(4), mesh, [Shard(0)], src_data_rank=None)
+    partial = DTensor.from_local(torch.ones(4), mesh, [Partial()])
+    for name, tensors in (("mixed", [shard, torch.ones(3)]), ("partial", [partial])):
+        try:
+            kernels.global_norm(tensors, foreach=True)
+            messages[name] = "no error"
+        except (TypeError, ValueError) as error:
+            messages[name] = str(error)
+    return messages
+
+
+def _guarded(compute: Callable[[], Any]) -> Any:
+    """The result, or the traceback as a string: one failing case fails its own test only."""
+    try:
+        return compute()
+    except Exception:
+        return traceback.format_exc()
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=120),  # a hang becomes an error, not a stuck run
+    )
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        results: dict[str, Any] = {"trajectories": {}, "batchnorm": {}}
+        for record in RECORDS:
+            for configuration in record.configurations:
+                for base, foreach in SETTINGS:
+                    key = f"{record.id}/{configuration}/{base}/foreach={foreach}"
+                    results["trajectories"][key] = _guarded(
+                        lambda r=record, c=configuration, b=base, f=foreach: _trajectory(
+                            r, c, b, f, rank
+                        )
+                    )
+            results["batchnorm"][record.id] = _guarded(lambda r=record: _batchnorm(r, rank))
+        results["kernels"] = _guarded(lambda: _kernels(mesh))
+        results["refusals"] = _guarded(lambda: _refusals(mesh))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[dict[str, Any]]:
+    """One spawn of two processes for the whole module."""
+    directory = tmp_path_factory.mktemp("fsdp")
+    mp.start_processes(
+        _worker,
+        args=(str(directory / "init"), str(directory)),
+        nprocs=WORLD_SIZE,
+        join=True,
+        start_method="spawn",
+    )
+    return [torch.load(directory / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda record: record.id)
+def test_sharded_trajectory_equals_the_unsharded_whole_batch_one(results, record):
+    for rank, result in enumerate(results):
+        runs = {k: v for k, v in result["trajectories"].items() if k.startswith(f"{record.id}/")}
+        assert len(runs) == len(record.configurations) * len(SETTINGS)
+        for key, run in runs.items():
+            assert isinstance(run, dict), f"rank {rank}, {key}:\n{run}"
+            assert run["moved"] > 1e-3, f"{key}: the weights barely moved, nothing was tested"
+            assert run["difference"] <= TRAJECTORY_TOLERANCE, (
+                f"rank {rank}, {key}: sharded and unsharded differ by {run['difference']:.3g}"
+            )
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda record: record.id)
+def test_batchnorm_statistics_updated_once_under_fsdp(results, record):
+    for rank, result in enumerate(results):
+        run = result["batchnorm"][record.id]
+        assert isinstance(run, dict), f"rank {rank}:\n{run}"
+        assert run["batches_tracked"] == 1
+        if record.starts_at_weights:  # the statistics pass is at the weights themselves
+            assert run["running_mean"] < 1e-12 and run["running_var"] < 1e-12, run
+
+
+def test_every_kernel_gives_the_unsharded_result_on_dtensors(results):
+    for rank, result in enumerate(results):
+        differences = result["kernels"]
+        assert isinstance(differences, dict), f"rank {rank}:\n{differences}"
+        # Entry-wise kernels are compared bit for bit (any difference is inf), sums relatively.
+        bad = {name: d for name, d in differences.items() if not d <= 1e-6}
+        assert not bad, f"rank {rank}: {bad}"
+
+
+def test_mixed_and_partial_lists_are_refused(results):
+    for result in results:
+        messages = result["refusals"]
+        assert "mixed with plain tensors" in messages["mixed"]
+        assert "fully_shard to the root module" in messages["mixed"]
+        assert "Partial placement" in messages["partial"]
+
+
+def test_every_public_kernel_has_a_sharded_case():
+    """A kernel added later must get a case above (and, if it needs one, a decorator from
+    flatminima.sharded), or this test names it."""
+    public = {
+        name
+        for name, function in inspect.getmembers(kernels, inspect.isfunction)
+        if function.__module__ == kernels.__name__ and not name.startswith("_")
+    }
+    assert public - NOT_KERNELS == set(KERNEL_CASES)
