@@ -148,8 +148,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     * Every parameter the step moves is restored by copy, whether or not it has a gradient on
       a later pass (P2, P3).
     * Sparse gradients, complex parameters and a base optimizer with ``maximize=True`` are
-      refused with a clear error (negate the loss instead of maximizing); FSDP / ZeRO sharded
-      gradients are not supported (the norm would be per shard, P4).
+      refused with a clear error (negate the loss instead of maximizing).
+    * FSDP2 (``fully_shard``) works: every norm and sum is global over the shards, so ε is the
+      unsharded model's (``sharded.py``; the README's "Sharded training"). FSDP1's flattened
+      parameters are refused; other sharding schemes (DeepSpeed ZeRO) are not detected and
+      would give per-shard norms (P4).
     """
 
     declaration: ClassVar[tuple[hp.Hyperparameter, ...]] = ()
@@ -223,8 +226,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         hp.check_values(cls.declaration, values)
 
     def _check_groups_agree(self, groups: list[dict[str, Any]]) -> None:
-        """Raises ``ValueError`` if a step-level hyperparameter differs between ``groups``."""
+        """Raises ``ValueError`` if a step-level hyperparameter differs between ``groups``, and
+        refuses parameters sharded in a way whose norms would be per shard (``sharded.py``)."""
         hp.check_groups_agree(self.declaration, groups, type(self).__name__)
+        sharded.check_parameters(
+            (p for group in groups for p in group.get("params", ())), type(self).__name__
+        )
 
     @classmethod
     def passes_per_step(

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -46,6 +46,30 @@ Kernel = TypeVar("Kernel", bound=Callable[..., Any])
 def is_sharded(tensors: Sequence[Tensor]) -> bool:
     """Whether ``tensors`` are DTensors (judged by the first: lists are never mixed)."""
     return DTensor is not None and len(tensors) > 0 and isinstance(tensors[0], DTensor)
+
+
+FSDP1_MARK = "_fsdp_flattened"
+"""The attribute FullyShardedDataParallel (FSDP1) sets on every parameter it flattens, with
+``use_orig_params`` or without (``torch.distributed.fsdp._common_utils``); FSDP2 sets none."""
+
+
+def check_parameters(params: Iterable[Any], owner: str) -> None:
+    """Refuses parameters whose ε could only be per shard, silently (PITFALLS P4): FSDP1's
+    flattened shards, which are plain tensors, and DTensors mixed with plain tensors (a model
+    with parameters outside ``fully_shard``). Runs when the param groups change."""
+    kinds = set()
+    for p in params:
+        if not isinstance(p, Tensor):
+            continue
+        if getattr(p, FSDP1_MARK, False):
+            raise ValueError(
+                f"{owner} does not support FullyShardedDataParallel (FSDP1): its flattened "
+                "shards are plain tensors, so every norm would be one shard's; shard the model "
+                "with torch.distributed.fsdp.fully_shard (FSDP2) instead"
+            )
+        kinds.add(DTensor is not None and isinstance(p, DTensor))
+    if len(kinds) > 1:
+        raise TypeError(_MIXED.format(owner=owner, where="its param groups"))
 
 
 # -- decorators for kernels.py ---------------------------------------------------------------
@@ -164,6 +188,13 @@ def mean_over_processes(value: float, tensors: Sequence[Tensor]) -> float:
 # -- the mechanics ----------------------------------------------------------------------------
 
 
+_MIXED = (
+    "{owner} got DTensors (FSDP2-sharded parameters) mixed with plain tensors in {where}; "
+    "apply fully_shard to the root module too, so that every parameter is sharded and its "
+    "gradient synchronised"
+)
+
+
 def _is_tensor_list(argument: Any) -> bool:
     return (
         isinstance(argument, (list, tuple))
@@ -177,9 +208,7 @@ def _check_layouts(tensors: Sequence[Tensor]) -> None:
     for t in tensors:
         if not isinstance(t, DTensor):
             raise TypeError(
-                "flatminima got DTensors (FSDP2-sharded parameters) mixed with plain tensors "
-                f"(one of shape {tuple(t.shape)}); apply fully_shard to the root module too, "
-                "so that every parameter is sharded and its gradient synchronised"
+                _MIXED.format(owner="flatminima", where=f"a list (shape {tuple(t.shape)})")
             )
         if any(p.is_partial() for p in t.placements):
             raise ValueError(

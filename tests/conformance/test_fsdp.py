@@ -39,7 +39,7 @@ from support import make_base
 if not dist.is_available():  # pragma: no cover - every supported build has it
     pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
 
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 WORLD_SIZE = 2
@@ -98,15 +98,36 @@ def _full(param: torch.Tensor) -> torch.Tensor:
 
 # -- what each process runs ---------------------------------------------------------------------
 
-SETTINGS = (("sgd", None), ("adamw", False))
-"""(base optimizer, foreach): SGD with momentum and weight decay on the default (foreach) path,
-AdamW on the per-tensor path."""
+SETTINGS = (("sgd", None, "closure"), ("adamw", False, "evaluations"), ("sgd", True, "manual"))
+"""(base optimizer, foreach, form): SGD with momentum and weight decay and AdamW; the default
+(foreach) and the per-tensor path; ``step(closure)``, ``evaluations()`` and, for methods whose
+record allows it, ``first_step()`` / ``second_step()``."""
 
 
-def _trajectory(record: MethodRecord, configuration: str, base: str, foreach: Any, rank: int):
+def _settings(record: MethodRecord) -> list[tuple[str, Any, str]]:
+    return [s for s in SETTINGS if s[2] != "manual" or record.manual_two_pass]
+
+
+def _sharded_step(optimizer: Any, form: str, closure: Callable[[], torch.Tensor]) -> None:
+    if form == "closure":
+        optimizer.step(closure)
+    elif form == "evaluations":
+        with optimizer.evaluations() as evaluations:
+            for evaluation in evaluations:
+                evaluation.report(closure())
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        closure()
+        optimizer.first_step()
+        closure()
+        optimizer.second_step()
+
+
+def _trajectory(record: MethodRecord, configuration: str, setting: tuple[str, Any, str], rank: int):
     """The largest |sharded − unsharded| parameter entry over the steps, and how far the
     unsharded run moved from the initial weights (so that agreement is not trivial)."""
     hyperparameters = record.configurations[configuration]
+    base, foreach, form = setting
     whole = _model()
     initial = [p.detach().clone() for p in whole.parameters()]
     reference = record.cls(
@@ -124,7 +145,7 @@ def _trajectory(record: MethodRecord, configuration: str, base: str, foreach: An
     for x, y in _batches():
         half = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
         reference.step(_closure(whole, x, y))
-        optimizer.step(_closure(sharded, x[half], y[half]))
+        _sharded_step(optimizer, form, _closure(sharded, x[half], y[half]))
         for got, want in zip(sharded.parameters(), whole.parameters(), strict=True):
             largest = max(largest, float((_full(got) - want.detach()).abs().max()))
     moved = max(
@@ -261,6 +282,18 @@ def _refusals(mesh: Any) -> dict[str, str]:
             messages[name] = "no error"
         except (TypeError, ValueError) as error:
             messages[name] = str(error)
+    # At construction: FSDP1's flattened shards, and groups mixing DTensors with plain tensors.
+    fsdp1 = FullyShardedDataParallel(_model(), device_id=torch.device("cpu"), use_orig_params=True)
+    mixed = [
+        {"params": list(_model().parameters())},
+        {"params": list(_shard(_model()).parameters())},
+    ]
+    for name, params in (("fsdp1", fsdp1.parameters()), ("mixed groups", mixed)):
+        try:
+            RECORDS[0].cls(torch.optim.SGD(params, lr=0.1), **RECORDS[0].typical)
+            messages[name] = "no error"
+        except (TypeError, ValueError) as error:
+            messages[name] = str(error)
     return messages
 
 
@@ -288,12 +321,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         results: dict[str, Any] = {"trajectories": {}, "batchnorm": {}}
         for record in RECORDS:
             for configuration in record.configurations:
-                for base, foreach in SETTINGS:
-                    key = f"{record.id}/{configuration}/{base}/foreach={foreach}"
+                for setting in _settings(record):
+                    key = f"{record.id}/{configuration}/{'/'.join(map(str, setting))}"
                     results["trajectories"][key] = _guarded(
-                        lambda r=record, c=configuration, b=base, f=foreach: _trajectory(
-                            r, c, b, f, rank
-                        )
+                        lambda r=record, c=configuration, s=setting: _trajectory(r, c, s, rank)
                     )
             results["batchnorm"][record.id] = _guarded(lambda r=record: _batchnorm(r, rank))
         results["kernels"] = _guarded(lambda: _kernels(mesh))
@@ -325,7 +356,7 @@ def results(tmp_path_factory) -> list[dict[str, Any]]:
 def test_sharded_trajectory_equals_the_unsharded_whole_batch_one(results, record):
     for rank, result in enumerate(results):
         runs = {k: v for k, v in result["trajectories"].items() if k.startswith(f"{record.id}/")}
-        assert len(runs) == len(record.configurations) * len(SETTINGS)
+        assert len(runs) == len(record.configurations) * len(_settings(record))
         for key, run in runs.items():
             assert isinstance(run, dict), f"rank {rank}, {key}:\n{run}"
             assert run["moved"] > 1e-3, f"{key}: the weights barely moved, nothing was tested"
@@ -353,12 +384,14 @@ def test_every_kernel_gives_the_unsharded_result_on_dtensors(results):
         assert not bad, f"rank {rank}: {bad}"
 
 
-def test_mixed_and_partial_lists_are_refused(results):
+def test_mixed_partial_and_fsdp1_parameters_are_refused(results):
     for result in results:
         messages = result["refusals"]
         assert "mixed with plain tensors" in messages["mixed"]
         assert "fully_shard to the root module" in messages["mixed"]
         assert "Partial placement" in messages["partial"]
+        assert "does not support FullyShardedDataParallel (FSDP1)" in messages["fsdp1"]
+        assert "mixed with plain tensors in its param groups" in messages["mixed groups"]
 
 
 def test_every_public_kernel_has_a_sharded_case():
