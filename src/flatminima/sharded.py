@@ -86,7 +86,8 @@ def on_local_shards(kernel: Kernel) -> Kernel:
 
     @functools.wraps(kernel)
     def dispatch(*args: Any, **kwargs: Any) -> Any:
-        if not is_sharded(args[0]):
+        first = args[0]
+        if not (first and isinstance(first[0], DTensor)):  # plain tensors: one check
             return kernel(*args, **kwargs)
         return kernel(*_local_arguments(args), **kwargs)
 
@@ -101,7 +102,8 @@ def summed_over_shards(kernel: Kernel) -> Kernel:
 
     @functools.wraps(kernel)
     def dispatch(*args: Any, **kwargs: Any) -> Any:
-        if not is_sharded(args[0]):
+        first = args[0]
+        if not (first and isinstance(first[0], DTensor)):  # plain tensors: one check
             return kernel(*args, **kwargs)
         local = _local_arguments(args)
         total = None
@@ -125,7 +127,8 @@ def on_shards_use(replacement: Callable[..., Any]) -> Callable[[Kernel], Kernel]
 
         @functools.wraps(kernel)
         def dispatch(*args: Any, **kwargs: Any) -> Any:
-            if not is_sharded(args[0]):
+            first = args[0]
+            if not (first and isinstance(first[0], DTensor)):
                 return kernel(*args, **kwargs)
             _check_layouts(args[0])
             return replacement(*args, **kwargs)
@@ -266,7 +269,7 @@ def _local_peak(local: Tensor) -> Tensor:
     if local.numel() == 0:
         return torch.zeros((), dtype=torch.float64, device=local.device)
     peak = torch.linalg.vector_norm(local, math.inf, dtype=torch.float64)
-    return torch.nan_to_num(peak, nan=math.inf)
+    return torch.nan_to_num(peak, nan=math.inf, posinf=math.inf)
 
 
 def _global_over_shards(

@@ -268,6 +268,14 @@ def _kernels(mesh: Any) -> dict[str, float]:
         [distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None) for t in huge], foreach=True
     )
     out["overflowing global_norm"] = abs(got_norm - want_norm) / want_norm
+    # A NaN or inf entry, on process 1's shard only: non-finite on every process, as unsharded.
+    for bad in (math.nan, math.inf):
+        huge[0][4, 0] = bad
+        got_norm = kernels.global_norm(
+            [distribute_tensor(t, mesh, [Shard(0)], src_data_rank=None) for t in huge],
+            foreach=True,
+        )
+        out[f"global_norm with {bad}"] = 0.0 if not math.isfinite(got_norm) else math.inf
     return out
 
 
