@@ -53,28 +53,21 @@ class FriendlyDirection:
         if not math.isfinite(kernels.global_norm(all_grads(views), foreach=foreach)):
             return
         for view in views:
-            sigma = float(view.hyperparameters["sigma"])
-            lmbda = float(view.hyperparameters["lmbda"])
             entries = [state[p] for p in view.params]  # one state lookup per parameter
             fresh = [i for i, entry in enumerate(entries) if FRIENDLY_EMA not in entry]
             for i in fresh:
                 # m_1 = g_1 and d_1 = g_1: the gradient is left as the direction.
                 entries[i][FRIENDLY_EMA] = view.grads[i].detach().clone()
+            seasoned = range(len(entries))
             if fresh:
                 fresh_set = set(fresh)
-                seasoned = [i for i in range(len(view.params)) if i not in fresh_set]
-                if not seasoned:
-                    continue
-                scratch = view.scratch_or_new()
-                grads = [view.grads[i] for i in seasoned]
-                emas = [entries[i][FRIENDLY_EMA] for i in seasoned]
-                previous_emas = [scratch[i] for i in seasoned]
-            else:  # every step after the first: no index lists to build
-                scratch = view.scratch_or_new()
-                grads = view.grads
-                emas = [entry[FRIENDLY_EMA] for entry in entries]
-                previous_emas = scratch
-            kernels.copy_(previous_emas, emas, foreach=foreach)  # m_{t-1}
-            kernels.scale_(emas, lmbda, foreach=foreach)
-            kernels.add_(emas, grads, alpha=1.0 - lmbda, foreach=foreach)  # m_t from raw g_t
-            kernels.add_(grads, previous_emas, alpha=-sigma, foreach=foreach)  # d_t
+                seasoned = [i for i in seasoned if i not in fresh_set]
+            if not seasoned:
+                continue
+            kernels.friendly_direction_(
+                [view.grads[i] for i in seasoned],
+                [entries[i][FRIENDLY_EMA] for i in seasoned],
+                float(view.hyperparameters["sigma"]),
+                float(view.hyperparameters["lmbda"]),
+                foreach=foreach,
+            )

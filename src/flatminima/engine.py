@@ -22,8 +22,9 @@ first six methods share; the others write their own.
 
 from __future__ import annotations
 
+import inspect
 import weakref
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -37,11 +38,12 @@ from flatminima.directions import AscentDirection, GradientDirection
 from flatminima.groups import GroupView
 from flatminima.neighborhoods import EuclideanBall, Neighborhood
 from flatminima.passes import pass_context
-from flatminima.step import PERTURBED, START, BorrowingView, Evaluation, Step, _Backup
+from flatminima.step import PERTURBED, START, BorrowingView, Cost, Evaluation, Step, _Backup
 
 __all__ = [
     "PERTURBED",
     "START",
+    "Cost",
     "Evaluation",
     "Evaluations",
     "SharpnessAwareOptimizer",
@@ -208,6 +210,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.neighborhood = neighborhood or EuclideanBall()
         self._method_defaults = dict(hyperparameters)
         self._step_count = 0
+        self.cost = Cost()
+        """Forward and backward passes run so far, in full batches (a subset counts its
+        share, a forward-only probe no backward): what a step really costs."""
         self._validated: dict[int, tuple[dict[str, Any], tuple[Any, ...]]] = {}
         self._pending: Generator[Evaluation, Evaluation, None] | None = None
         self._open_step: weakref.ref[Generator[Evaluation, Evaluation, None]] | None = None
@@ -274,6 +279,22 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         plan.combiner.finish(step.params, foreach=step.foreach)
         objective = plan.combiner.objective()
         return first_loss if objective is None else torch.tensor(objective, dtype=torch.float64)
+
+    def start_epoch(
+        self,
+        epoch: int,
+        *,
+        model: nn.Module,
+        loss_fn: Callable[..., Tensor],
+        batches: Callable[[], Iterable[Any]],
+    ) -> None:
+        """Called by training loops (the runner does) before each epoch, counted from 0.
+
+        Methods that learn something from data outside the step override it (Sparse SAM
+        refreshes its Fisher mask every few epochs); the others do nothing. ``batches()``
+        gives a fresh iterable of ``(inputs, targets)`` training batches and ``loss_fn(output,
+        targets)`` the mean loss.
+        """
 
     def _extra_state(self) -> dict[str, Any]:
         """Method state that is not per parameter (saved by ``state_dict``)."""
@@ -372,6 +393,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             "method": {
                 "name": type(self).__name__,
                 "step": self._step_count,
+                "cost": (self.cost.forward, self.cost.backward),
                 **self._extra_state(),
             },
         }
@@ -399,6 +421,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         )
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
         self._step_count = int(method.get("step", 0))
+        self.cost = Cost(*method.get("cost", (0.0, 0.0)))
         self._load_extra_state(method)
         self._validated.clear()
 
@@ -464,10 +487,20 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 "backward pass and returns the loss; without one, use first_step()/"
                 "second_step() or evaluations()"
             )
+        with_evaluation = _takes_an_argument(closure)
         with Evaluations(self, hooked=False) as evaluations:
             for evaluation in evaluations:
-                with torch.enable_grad():
-                    evaluation.report(closure())
+                if with_evaluation:
+                    loss = closure(evaluation)  # type: ignore[call-arg]
+                elif evaluation.whole_batch_with_gradient:
+                    loss = closure()
+                else:
+                    raise ValueError(
+                        f"{type(self).__name__} asks for a pass on part of the batch or without "
+                        "a gradient: the closure must take the evaluation, "
+                        "`def closure(evaluation): ...` (see flatminima.Evaluation)"
+                    )
+                evaluation.report(loss)
         return evaluations.loss
 
     def evaluations(self) -> Evaluations:
@@ -574,12 +607,17 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 while True:
                     if not (handed == 0 and caller_ran_first_pass):
                         self._clear_grads()
-                        with pass_context(
-                            self.model,
-                            freeze_statistics=not evaluation.updates_statistics,
-                            synchronise=evaluation.synchronise,
+                        with (
+                            pass_context(
+                                self.model,
+                                freeze_statistics=not evaluation.updates_statistics,
+                                synchronise=evaluation.synchronise,
+                            ),
+                            torch.set_grad_enabled(evaluation.needs_gradient),
                         ):
                             yield evaluation
+                    step._ran(evaluation)
+                    self.cost.add(evaluation)
                     handed += 1
                     evaluation = program.send(evaluation)
             except StopIteration as finished:
@@ -596,6 +634,24 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             program.close()
             step._close()
             self._open_step = None
+
+
+def _takes_an_argument(closure: Callable[..., Any]) -> bool:
+    """Whether ``closure`` takes the evaluation (one positional parameter without default)."""
+    try:
+        parameters = inspect.signature(closure).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: the plain LBFGS contract
+        return False
+    for parameter in parameters:
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            return True
+        if (
+            parameter.kind
+            in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            and parameter.default is inspect.Parameter.empty
+        ):
+            return True
+    return False
 
 
 def _check_base_optimizer(base_optimizer: Any, method: str) -> None:

@@ -110,28 +110,27 @@ class FisherEllipsoid:
     """ε = ρ·F⁻¹d / (√(dᵀF⁻¹d) + ξ) with the diagonal Fisher F = 1 + η·g⊙g (Kim et al. 2022).
 
     The radius the paper calls γ is ``rho``; ``eta`` scales the empirical Fisher of the current
-    minibatch gradient. Computed as v = g/√f, D = ‖v‖ = √(gᵀF⁻¹g), ε = ρ·(v/√f)/D, which
-    needs only √f (built in the scratch buffer). Not invariant to the loss scale: unscale AMP
-    gradients before the first step.
+    minibatch gradient. Two sweeps over the gradients (spec §4.3): the first sums
+    gᵀF⁻¹g = Σ g²/(1 + ηg²), the second writes ε = ρ·(g/f)/D in place; neither keeps f, so no
+    scratch buffer is needed. η and ρ are read per group, D is global. Not invariant to the loss
+    scale: unscale AMP gradients before the first step.
     """
 
     def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
-        roots = []
-        for view in views:
-            root = view.scratch_or_new()
-            kernels.root_one_plus_scaled_square_(
-                root, view.grads, float(view.hyperparameters["eta"]), foreach=foreach
-            )  # √f = √(1 + η g²)
-            kernels.div_(view.grads, root, foreach=foreach)  # v = g/√f
-            roots.append(root)
-        norm = kernels.global_norm(all_grads(views), foreach=foreach)  # √(gᵀF⁻¹g)
+        quadratic = sum(
+            kernels.fisher_quadratic(
+                view.grads, float(view.hyperparameters["eta"]), foreach=foreach
+            )
+            for view in views
+        )
+        norm = math.sqrt(quadratic) if quadratic >= 0.0 else math.nan  # √(gᵀF⁻¹g)
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
-        for view, root in zip(views, roots, strict=True):
-            kernels.div_(view.grads, root, foreach=foreach)  # F⁻¹g = g/f
-            kernels.scale_(
+        for view in views:
+            kernels.fisher_scale_(
                 view.grads,
+                float(view.hyperparameters["eta"]),
                 float(view.hyperparameters["rho"]) / (norm + GRADIENT_NORM_EPSILON),
                 foreach=foreach,
             )

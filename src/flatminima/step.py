@@ -50,26 +50,82 @@ class Evaluation:
 
     ``point`` is :data:`START` or :data:`PERTURBED`; ``index`` counts the perturbations of the
     step (0 for methods with one). Report the pass's loss with :meth:`report`: methods that
-    weigh their passes by the loss (Tilted SAM) need it; the others return the first pass's
-    loss from ``step``. ``updates_statistics`` (the one pass of a step that may update
-    BatchNorm's running statistics) and ``synchronise`` (the pass whose gradient DDP may
-    all-reduce during backward, because it *is* the update) are the engine's business.
+    weigh their passes by the loss (Tilted SAM) or choose examples by it (ESAM) need it; the
+    others return the first pass's loss from ``step``.
+
+    What the pass must compute:
+
+    * ``examples``: ``None`` for the whole batch, else a 1-D index tensor into the batch
+      (``x[evaluation.examples]``);
+    * ``needs_gradient``: ``False`` for a forward-only probe (the engine runs it under
+      ``torch.no_grad()``; skip the backward).
+
+    A closure may return the per-example losses (a 1-D tensor, ``reduction="none"``, after a
+    backward on their mean): they are kept in :attr:`losses` for the method, and :attr:`loss`
+    is their mean. ``updates_statistics`` (the one pass of a step that may update BatchNorm's
+    running statistics) and ``synchronise`` (the pass whose gradient DDP may all-reduce during
+    backward, because it *is* the update) are the engine's business.
     """
 
     def __init__(
-        self, index: int, point: str, *, updates_statistics: bool, synchronise: bool
+        self,
+        index: int,
+        point: str,
+        *,
+        updates_statistics: bool,
+        synchronise: bool,
+        examples: Tensor | None = None,
+        needs_gradient: bool = True,
+        fraction: float = 1.0,
     ) -> None:
         self.index = index
         self.point = point
         self.updates_statistics = updates_statistics
         self.synchronise = synchronise
+        self.examples = examples
+        self.needs_gradient = needs_gradient
+        self.fraction = fraction
+        """The share of the batch this pass runs on (its cost in full passes)."""
         self.loss: Tensor | float | None = None
+        self.losses: Tensor | None = None
+
+    @property
+    def whole_batch_with_gradient(self) -> bool:
+        """What a closure that takes no argument can run: every example, with a backward."""
+        return self.examples is None and self.needs_gradient
 
     def report(self, loss: Tensor | float | None) -> None:
-        self.loss = loss
+        """Records the pass's loss: a scalar, or the per-example losses (a 1-D tensor)."""
+        if isinstance(loss, Tensor) and loss.dim() == 1:
+            self.losses = loss.detach()
+            self.loss = self.losses.mean()
+        else:
+            self.loss = loss
 
     def __repr__(self) -> str:
         return f"Evaluation(index={self.index}, point={self.point!r})"
+
+
+@dataclass
+class Cost:
+    """Compute an optimizer ran, in full batches: forward passes and backward passes.
+
+    A pass on a quarter of the batch counts 0.25; a forward-only probe counts in ``forward``
+    only. :attr:`passes` weighs a backward as two forwards (the usual rule of thumb), so one
+    full forward and backward is 1.
+    """
+
+    forward: float = 0.0
+    backward: float = 0.0
+
+    @property
+    def passes(self) -> float:
+        return (self.forward + 2.0 * self.backward) / 3.0
+
+    def add(self, evaluation: Evaluation) -> None:
+        self.forward += evaluation.fraction
+        if evaluation.needs_gradient:
+            self.backward += evaluation.fraction
 
 
 class Step:
@@ -95,7 +151,7 @@ class Step:
         self._after_descent: list[Callable[[], None]] = []
         self._statistics_pass_taken = False
         self._synchronised = False
-        self._reduced = False
+        self._batch_size: int | None = None
 
     # -- what the program reads ----------------------------------------------------------------
 
@@ -118,18 +174,58 @@ class Step:
 
     # -- passes ------------------------------------------------------------------------------------
 
-    def clean_pass(self, *, index: int = 0, update_statistics: bool = True) -> Evaluation:
+    def clean_pass(
+        self,
+        *,
+        index: int = 0,
+        update_statistics: bool = True,
+        examples: Tensor | None = None,
+        needs_gradient: bool = True,
+    ) -> Evaluation:
         """A pass at the start point (the weights themselves unless a start moved them)."""
-        return self._evaluation(index, START, update_statistics, synchronise=False)
+        return self._evaluation(
+            index, START, update_statistics, False, examples=examples, needs_gradient=needs_gradient
+        )
 
-    def perturbed_pass(self, *, index: int = 0, synchronise: bool = False) -> Evaluation:
+    def perturbed_pass(
+        self,
+        *,
+        index: int = 0,
+        synchronise: bool = False,
+        update_statistics: bool = False,
+        examples: Tensor | None = None,
+        needs_gradient: bool = True,
+    ) -> Evaluation:
         """A pass at the perturbed point. ``synchronise=True`` only for the last pass of a
         step whose gradient is the update as it stands (SAM): DDP all-reduces it during
-        backward; otherwise the engine all-reduces the final update once."""
-        return self._evaluation(index, PERTURBED, False, synchronise=synchronise)
+        backward; otherwise the engine all-reduces the final update once.
+        ``update_statistics=True`` for a method whose only pass is perturbed (Momentum-SAM).
+        ``examples`` (indices into the batch) and ``needs_gradient=False`` (a forward-only
+        probe) ask for less than a full pass; :attr:`batch_size` must then be known."""
+        return self._evaluation(
+            index,
+            PERTURBED,
+            update_statistics,
+            synchronise,
+            examples=examples,
+            needs_gradient=needs_gradient,
+        )
+
+    @property
+    def batch_size(self) -> int | None:
+        """The number of examples in the batch, known once a whole-batch pass of this step
+        reported per-example losses."""
+        return self._batch_size
 
     def _evaluation(
-        self, index: int, point: str, update_statistics: bool, *, synchronise: bool
+        self,
+        index: int,
+        point: str,
+        update_statistics: bool,
+        synchronise: bool,
+        *,
+        examples: Tensor | None,
+        needs_gradient: bool,
     ) -> Evaluation:
         if update_statistics:
             if self._statistics_pass_taken:
@@ -139,10 +235,32 @@ class Step:
             self._statistics_pass_taken = True
         if self._synchronised:
             raise RuntimeError("internal error: a synchronising pass must be the step's last")
+        if synchronise and (examples is not None or not needs_gradient):
+            raise RuntimeError("internal error: only a whole-batch gradient pass synchronises")
+        fraction = 1.0
+        if examples is not None:
+            if self._batch_size is None:
+                raise RuntimeError(
+                    "internal error: a pass on a subset needs the batch size, known from an "
+                    "earlier pass's per-example losses"
+                )
+            fraction = len(examples) / self._batch_size
         self._synchronised = synchronise
         return Evaluation(
-            index, point, updates_statistics=update_statistics, synchronise=synchronise
+            index,
+            point,
+            updates_statistics=update_statistics,
+            synchronise=synchronise,
+            examples=examples,
+            needs_gradient=needs_gradient,
+            fraction=fraction,
         )
+
+    def _ran(self, evaluation: Evaluation) -> None:
+        """Called by the engine after each pass: learns the batch size from per-example
+        losses of a whole-batch pass."""
+        if evaluation.examples is None and evaluation.losses is not None:
+            self._batch_size = len(evaluation.losses)
 
     # -- moving the weights -----------------------------------------------------------------------
 

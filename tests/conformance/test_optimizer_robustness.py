@@ -232,7 +232,9 @@ def test_complex_parameters_are_refused_clearly(record):
         record.cls(torch.optim.SGD([weight], lr=0.1), **record.typical)
 
 
-def test_a_non_scalar_loss_returned_to_tilted_sam_is_a_clear_error():
+def test_a_loss_that_is_neither_a_scalar_nor_per_example_is_a_clear_error():
+    """A 1-D tensor is read as per-example losses (their mean is the pass's loss); anything
+    else that is not one number is refused, the weights left as they were."""
     model = tiny_mlp()
     optimizer = flatminima.TiltedSAM(torch.optim.SGD(model.parameters(), lr=0.1))
     x, y = batches(1)[0]
@@ -241,11 +243,30 @@ def test_a_non_scalar_loss_returned_to_tilted_sam_is_a_clear_error():
     def closure():
         losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
         losses.mean().backward()
-        return losses
+        return losses.reshape(4, -1)
 
     with pytest.raises(ValueError, match="must be a scalar"):
         optimizer.step(closure)
     assert_bitwise_equal(snapshot(model), before)
+
+
+def test_per_example_losses_count_as_their_mean():
+    model, reference = tiny_mlp(), tiny_mlp()
+    x, y = batches(1)[0]
+    losses_seen = []
+    for net, per_example in ((model, True), (reference, False)):
+        optimizer = flatminima.TiltedSAM(
+            torch.optim.SGD(net.parameters(), lr=0.1), generator=torch.Generator().manual_seed(0)
+        )
+
+        def closure(net=net, per_example=per_example):
+            losses = torch.nn.functional.cross_entropy(net(x), y, reduction="none")
+            losses.mean().backward()
+            return losses if per_example else losses.mean()
+
+        losses_seen.append(float(optimizer.step(closure)))
+    assert losses_seen[0] == pytest.approx(losses_seen[1], rel=1e-15)
+    assert_bitwise_equal(snapshot(model), snapshot(reference))
 
 
 @by_record

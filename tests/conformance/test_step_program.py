@@ -225,3 +225,115 @@ def test_only_one_pass_of_a_step_may_update_batchnorm_statistics():
     with pytest.raises(RuntimeError, match="BatchNorm statistics on one pass only"):
         optimizer.step(closure_for(model, batches(1)[0]))
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+# -- passes on part of the batch, forward-only probes, and their cost ----------------------------
+
+
+class ProbeThenHalf(CleanPlusPerturbed):
+    """A toy data-aware step: a clean pass with per-example losses, a forward-only probe at
+    w + ε, then the perturbed gradient on the half of the batch whose loss rose most."""
+
+    def program(self, step):
+        clean = yield step.clean_pass()
+        if clean.losses is None:
+            raise ValueError("this toy method needs per-example losses")
+        step.perturb(self.direction, self.neighborhood)
+        probe = yield step.perturbed_pass(needs_gradient=False)
+        self.probe_had_grad = probe.grad_enabled
+        rise = probe.losses - clean.losses
+        chosen = rise.topk(len(rise) // 2).indices
+        self.chosen = chosen
+        yield step.perturbed_pass(examples=chosen)
+        step.restore()
+        return clean.loss
+
+
+def per_example_closure(model, batch, log):
+    x, y = batch
+
+    def closure(evaluation):
+        rows = slice(None) if evaluation.examples is None else evaluation.examples
+        losses = torch.nn.functional.cross_entropy(model(x[rows]), y[rows], reduction="none")
+        evaluation.grad_enabled = torch.is_grad_enabled()
+        log.append((evaluation.point, None if evaluation.examples is None else len(rows)))
+        if evaluation.needs_gradient:
+            losses.mean().backward()
+        return losses
+
+    return closure
+
+
+def test_a_closure_taking_the_evaluation_runs_subsets_and_probes_and_the_cost_counts_them():
+    model, reference = tiny_mlp(), tiny_mlp()
+    optimizer = ProbeThenHalf(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.1)
+    batch = batches(1)[0]
+    log: list = []
+    optimizer.step(per_example_closure(model, batch, log))
+    assert log == [("start", None), ("perturbed", None), ("perturbed", 8)]
+    assert optimizer.probe_had_grad is False
+    assert (optimizer.cost.forward, optimizer.cost.backward) == (2.5, 1.5)
+    assert optimizer.cost.passes == pytest.approx((2.5 + 3.0) / 3)
+    # The update is SAM's perturbed gradient on the chosen half, by hand.
+    x, y = batch
+    sam = flatminima.SAM(torch.optim.SGD(reference.parameters(), lr=0.1), rho=0.1)
+    reference.zero_grad()
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    sam.first_step()
+    chosen = optimizer.chosen
+    torch.nn.functional.cross_entropy(reference(x[chosen]), y[chosen]).backward()
+    sam.second_step()
+    assert (
+        max(
+            float((a - b).detach().abs().max())
+            for a, b in zip(model.parameters(), reference.parameters(), strict=True)
+        )
+        < 1e-15
+    )
+    saved = optimizer.state_dict()["method"]["cost"]
+    assert saved == (2.5, 1.5)
+
+
+def test_a_subset_asked_of_a_closure_without_argument_is_a_clear_error():
+    model = tiny_mlp()
+    optimizer = ProbeThenHalf(torch.optim.SGD(model.parameters(), lr=0.1))
+    before = snapshot(model)
+    x, y = batches(1)[0]
+
+    def closure():  # per-example losses, but it cannot be told which examples to use
+        losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()
+        return losses
+
+    with pytest.raises(ValueError, match="the closure must take the evaluation"):
+        optimizer.step(closure)
+    assert_bitwise_equal(snapshot(model), before)
+
+
+def test_the_manual_loop_sees_the_same_requests_and_probes_run_without_grad():
+    model = tiny_mlp()
+    optimizer = ProbeThenHalf(torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = batches(1)[0]
+    seen = []
+    with optimizer.evaluations() as evaluations:
+        for evaluation in evaluations:
+            rows = slice(None) if evaluation.examples is None else evaluation.examples
+            seen.append((evaluation.needs_gradient, torch.is_grad_enabled()))
+            losses = torch.nn.functional.cross_entropy(model(x[rows]), y[rows], reduction="none")
+            evaluation.grad_enabled = torch.is_grad_enabled()
+            if evaluation.needs_gradient:
+                losses.mean().backward()
+            evaluation.report(losses)
+    assert seen == [(True, True), (False, False), (True, True)]
+
+
+def test_plain_methods_cost_their_declared_passes():
+    for record in RECORDS:
+        model = tiny_mlp()
+        optimizer = build(record, model)
+        for step, batch in enumerate(batches(3)):
+            before = optimizer.cost.passes
+            optimizer.step(closure_for(model, batch))
+            assert optimizer.cost.passes - before == pytest.approx(
+                record.passes(record.typical, step)
+            ), record.id
