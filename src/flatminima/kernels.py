@@ -344,6 +344,7 @@ def _work_buffer(reference: Tensor, count: int = 1) -> list[Tensor]:
     return [torch.empty(size, dtype=dtype, device=reference.device) for _ in range(count)]
 
 
+@sharded.summed_over_shards
 def fisher_quadratic(grads: TensorList, eta: float, *, foreach: bool) -> float:
     """Σ g·u with u = g/(1 + η·g²) over every tensor: gᵀF⁻¹g for Fisher SAM's diagonal
     F = 1 + η·g². Half-precision gradients are widened to float32 first (g² overflows float16
@@ -378,6 +379,7 @@ def fisher_quadratic(grads: TensorList, eta: float, *, foreach: bool) -> float:
     return total
 
 
+@sharded.on_local_shards
 def fisher_scale_(grads: TensorList, eta: float, scale: float, *, foreach: bool) -> None:
     """g ← scale · g/(1 + η·g²), in place: F⁻¹g scaled into Fisher SAM's ε."""
     if not foreach:
@@ -431,6 +433,7 @@ def _index_groups(tensors: TensorList, indices: list[int]) -> list[list[int]]:
     return list(groups.values())
 
 
+@sharded.on_local_shards
 def friendly_direction_(
     grads: TensorList, emas: TensorList, sigma: float, lmbda: float, *, foreach: bool
 ) -> None:

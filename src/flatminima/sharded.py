@@ -89,14 +89,18 @@ def on_local_shards(kernel: Kernel) -> Kernel:
         first = args[0]
         if not (first and isinstance(first[0], DTensor)):  # plain tensors: one check
             return kernel(*args, **kwargs)
-        return kernel(*_local_arguments(args), **kwargs)
+        local, moved = _local_arguments(args)
+        result = kernel(*local, **kwargs)
+        _write_back(moved)
+        return result
 
     return dispatch  # type: ignore[return-value]
 
 
 def summed_over_shards(kernel: Kernel) -> Kernel:
-    """Makes a kernel that returns a sum over every entry of its tensors (a 0-d tensor) global
-    over the shards: local sums, then one all-reduce per mesh dimension that shards them."""
+    """Makes a kernel that returns a sum over every entry of its tensors (a 0-d tensor or a
+    Python float) global over the shards: local sums, then one all-reduce per mesh dimension
+    that shards them."""
     if DTensor is None:
         return kernel
 
@@ -105,13 +109,19 @@ def summed_over_shards(kernel: Kernel) -> Kernel:
         first = args[0]
         if not (first and isinstance(first[0], DTensor)):  # plain tensors: one check
             return kernel(*args, **kwargs)
-        local = _local_arguments(args)
+        local, moved = _local_arguments(args)
         total = None
-        for (mesh, dims), indices in _by_reduction(args[0]).items():
+        for (mesh, dims), indices in _by_reduction(first).items():
             members = [[a[i] for i in indices] if _is_tensor_list(a) else a for a in local]
             partial = kernel(*members, **kwargs)
-            _all_reduce_(partial, mesh, dims, dist.ReduceOp.SUM)
+            if isinstance(partial, Tensor):
+                _all_reduce_(partial, mesh, dims, dist.ReduceOp.SUM)
+            else:  # a float: reduced as a float64 tensor where the shards live
+                reduced = torch.tensor(partial, dtype=torch.float64, device=local[0][0].device)
+                _all_reduce_(reduced, mesh, dims, dist.ReduceOp.SUM)
+                partial = float(reduced)
             total = partial if total is None else total + partial
+        _write_back(moved)
         return total
 
     return dispatch  # type: ignore[return-value]
@@ -221,31 +231,44 @@ def _check_layouts(tensors: Sequence[Tensor]) -> None:
             )
 
 
-def _local_arguments(args: Sequence[Any]) -> list[Any]:
+Moved = list[tuple[Tensor, Tensor, Tensor]]
+"""(source DTensor, its entries in the target's layout, the target): arguments redistributed
+for a kernel, to be written back in case the kernel changed them."""
+
+
+def _local_arguments(args: Sequence[Any]) -> tuple[list[Any], Moved]:
     """The arguments with every tensor list replaced by its local shards, each laid out like
-    the tensor at the same index of the first list."""
+    the tensor at the same index of the first list, and the tensors that had to be moved into
+    that layout (a kernel may update a source in place: Friendly SAM's EMA)."""
     targets = args[0]
     _check_layouts(targets)
     converted: list[Any] = [[t.to_local() for t in targets]]
+    moved: Moved = []
     for argument in args[1:]:
         if not _is_tensor_list(argument):
             converted.append(argument)
             continue
         _check_layouts(argument)
-        converted.append(
-            [
-                _laid_out_like(source, target)
-                for source, target in zip(argument, targets, strict=True)
-            ]
+        locals_ = []
+        for source, target in zip(argument, targets, strict=True):
+            if source.device_mesh == target.device_mesh and source.placements == target.placements:
+                locals_.append(source.to_local())  # a view: in-place changes reach the source
+            else:
+                local = source.redistribute(target.device_mesh, target.placements).to_local()
+                moved.append((source, local, target))
+                locals_.append(local)
+        converted.append(locals_)
+    return converted, moved
+
+
+def _write_back(moved: Moved) -> None:
+    """Copies redistributed arguments back into their own layout (rare: FSDP2 lays a
+    parameter's gradient and state out like the parameter)."""
+    for source, local, target in moved:
+        laid_out = DTensor.from_local(
+            local, target.device_mesh, target.placements, shape=target.shape, stride=target.stride()
         )
-    return converted
-
-
-def _laid_out_like(source: Tensor, target: Tensor) -> Tensor:
-    """``source``'s local shard holding the entries ``target``'s local shard holds."""
-    if source.device_mesh == target.device_mesh and source.placements == target.placements:
-        return source.to_local()
-    return source.redistribute(target.device_mesh, target.placements).to_local()
+        source.copy_(laid_out)
 
 
 def _by_reduction(tensors: Sequence[Tensor]) -> dict[tuple[Any, ...], list[int]]:

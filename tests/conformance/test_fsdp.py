@@ -200,13 +200,21 @@ KERNEL_CASES: dict[str, tuple[Callable[[list[list[torch.Tensor]], bool], Any], b
         True,
     ),
     "empty_like": (lambda ls, f: [tuple(t.shape) for t in kernels.empty_like(ls[0])], True),
+    "fisher_quadratic": (lambda ls, f: kernels.fisher_quadratic(ls[0], 0.5, foreach=f), False),
+    "fisher_scale_": (lambda ls, f: kernels.fisher_scale_(ls[0], 0.5, 0.3, foreach=f), True),
+    "friendly_direction_": (
+        lambda ls, f: kernels.friendly_direction_(ls[0], ls[1], 0.8, 0.6, foreach=f),
+        True,
+    ),
 }
 
 NOT_KERNELS = {"accumulation_dtype", "group_by_device_and_dtype"}
 """Public helpers of kernels.py that take no tensor lists (nothing to shard)."""
 
-SHAPES = [(5, 3), (1,), (4,), (2, 2), (3,)]
-DTYPES = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float16]
+SHAPES = [(5, 3), (1,), (4,), (2, 2), (3,), (600, 300)]
+DTYPES = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float16, torch.float32]
+"""Uneven shards, an empty one (process 1's part of the 1-element tensor), three dtypes, and a
+tensor large enough, whole and per shard, for the kernels' chunked paths."""
 
 
 def _whole_lists() -> list[list[torch.Tensor]]:
@@ -387,8 +395,9 @@ def test_every_kernel_gives_the_unsharded_result_on_dtensors(results):
     for rank, result in enumerate(results):
         differences = result["kernels"]
         assert isinstance(differences, dict), f"rank {rank}:\n{differences}"
-        # Entry-wise kernels are compared bit for bit (any difference is inf), sums relatively.
-        bad = {name: d for name, d in differences.items() if not d <= 1e-6}
+        # Entry-wise kernels are compared bit for bit (any difference is inf), sums relatively
+        # (float32 sums of 180,000 terms in another order: ~1e-6).
+        bad = {name: d for name, d in differences.items() if not d <= 1e-5}
         assert not bad, f"rank {rank}: {bad}"
 
 
