@@ -15,13 +15,14 @@ spawn of two processes runs everything here, for every method record:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import math
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -142,17 +143,65 @@ def _trajectory(record: MethodRecord, configuration: str, setting: tuple[str, An
         foreach=foreach,
     )
     largest = 0.0
+    collectives: dict[str, list[int]] = {}
     for x, y in _batches():
         half = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
         reference.step(_closure(whole, x, y))
-        _sharded_step(optimizer, form, _closure(sharded, x[half], y[half]))
+        with _collectives_recorded(collectives):
+            _sharded_step(optimizer, form, _closure(sharded, x[half], y[half]))
         for got, want in zip(sharded.parameters(), whole.parameters(), strict=True):
             largest = max(largest, float((_full(got) - want.detach()).abs().max()))
     moved = max(
         float((p.detach() - p0).abs().max())
         for p, p0 in zip(whole.parameters(), initial, strict=True)
     )
-    return {"difference": largest, "moved": moved}
+    return {
+        "difference": largest,
+        "moved": moved,
+        "passes": sum(record.passes(hyperparameters, step) for step in range(STEPS)),
+        **{name: len(sizes) for name, sizes in collectives.items()},
+        "largest_all_reduce": max(collectives.get("all_reduce", []), default=0),
+    }
+
+
+def _collectives_of_one_sgd_step(rank: int) -> dict[str, int]:
+    """FSDP2's collectives in one plain SGD step (one forward and backward) of the model."""
+    model = _shard(_model())
+    base = make_base("sgd", model.parameters())
+    x, y = _batches()[0]
+    half = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+    collectives: dict[str, list[int]] = {}
+    with _collectives_recorded(collectives):
+        _closure(model, x[half], y[half])()
+        base.step()
+    return {name: len(sizes) for name, sizes in collectives.items()}
+
+
+RECORDED = ("all_reduce", "all_gather_single", "reduce_scatter_single")
+"""The collectives counted: the library's own (``all_reduce``) and FSDP2's per-pass ones (its
+parameter all-gathers and gradient reduce-scatters in torch 2.13)."""
+
+
+@contextlib.contextmanager
+def _collectives_recorded(record: dict[str, list[int]]) -> Iterator[None]:
+    """Appends the number of elements of every recorded collective inside to ``record``."""
+    originals = {name: getattr(dist, name) for name in RECORDED}
+
+    def recording(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            record.setdefault(name, []).append(max(t.numel() for t in tensors))
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in RECORDED:
+        setattr(dist, name, recording(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
 
 
 def _batchnorm(record: MethodRecord, rank: int) -> dict[str, Any]:
@@ -343,6 +392,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                         lambda r=record, c=configuration, s=setting: _trajectory(r, c, s, rank)
                     )
             results["batchnorm"][record.id] = _guarded(lambda r=record: _batchnorm(r, rank))
+        results["sgd_step"] = _collectives_of_one_sgd_step(rank)
         results["kernels"] = _guarded(lambda: _kernels(mesh))
         results["refusals"] = _guarded(lambda: _refusals(mesh))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -379,6 +429,12 @@ def test_sharded_trajectory_equals_the_unsharded_whole_batch_one(results, record
             assert run["difference"] <= TRAJECTORY_TOLERANCE, (
                 f"rank {rank}, {key}: sharded and unsharded differ by {run['difference']:.3g}"
             )
+            # What the library adds to FSDP's own communication: scalars (norms, losses).
+            assert run.get("all_reduce", 0) > 0, f"{key}: no global norm was taken"
+            assert run["largest_all_reduce"] == 1, f"{key}: {run}"
+            # Every pass, the ascent's included, is one FSDP pass: gathers and reduce-scatters.
+            for name in ("all_gather_single", "reduce_scatter_single"):
+                assert run[name] == run["passes"] * result["sgd_step"][name], (key, run)
 
 
 @pytest.mark.parametrize("record", RECORDS, ids=lambda record: record.id)
