@@ -8,9 +8,12 @@ spawn of two processes runs everything here, for every method record:
 * trajectories: several steps of a sharded model, each process on its half of every batch,
   against the unsharded model on the whole batch: the parameters must agree to float rounding
   after every step (a per-shard norm, or per-process loss weights, would be off at the first);
+* communication: every pass of every method is one FSDP pass (its gathers and reduce-scatters),
+  and the library adds one-element all-reduces only (norms, dot products, losses);
 * BatchNorm with ``model=`` an FSDP module: running statistics updated by exactly one pass;
 * every kernel on DTensors (uneven shards, an empty shard, a source laid out differently,
-  the overflow-safe norm) against the same kernel on the whole tensors.
+  the overflow-safe norm) against the same kernel on the whole tensors;
+* refusals: FSDP1, DTensors mixed with plain tensors, pending (Partial) reductions.
 """
 
 from __future__ import annotations
