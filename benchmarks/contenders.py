@@ -60,7 +60,8 @@ class Contender:
     """``passes``, ``base``, ``flatminima`` or ``peer``."""
     method: str
     """The method it implements (``sam``, ``friendly-sam``...), or ``sgd`` / ``passes``."""
-    passes: int
+    passes: float
+    """Forward/backward passes per optimizer step, averaged over one cycle of the method."""
     build: Callable[[Workload, Hooks], Prepared] = field(compare=False, repr=False)
 
 
@@ -70,6 +71,9 @@ class Prepared:
 
     step: Step
     params: list[Tensor]
+    steps_per_call: int = 1
+    """Optimizer steps one call of ``step`` runs: a whole cycle for methods whose steps
+    differ (LookSAM's refresh every k steps), so that every timed call costs the same."""
 
 
 @dataclass
@@ -88,13 +92,22 @@ def setup(workload: Workload, hooks: Hooks) -> Setup:
     x, y = workload.build_batch()
     loss = workload.loss
 
-    def closure() -> Tensor:
+    def closure(evaluation: Any = None) -> Tensor:
+        """Forward and backward; given an evaluation (flatminima's methods), on the examples
+        it asks for, with a backward only if it wants a gradient, returning per-example losses
+        (their mean is backpropagated). Both forms cost the same for a whole-batch pass."""
         with hooks.forward_backward():
             for p in params:
                 p.grad = None
-            value = loss(model(x), y)
-            value.backward()
-        return value
+            if evaluation is None:  # the plain contract (the base step, the peers)
+                value = loss(model(x), y)
+                value.backward()
+                return value
+            rows = slice(None) if evaluation.examples is None else evaluation.examples
+            losses = loss(model(x[rows]), y[rows], reduction="none")
+            if evaluation.needs_gradient:
+                losses.mean().backward()
+        return losses
 
     return Setup(model, params, closure)
 
@@ -150,7 +163,13 @@ def _build_flatminima(
         _instrument_base(base, hooks)
         optimizer = METHODS[method].build(base, model=built.model, **overrides)
         closure = built.closure
-        return Prepared(lambda: optimizer.step(closure) and None, built.params)
+        cycle = METHODS[method].cycle(overrides)
+
+        def step() -> None:
+            for _ in range(cycle):
+                optimizer.step(lambda evaluation: closure(evaluation))
+
+        return Prepared(step, built.params, steps_per_call=cycle)
 
     return build
 
@@ -259,7 +278,7 @@ def _flatminima_contenders(tilted_samples: int) -> list[Contender]:
                 label=label,
                 kind="flatminima",
                 method=name,
-                passes=spec.passes_per_step(overrides),
+                passes=spec.mean_passes_per_step(overrides),
                 build=_build_flatminima(name, overrides),
             )
         )

@@ -6,15 +6,20 @@ from typing import Any
 
 Results = dict[str, Any]
 
-MEMORY_TARGETS = {
-    "flatminima:sam": 1.0,
-    "flatminima:asam": 1.0,
-    "flatminima:fisher-sam": 1.0,
-    "flatminima:monge-sam": 1.0,
-    "flatminima:friendly-sam": 2.0,
-    "flatminima:tilted-sam:s3": 2.0,
-    "flatminima:tilted-sam:s8": 2.0,
-}
+def _memory_targets() -> dict[str, float]:
+    """Each flatminima contender's allowed extra parameter copies: its method's declared
+    ``memory_copies`` (so a new method brings its own target)."""
+    from benchmarks.contenders import memory_contenders
+    from flatminima.registry import METHODS
+
+    return {
+        c.key: METHODS[c.method].build_fn.memory_copies  # type: ignore[union-attr]
+        for c in memory_contenders()
+        if c.kind == "flatminima"
+    }
+
+
+MEMORY_TARGETS = _memory_targets()
 MEMORY_TOLERANCE = 0.05
 """Parameter copies allowed above a memory target: BatchNorm running statistics saved around
 the perturbed pass (0.006 P on ResNet-20) and per-tensor norm scalars are not weight copies."""

@@ -56,6 +56,10 @@ class MethodRecord:
     """The configurations run in lockstep with the reference."""
     extras: Callable[[], dict[str, Any]] = dict
     """Constructor arguments that are not hyperparameters (a seeded generator)."""
+    compiles_without_recompiling: bool = True
+    """Whether ``torch.compile`` of its step keeps one graph across steps (a method whose
+    arithmetic depends on Python numbers that change every step, such as Tilted SAM's
+    loss-based weights, recompiles)."""
 
     @property
     def id(self) -> str:
@@ -144,6 +148,7 @@ RECORDS = [
         manual_two_pass=False,
         starts_at_weights=False,
         memory_copies=2.0,
+        compiles_without_recompiling=False,
         reference=lambda: functools.partial(
             loops.tilted_sam_step, generator=torch.Generator().manual_seed(4)
         ),

@@ -14,6 +14,9 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
+import torch
+from torch import Tensor
+
 from flatminima import kernels
 from flatminima.groups import GroupView, all_grads
 
@@ -38,6 +41,18 @@ def _zero_all(views: list[GroupView], *, foreach: bool) -> None:
     kernels.zero_(all_grads(views), foreach=foreach)
 
 
+def _scale_to_radius_(
+    views: list[GroupView], norm: float, norm_tensor: Tensor, xi: float, *, foreach: bool
+) -> None:
+    """d ← ρ·d/(D + ξ) in every view, with the view's group's ρ and the global normaliser D
+    (a float in eager mode, a traced tensor under ``torch.compile``: see
+    :func:`kernels.traced_factor`)."""
+    for view in views:
+        rho = float(view.hyperparameters["rho"])
+        factor = kernels.traced_factor(rho, norm + xi, norm_tensor + xi)
+        kernels.scale_(view.grads, factor, foreach=foreach)
+
+
 class EuclideanBall:
     """ε = ρ·d / (‖d‖ + ξ): SAM's ball, M = I (Foret et al. 2021, eq. 2).
 
@@ -46,13 +61,11 @@ class EuclideanBall:
     """
 
     def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
-        norm = kernels.global_norm(all_grads(views), foreach=foreach)
+        norm, norm_tensor = kernels.norm_and_tensor(all_grads(views), foreach=foreach)
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
-        for view in views:
-            scale = float(view.hyperparameters["rho"]) / (norm + GRADIENT_NORM_EPSILON)
-            kernels.scale_(view.grads, scale, foreach=foreach)
+        _scale_to_radius_(views, norm, norm_tensor, GRADIENT_NORM_EPSILON, foreach=foreach)
 
 
 class MongeBall:
@@ -65,13 +78,17 @@ class MongeBall:
     """
 
     def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
-        norm = kernels.global_norm(all_grads(views), foreach=foreach)
+        norm, norm_tensor = kernels.norm_and_tensor(all_grads(views), foreach=foreach)
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
         shrink = math.sqrt(1.0 + norm * norm)
         for view in views:
-            scale = float(view.hyperparameters["rho"]) / ((norm + GRADIENT_NORM_EPSILON) * shrink)
+            scale = kernels.traced_factor(
+                float(view.hyperparameters["rho"]),
+                (norm + GRADIENT_NORM_EPSILON) * shrink,
+                (norm_tensor + GRADIENT_NORM_EPSILON) * (1.0 + norm_tensor.square()).sqrt(),
+            )
             kernels.scale_(view.grads, scale, foreach=foreach)
 
 
@@ -93,44 +110,35 @@ class AdaptiveEllipsoid:
             kernels.add_scalar_(scale, float(view.hyperparameters["eta"]), foreach=foreach)
             kernels.mul_(view.grads, scale, foreach=foreach)  # T d
             scales.append(scale)
-        norm = kernels.global_norm(all_grads(views), foreach=foreach)
+        norm, norm_tensor = kernels.norm_and_tensor(all_grads(views), foreach=foreach)
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
         for view, scale in zip(views, scales, strict=True):
             kernels.mul_(view.grads, scale, foreach=foreach)  # T² d
-            kernels.scale_(
-                view.grads,
-                float(view.hyperparameters["rho"]) / (norm + ASAM_NORM_EPSILON),
-                foreach=foreach,
-            )
+        _scale_to_radius_(views, norm, norm_tensor, ASAM_NORM_EPSILON, foreach=foreach)
 
 
 class FisherEllipsoid:
     """ε = ρ·F⁻¹d / (√(dᵀF⁻¹d) + ξ) with the diagonal Fisher F = 1 + η·g⊙g (Kim et al. 2022).
 
     The radius the paper calls γ is ``rho``; ``eta`` scales the empirical Fisher of the current
-    minibatch gradient. Two sweeps over the gradients (spec §4.3): the first sums
-    gᵀF⁻¹g = Σ g²/(1 + ηg²), the second writes ε = ρ·(g/f)/D in place; neither keeps f, so no
-    scratch buffer is needed. η and ρ are read per group, D is global. Not invariant to the loss
-    scale: unscale AMP gradients before the first step.
+    minibatch gradient. One sweep over the gradients (spec §4.3) turns each g into F⁻¹g and
+    sums gᵀF⁻¹g; a scale by ρ/D then makes ε. f is never stored, so no scratch is needed. η
+    and ρ are read per group, D is global. Not invariant to the loss scale: unscale AMP
+    gradients before the first step.
     """
 
     def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
         quadratic = sum(
-            kernels.fisher_quadratic(
+            kernels.fisher_precondition_(
                 view.grads, float(view.hyperparameters["eta"]), foreach=foreach
             )
             for view in views
         )
-        norm = math.sqrt(quadratic) if quadratic >= 0.0 else math.nan  # √(gᵀF⁻¹g)
+        norm_tensor = torch.as_tensor(quadratic, dtype=torch.float64).sqrt()  # √(gᵀF⁻¹g)
+        norm = float(norm_tensor)
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
-        for view in views:
-            kernels.fisher_scale_(
-                view.grads,
-                float(view.hyperparameters["eta"]),
-                float(view.hyperparameters["rho"]) / (norm + GRADIENT_NORM_EPSILON),
-                foreach=foreach,
-            )
+        _scale_to_radius_(views, norm, norm_tensor, GRADIENT_NORM_EPSILON, foreach=foreach)

@@ -27,7 +27,7 @@ class MethodSpec:
     hyperparameters: Mapping[str, Any] = field(default_factory=dict)
     """Accepted hyperparameters and their defaults (the authors' published defaults)."""
     build_fn: Callable[..., torch.optim.Optimizer] | None = None
-    passes_fn: Callable[[Hyperparameters], int] | None = None
+    passes_fn: Callable[[Hyperparameters, int], int] | None = None
 
     def resolved(self, overrides: Hyperparameters | None = None) -> dict[str, Any]:
         """Defaults updated with ``overrides``; an unknown name raises ``ValueError``."""
@@ -41,11 +41,26 @@ class MethodSpec:
             )
         return {**self.hyperparameters, **overrides}
 
-    def passes_per_step(self, overrides: Hyperparameters | None = None) -> int:
-        """Forward/backward passes one optimizer step costs with these hyperparameters."""
+    def passes_per_step(self, overrides: Hyperparameters | None = None, step: int = 0) -> int:
+        """Forward/backward passes step number ``step`` (from 0) costs with these
+        hyperparameters."""
         if self.passes_fn is None:
             return 1
-        return self.passes_fn(self.resolved(overrides))
+        return self.passes_fn(self.resolved(overrides), step)
+
+    def cycle(self, overrides: Hyperparameters | None = None, horizon: int = 64) -> int:
+        """The period of the method's pass pattern (LookSAM's k; 1 for most methods): the
+        smallest p with passes(step) = passes(step + p) over the first ``horizon`` steps."""
+        pattern = [self.passes_per_step(overrides, step) for step in range(horizon)]
+        for period in range(1, horizon // 2 + 1):
+            if all(pattern[i] == pattern[i + period] for i in range(horizon - period)):
+                return period
+        return horizon
+
+    def mean_passes_per_step(self, overrides: Hyperparameters | None = None) -> float:
+        """Passes per step averaged over one cycle (1 + 1/k for LookSAM)."""
+        period = self.cycle(overrides)
+        return sum(self.passes_per_step(overrides, step) for step in range(period)) / period
 
     def build(
         self,
@@ -85,6 +100,22 @@ METHODS: dict[str, MethodSpec] = {
     ),
     **{name: _spec_for(name, cls) for name, cls in methods.BY_NAME.items()},
 }
+
+
+def start_epoch(
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    *,
+    model: torch.nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
+    batches: Callable[[], Any],
+) -> None:
+    """The per-epoch hook a training loop calls before each epoch, whatever the method: it
+    lets methods that learn from data outside the step (Sparse SAM's Fisher mask) do so, and
+    does nothing for the others and for the bare base optimizer."""
+    start = getattr(optimizer, "start_epoch", None)
+    if start is not None:
+        start(epoch, model=model, loss_fn=loss_fn, batches=batches)
 
 
 def get_method(name: str) -> MethodSpec:

@@ -228,9 +228,9 @@ def _batchnorm(record: MethodRecord, rank: int) -> dict[str, Any]:
 
 
 # Every public function of kernels.py, called on lists of tensors: (call, exact). ``call``
-# gets the lists and ``foreach`` and returns what the kernel returns; the lists' contents
-# after the call are compared too. ``exact``: entry-wise kernels must give the unsharded
-# entries bit for bit; sums may differ in the order of their terms.
+# gets the lists and ``foreach`` and returns what the kernel returns. The lists' contents after
+# the call must equal the unsharded ones bit for bit (entry-wise work on the same entries);
+# the returned value too when ``exact``, else to rounding (sums in another order).
 KERNEL_CASES: dict[str, tuple[Callable[[list[list[torch.Tensor]], bool], Any], bool]] = {
     "squared_norm": (lambda ls, f: kernels.squared_norm(ls[0], foreach=f), False),
     "global_norm": (lambda ls, f: kernels.global_norm(ls[0], foreach=f), False),
@@ -252,15 +252,18 @@ KERNEL_CASES: dict[str, tuple[Callable[[list[list[torch.Tensor]], bool], Any], b
         True,
     ),
     "empty_like": (lambda ls, f: [tuple(t.shape) for t in kernels.empty_like(ls[0])], True),
-    "fisher_quadratic": (lambda ls, f: kernels.fisher_quadratic(ls[0], 0.5, foreach=f), False),
-    "fisher_scale_": (lambda ls, f: kernels.fisher_scale_(ls[0], 0.5, 0.3, foreach=f), True),
+    "norm_and_tensor": (lambda ls, f: list(kernels.norm_and_tensor(ls[0], foreach=f)), False),
+    "fisher_precondition_": (
+        lambda ls, f: kernels.fisher_precondition_(ls[0], 0.5, foreach=f),
+        False,
+    ),
     "friendly_direction_": (
         lambda ls, f: kernels.friendly_direction_(ls[0], ls[1], 0.8, 0.6, foreach=f),
         True,
     ),
 }
 
-NOT_KERNELS = {"accumulation_dtype", "group_by_device_and_dtype"}
+NOT_KERNELS = {"accumulation_dtype", "group_by_device_and_dtype", "traced_factor"}
 """Public helpers of kernels.py that take no tensor lists (nothing to shard)."""
 
 SHAPES = [(5, 3), (1,), (4,), (2, 2), (3,), (600, 300)]
@@ -318,7 +321,7 @@ def _kernels(mesh: Any) -> dict[str, float]:
                 got = call(sharded, foreach)
                 difference = _compare(got, want, exact)
                 for got_list, want_list in zip(sharded, whole, strict=True):
-                    difference = max(difference, _compare(got_list, want_list, exact))
+                    difference = max(difference, _compare(got_list, want_list, exact=True))
                 out[f"{layout}: {name}[foreach={foreach}]"] = difference
     # The overflow-safe norm: float32 entries whose squares overflow, on shards.
     huge = [torch.full(s, 3e30, dtype=torch.float32) for s in SHAPES]

@@ -63,3 +63,8 @@ def test_each_declared_check_refuses_a_bad_value_with_the_argument_named(record)
     for row in record.cls.declaration:
         with pytest.raises(ValueError, match=rf"^{row.name} must be"):
             row.check(row.name, "bad")
+
+
+@by_record
+def test_declared_memory_is_the_records(record):
+    assert record.cls.memory_copies == record.memory_copies

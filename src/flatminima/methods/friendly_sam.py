@@ -49,6 +49,7 @@ class FriendlySAM(SharpnessAwareOptimizer):
     paper = "Li et al., CVPR 2024"
     passes_text = "2"
     extra_memory = "2 P (EMA + backup)"
+    memory_copies = 2.0
 
     declaration = (
         hp.Hyperparameter(

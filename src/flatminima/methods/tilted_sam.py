@@ -42,7 +42,9 @@ class TiltedSAM(SharpnessAwareOptimizer):
     only (the released code draws for every parameter in the groups, frozen ones too). The
     bare base optimizer is ``rho=0, radius=0, num_samples=1`` (with s > 1 the equal-weight
     mean of s equal gradients may differ from the gradient in the last bit). The manual
-    two-pass form is not available: each pass's loss is needed.
+    two-pass form is not available: each pass's loss is needed. Under ``torch.compile`` the
+    step recompiles as the losses change (they weigh the gradients as Python numbers):
+    compile the model, not this optimizer's step.
 
     {hyperparameters}
 
@@ -74,6 +76,7 @@ class TiltedSAM(SharpnessAwareOptimizer):
     paper = "Li, Zhou & Bilmes, ICML 2025"
     passes_text = "2·`num_samples`"
     extra_memory = "2 P, whatever `num_samples`"
+    memory_copies = 2.0
 
     manual_two_pass = False  # 2·s passes, and each perturbed pass's loss is needed
 
