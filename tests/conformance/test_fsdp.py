@@ -67,12 +67,13 @@ def _model(*, batchnorm: bool = False) -> nn.Module:
     return nn.Sequential(*layers).double()
 
 
-def _shard(model: nn.Module) -> nn.Module:
-    """``fully_shard`` on every Linear, then on the root (its own parameter group)."""
+def _shard(model: nn.Module, mesh: Any = None) -> nn.Module:
+    """``fully_shard`` on every Linear, then on the root (its own parameter group); on ``mesh``
+    when given (a 2-D mesh is hybrid sharding: replicated along its first dimension)."""
     for module in model:
         if isinstance(module, nn.Linear):
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -102,13 +103,26 @@ def _full(param: torch.Tensor) -> torch.Tensor:
 
 # -- what each process runs ---------------------------------------------------------------------
 
-SETTINGS = (("sgd", None, "closure"), ("adamw", False, "evaluations"), ("sgd", True, "manual"))
-"""(base optimizer, foreach, form): SGD with momentum and weight decay and AdamW; the default
-(foreach) and the per-tensor path; ``step(closure)``, ``evaluations()`` and, for methods whose
-record allows it, ``first_step()`` / ``second_step()``."""
+MESHES = {"fsdp": (WORLD_SIZE,), "hsdp 2x1": (WORLD_SIZE, 1), "hsdp 1x2": (1, WORLD_SIZE)}
+"""Device meshes by name: plain FSDP, and hybrid sharding replicated over both processes (each
+holds whole tensors, norms must not be summed over the replicas) or sharded over both (the
+shards along the mesh's second dimension)."""
+
+Setting = tuple[str, Any, str, str]
+
+SETTINGS: tuple[Setting, ...] = (
+    ("sgd", None, "closure", "fsdp"),
+    ("adamw", False, "evaluations", "fsdp"),
+    ("sgd", True, "manual", "fsdp"),
+    ("sgd", None, "closure", "hsdp 2x1"),
+    ("sgd", None, "closure", "hsdp 1x2"),
+)
+"""(base optimizer, foreach, form, mesh): SGD with momentum and weight decay and AdamW; the
+default (foreach) and the per-tensor path; ``step(closure)``, ``evaluations()`` and, for
+methods whose record allows it, ``first_step()`` / ``second_step()``; FSDP and HSDP."""
 
 
-def _settings(record: MethodRecord) -> list[tuple[str, Any, str]]:
+def _settings(record: MethodRecord) -> list[Setting]:
     return [s for s in SETTINGS if s[2] != "manual" or record.manual_two_pass]
 
 
@@ -127,17 +141,19 @@ def _sharded_step(optimizer: Any, form: str, closure: Callable[[], torch.Tensor]
         optimizer.second_step()
 
 
-def _trajectory(record: MethodRecord, configuration: str, setting: tuple[str, Any, str], rank: int):
+def _trajectory(
+    record: MethodRecord, configuration: str, setting: Setting, meshes: dict[str, Any], rank: int
+) -> dict[str, Any]:
     """The largest |sharded − unsharded| parameter entry over the steps, and how far the
     unsharded run moved from the initial weights (so that agreement is not trivial)."""
     hyperparameters = record.configurations[configuration]
-    base, foreach, form = setting
+    base, foreach, form, mesh = setting
     whole = _model()
     initial = [p.detach().clone() for p in whole.parameters()]
     reference = record.cls(
         make_base(base, whole.parameters()), **hyperparameters, **record.extras(), foreach=foreach
     )
-    sharded = _shard(_model())
+    sharded = _shard(_model(), meshes[mesh])
     optimizer = record.cls(
         make_base(base, sharded.parameters()),
         **hyperparameters,
@@ -388,14 +404,20 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        meshes = {
+            name: init_device_mesh("cpu", shape, mesh_dim_names=("dp", "shard")[-len(shape) :])
+            for name, shape in MESHES.items()
+        }
+        mesh = meshes["fsdp"]
         results: dict[str, Any] = {"trajectories": {}, "batchnorm": {}}
         for record in RECORDS:
             for configuration in record.configurations:
                 for setting in _settings(record):
                     key = f"{record.id}/{configuration}/{'/'.join(map(str, setting))}"
                     results["trajectories"][key] = _guarded(
-                        lambda r=record, c=configuration, s=setting: _trajectory(r, c, s, rank)
+                        lambda r=record, c=configuration, s=setting: _trajectory(
+                            r, c, s, meshes, rank
+                        )
                     )
             results["batchnorm"][record.id] = _guarded(lambda r=record: _batchnorm(r, rank))
         results["sgd_step"] = _collectives_of_one_sgd_step(rank)
@@ -435,6 +457,8 @@ def test_sharded_trajectory_equals_the_unsharded_whole_batch_one(results, record
             assert run["difference"] <= TRAJECTORY_TOLERANCE, (
                 f"rank {rank}, {key}: sharded and unsharded differ by {run['difference']:.3g}"
             )
+            if not key.endswith("/fsdp"):
+                continue  # HSDP all-reduces gradients over its replicas itself
             # What the library adds to FSDP's own communication: scalars (norms, losses).
             assert run.get("all_reduce", 0) > 0, f"{key}: no global norm was taken"
             assert run["largest_all_reduce"] == 1, f"{key}: {run}"
