@@ -11,6 +11,7 @@ spawn of two processes runs everything here, for every method record:
 * communication: every pass of every method is one FSDP pass (its gathers and reduce-scatters),
   and the library adds one-element all-reduces only (norms, dot products, losses);
 * BatchNorm with ``model=`` an FSDP module: running statistics updated by exactly one pass;
+* checkpoints: a ``state_dict()`` of DTensors resumes bit for bit;
 * every kernel on DTensors (uneven shards, an empty shard, a source laid out differently,
   the overflow-safe norm) against the same kernel on the whole tensors;
 * refusals: FSDP1, DTensors mixed with plain tensors, pending (Partial) reductions.
@@ -19,6 +20,7 @@ spawn of two processes runs everything here, for every method record:
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import inspect
 import math
@@ -223,6 +225,36 @@ def _collectives_recorded(record: dict[str, list[int]]) -> Iterator[None]:
             setattr(dist, name, original)
 
 
+def _resumed(record: MethodRecord, rank: int) -> float:
+    """Two steps, ``state_dict()`` (DTensors in it), a fresh optimizer on a copy of the sharded
+    weights loads it, two more steps on both: the largest difference (0 when bit for bit)."""
+
+    def build(model: nn.Module) -> Any:
+        base = make_base("sgd", model.parameters())
+        return record.cls(base, **record.typical, **record.extras(), model=model)
+
+    half = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+    batches = _batches()
+    model = _shard(_model())
+    optimizer = build(model)
+    for x, y in batches[:2]:
+        optimizer.step(_closure(model, x[half], y[half]))
+    saved = copy.deepcopy(optimizer.state_dict())
+    twin = _shard(_model())
+    with torch.no_grad():
+        for mine, theirs in zip(twin.parameters(), model.parameters(), strict=True):
+            mine.copy_(theirs)
+    resumed = build(twin)
+    resumed.load_state_dict(saved)
+    for x, y in batches[2:]:
+        optimizer.step(_closure(model, x[half], y[half]))
+        resumed.step(_closure(twin, x[half], y[half]))
+    return max(
+        float((_full(a) - _full(b)).abs().max())
+        for a, b in zip(twin.parameters(), model.parameters(), strict=True)
+    )
+
+
 def _batchnorm(record: MethodRecord, rank: int) -> dict[str, Any]:
     """One step with ``model=`` the sharded model: BatchNorm's buffers after it."""
     model = _shard(_model(batchnorm=True))
@@ -409,7 +441,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             for name, shape in MESHES.items()
         }
         mesh = meshes["fsdp"]
-        results: dict[str, Any] = {"trajectories": {}, "batchnorm": {}}
+        results: dict[str, Any] = {"trajectories": {}, "batchnorm": {}, "resumed": {}}
         for record in RECORDS:
             for configuration in record.configurations:
                 for setting in _settings(record):
@@ -420,6 +452,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                         )
                     )
             results["batchnorm"][record.id] = _guarded(lambda r=record: _batchnorm(r, rank))
+            results["resumed"][record.id] = _guarded(lambda r=record: _resumed(r, rank))
         results["sgd_step"] = _collectives_of_one_sgd_step(rank)
         results["kernels"] = _guarded(lambda: _kernels(mesh))
         results["refusals"] = _guarded(lambda: _refusals(mesh))
@@ -475,6 +508,13 @@ def test_batchnorm_statistics_updated_once_under_fsdp(results, record):
         assert run["batches_tracked"] == 1
         if record.starts_at_weights:  # the statistics pass is at the weights themselves
             assert run["running_mean"] < 1e-12 and run["running_var"] < 1e-12, run
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda record: record.id)
+def test_state_dict_round_trip_continues_bitwise_under_fsdp(results, record):
+    for rank, result in enumerate(results):
+        difference = result["resumed"][record.id]
+        assert difference == 0.0, f"rank {rank}:\n{difference}"
 
 
 def test_every_kernel_gives_the_unsharded_result_on_dtensors(results):
