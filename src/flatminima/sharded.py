@@ -251,7 +251,7 @@ def _local_arguments(args: Sequence[Any]) -> tuple[list[Any], Moved]:
         _check_layouts(argument)
         locals_ = []
         for source, target in zip(argument, targets, strict=True):
-            if source.device_mesh == target.device_mesh and source.placements == target.placements:
+            if _same_layout(source, target):
                 locals_.append(source.to_local())  # a view: in-place changes reach the source
             else:
                 local = source.redistribute(target.device_mesh, target.placements).to_local()
@@ -259,6 +259,13 @@ def _local_arguments(args: Sequence[Any]) -> tuple[list[Any], Moved]:
                 locals_.append(local)
         converted.append(locals_)
     return converted, moved
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same mesh and placements (the mesh object is shared in practice: identity first)."""
+    return (a.device_mesh is b.device_mesh or a.device_mesh == b.device_mesh) and (
+        a.placements == b.placements
+    )
 
 
 def _write_back(moved: Moved) -> None:
