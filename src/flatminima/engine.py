@@ -128,6 +128,17 @@ class Evaluations:
         self._generator.close()  # runs the engine's restore if the loop did not finish
 
 
+def _wrap_an_instance(method: str, given: Any) -> str:
+    """The error for anything but an optimizer instance, saying how to write the call (the
+    popular ports take ``SAM(params, torch.optim.SGD, rho=..., lr=...)``)."""
+    what = given.__name__ if isinstance(given, type) else type(given).__name__
+    return (
+        f"base_optimizer must be a torch.optim.Optimizer instance, got {what}; write "
+        f"{method}(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05), "
+        f"not {method}(model.parameters(), torch.optim.SGD, rho=..., lr=...)"
+    )
+
+
 class SharpnessAwareOptimizer(torch.optim.Optimizer):
     """A base optimizer wrapped with a sharpness-aware step.
 
@@ -184,6 +195,17 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             cls.hyperparameter_defaults = hp.defaults_of(cls.declaration)
             cls.__doc__ = _with_symbol_table(cls.__doc__, cls.declaration)
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> SharpnessAwareOptimizer:
+        # SAM(params, torch.optim.SGD, rho=..., lr=...) fails in __init__'s signature (an
+        # "unexpected keyword argument 'lr'") before any check could name the fix.
+        if (
+            len(args) > 1
+            and isinstance(args[1], type)
+            and issubclass(args[1], torch.optim.Optimizer)
+        ):
+            raise TypeError(_wrap_an_instance(cls.__name__, args[0]))
+        return super().__new__(cls)
+
     def __init__(
         self,
         base_optimizer: torch.optim.Optimizer,
@@ -194,7 +216,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         model: nn.Module | None = None,
         foreach: bool | None = None,
     ) -> None:
-        _check_base_optimizer(base_optimizer, type(self).__name__)
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(_wrap_an_instance(type(self).__name__, base_optimizer))
+        if isinstance(base_optimizer, SharpnessAwareOptimizer):
+            raise TypeError("base_optimizer is already sharpness-aware; wrap a plain optimizer")
         clashes = sorted(set(hyperparameters) & set(base_optimizer.defaults))
         if clashes:
             raise ValueError(
@@ -655,24 +680,6 @@ def _takes_an_argument(closure: Callable[..., Any]) -> bool:
         ):
             return True
     return False
-
-
-def _check_base_optimizer(base_optimizer: Any, method: str) -> None:
-    if isinstance(base_optimizer, SharpnessAwareOptimizer):
-        raise TypeError("base_optimizer is already sharpness-aware; wrap a plain optimizer")
-    if isinstance(base_optimizer, torch.optim.Optimizer):
-        return
-    if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"base_optimizer must be an optimizer instance, got the class "
-            f"{base_optimizer.__name__}; write {method}({base_optimizer.__name__}"
-            f"(model.parameters(), lr=...), rho=...)"
-        )
-    raise TypeError(
-        f"base_optimizer must be a torch.optim.Optimizer instance, got "
-        f"{type(base_optimizer).__name__}; write {method}(torch.optim.SGD(model.parameters(), "
-        "lr=...), rho=...) — the parameters go to the base optimizer"
-    )
 
 
 def _with_symbol_table(doc: str | None, declaration: hp.Declaration) -> str | None:

@@ -68,7 +68,7 @@ class MethodSpec:
         model: torch.nn.Module | None = None,
         **overrides: Any,
     ) -> torch.optim.Optimizer:
-        """The method wrapped around ``base_optimizer`` (the base optimizer itself for ``sgd``)."""
+        """The method wrapped around ``base_optimizer`` (the base optimizer itself for ``base``)."""
         hyperparameters = self.resolved(overrides)
         if self.build_fn is None:
             return base_optimizer
@@ -91,8 +91,11 @@ def _spec_for(name: str, cls: type) -> MethodSpec:
     )
 
 
-BASE_OPTIMIZER = "sgd"
+BASE_OPTIMIZER = "base"
 """The name of the baseline: the base optimizer alone (SGD with momentum or AdamW)."""
+
+OLD_NAMES = {"sgd": BASE_OPTIMIZER}
+"""Names earlier versions gave a method, accepted and read as today's (databases keep them)."""
 
 METHODS: dict[str, MethodSpec] = {
     BASE_OPTIMIZER: MethodSpec(
@@ -121,9 +124,14 @@ def start_epoch(
 def get_method(name: str) -> MethodSpec:
     """The spec registered under ``name``; ``ValueError`` lists the accepted names."""
     try:
-        return METHODS[name]
+        return METHODS[canonical_method_name(name)]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}") from None
+
+
+def canonical_method_name(name: str) -> str:
+    """Today's name of a method, given it or an old one (``sgd`` is ``base``)."""
+    return OLD_NAMES.get(name, name)
 
 
 def method_names() -> list[str]:

@@ -8,22 +8,18 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import matplotlib.axes
 import matplotlib.image
 import numpy as np
 import pytest
 from scipy import stats
 
 from flatminima.experiments.config import make_run_config
-from flatminima.experiments.report import (
-    TABLE_HEADERS,
-    Interval,
-    summarize,
-    table_rows,
-    write_report,
-)
+from flatminima.experiments.report import write_report
 from flatminima.experiments.runner import run_grid
+from flatminima.experiments.statistics import Interval
 from flatminima.experiments.store import Store
+from flatminima.experiments.summary import summarize
+from flatminima.experiments.tables import TABLE_HEADERS, table_rows
 from flatminima.registry import BASE_OPTIMIZER
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -32,13 +28,13 @@ SEEDS = (0, 1, 2)
 
 @pytest.fixture(scope="module")
 def swept_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """sgd, SAM at two radii and Fisher SAM at one, three seeds, on the tiny setting."""
+    """The base optimizer, SAM at two radii and Fisher SAM at one, three seeds, tiny setting."""
     db_path = tmp_path_factory.mktemp("report") / "runs.db"
     tiny = {
         "dataset": "mnist1d", "model": "cnn1d", "epochs": 2, "batch_size": 64,
         "train_size": 256, "label_noise": 0.4,
     }  # fmt: skip
-    arms = [("sgd", {}), ("sam", {"rho": 0.05}), ("sam", {"rho": 0.2}), ("fisher-sam", {})]
+    arms = [("base", {}), ("sam", {"rho": 0.05}), ("sam", {"rho": 0.2}), ("fisher-sam", {})]
     configs = [
         make_run_config(method=method, hyperparameters=hyperparameters, seed=seed, **tiny)
         for seed in SEEDS
@@ -68,13 +64,14 @@ def test_report_numbers_equal_the_database(swept_db: Path) -> None:
         [setting] = summarize(store)
     assert len(setting.arms) == len(from_sql) == 4
     # Registry order, numeric order within a sweep, the swept value in the label.
+    # Registry order, numeric order within a sweep; every label shows the radius ρ.
     assert [arm.label for arm in setting.arms] == [
-        "sgd",
-        "sam rho=0.05",
-        "sam rho=0.2",
-        "fisher-sam",
+        "base",
+        "sam ρ=0.05",
+        "sam ρ=0.2",
+        "fisher-sam ρ=0.1",
     ]
-    sgd = from_sql[("sgd", "{}")]
+    base = from_sql[("base", "{}")]
     for arm in setting.arms:
         stored = json.dumps(arm.hyperparameters, sort_keys=True, separators=(",", ":"))
         values = from_sql[(arm.method, stored)]
@@ -87,10 +84,10 @@ def test_report_numbers_equal_the_database(swept_db: Path) -> None:
                 0.95, len(accuracies) - 1, loc=np.mean(accuracies), scale=stats.sem(accuracies)
             )
             assert (arm.accuracy.low, arm.accuracy.high) == pytest.approx(expected, abs=1e-12)
-        if arm.method == "sgd":
+        if arm.method == "base":
             assert arm.versus_base is None and arm.passes_ratio == 1.0
             continue
-        differences = [values[seed] - sgd[seed] for seed in SEEDS]
+        differences = [values[seed] - base[seed] for seed in SEEDS]
         assert arm.versus_base.mean == pytest.approx(np.mean(differences), abs=1e-12)
         assert arm.passes_ratio == 2.0
         # SAM is the reference itself; Fisher SAM (ρ = 0.1 by default) has no SAM arm at its
@@ -112,7 +109,12 @@ def test_report_writes_markdown_with_the_table_and_valid_pngs(
         if arm.versus_base is not None:
             assert f"{100 * arm.versus_base.mean:+.2f} [" in markdown
     names = {path.name for path in report.plots}
-    assert names == {"test_accuracy_curves.png", "final_accuracy.png", "accuracy_vs_rho.png"}
+    assert names == {
+        "curves.png",
+        "final_accuracy.png",
+        "accuracy_vs_cost.png",
+        "accuracy_vs_rho.png",
+    }
     for path in report.plots:
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         image = matplotlib.image.imread(path)
@@ -173,7 +175,7 @@ def _record_run(
     test accuracy ``accuracy`` at every epoch (up to ``diverged_at_epoch`` when it diverged,
     its passes and time then covering only those epochs)."""
     config = make_run_config(method=method, hyperparameters=hyperparameters, seed=seed, **training)
-    passes_per_step = 1 if method == "sgd" else 2
+    passes_per_step = 1 if method == "base" else 2
     run_id = store.claim(config.config_hash, config.to_dict(), {}, passes_per_step)
     assert run_id is not None
     if error is not None:
@@ -215,33 +217,35 @@ def test_a_method_whose_runs_all_failed_keeps_a_row(
 ) -> None:
     with Store(db_path) as store:
         for seed in SEEDS:
-            _record_run(store, tiny, method="sgd", seed=seed, accuracy=0.5)
+            _record_run(store, tiny, method="base", seed=seed, accuracy=0.5)
             _record_run(store, tiny, method="sam", seed=seed, error=f"RuntimeError: boom {seed}")
             failed = {"error": "ValueError: bad\nTraceback line"} if seed == 1 else {}
             _record_run(store, tiny, method="asam", seed=seed, accuracy=0.625, **failed)
     report = write_report(db_path, tmp_path / "out")
     [setting] = report.settings
-    assert [arm.label for arm in setting.arms] == ["sgd", "sam", "asam"]
+    assert [arm.label for arm in setting.arms] == ["base", "sam ρ=0.05", "asam ρ=0.5"]
     markdown = report.markdown_path.read_text()
 
-    sam = _table_cells(markdown, "sam")
+    sam = _table_cells(markdown, "sam ρ=0.05")
     assert sam["seeds"] == "0 of 3"
     assert sam["test acc. % (mean ± std)"] == "all 3 runs failed"
     assert sam["95% CI"] == sam["passes ×"] == "—"
     assert "sam" in report.text and "all 3 runs failed" in report.text
-    # Failed runs are in no statistic: asam is paired with sgd over its two finished seeds.
-    asam = _table_cells(markdown, "asam")
+    # Failed runs are in no statistic: asam is paired with base over its two finished seeds.
+    asam = _table_cells(markdown, "asam ρ=0.5")
     assert asam["seeds"] == "2 of 3" and asam["notes"] == "1 of 3 seeds failed"
     assert asam["test acc. % (mean ± std)"] == "62.50 ± 0.00"
     assert asam[f"Δ vs {BASE_OPTIMIZER} (pts, 95% CI)"] == "+12.50 [+12.50, +12.50] (n=2)"
-    assert _table_cells(markdown, "sgd")["seeds"] == "3"
+    assert _table_cells(markdown, "base")["seeds"] == "3"
     # Each failure listed with its error's first line.
-    assert "- sam, seed 0: RuntimeError: boom 0" in markdown
-    assert "- asam, seed 1: ValueError: bad\n" in markdown and "Traceback" not in markdown
+    assert "- sam ρ=0.05, seed 0: RuntimeError: boom 0" in markdown
+    assert "- asam ρ=0.5, seed 1: ValueError: bad\n" in markdown and "Traceback" not in markdown
     assert "Not in the statistics: 4 failed" in markdown
     # The plots draw only what finished (a failed arm has nothing to plot).
     names = {path.name for path in report.plots}
-    assert names == {"test_accuracy_curves.png", "final_accuracy.png"}
+    assert names == {"curves.png", "final_accuracy.png", "accuracy_vs_cost.png"}
+    cost = next(figure for figure in report.figures if figure.path.name == "accuracy_vs_cost.png")
+    assert cost.series["passes"]["labels"] == ["base", "asam ρ=0.5"]
 
 
 def test_a_setting_whose_runs_all_failed_is_shown_without_plots(
@@ -251,32 +255,23 @@ def test_a_setting_whose_runs_all_failed_is_shown_without_plots(
         _record_run(store, tiny, method="sam", seed=0, error="RuntimeError: out of memory")
     report = write_report(db_path, tmp_path / "out")
     assert len(report.settings) == 1 and report.plots == []
-    cells = _table_cells(report.markdown_path.read_text(), "sam")
+    cells = _table_cells(report.markdown_path.read_text(), "sam ρ=0.05")
     assert cells["seeds"] == "0 of 1" and cells["test acc. % (mean ± std)"] == "the run failed"
 
 
 def test_a_diverged_run_is_flagged_counted_in_the_mean_and_left_out_of_the_costs(
-    db_path: Path, tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    db_path: Path, tiny: dict[str, Any], tmp_path: Path
 ) -> None:
     training = {**tiny, "epochs": 6}
     with Store(db_path) as store:
         for seed in SEEDS:
-            _record_run(store, training, method="sgd", seed=seed, accuracy=0.5)
+            _record_run(store, training, method="base", seed=seed, accuracy=0.5)
             diverged = 4 if seed == 2 else None
             accuracy = 0.125 if diverged else 0.75
             _record_run(
                 store, training, method="sam", seed=seed, accuracy=accuracy,
                 diverged_at_epoch=diverged,
             )  # fmt: skip
-    drawn: list[tuple[int, str, str]] = []  # (epochs, line style, label) of each curve
-    plot = matplotlib.axes.Axes.plot
-
-    def recording_plot(self: Any, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
-        lines = plot(self, x, y, *args, **kwargs)
-        drawn.extend((len(x), line.get_linestyle(), line.get_label()) for line in lines)
-        return lines
-
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording_plot)
     report = write_report(db_path, tmp_path / "out")
     [setting] = report.settings
     sam = setting.arms_of("sam")[0]
@@ -285,35 +280,40 @@ def test_a_diverged_run_is_flagged_counted_in_the_mean_and_left_out_of_the_costs
     assert sam.accuracy.mean == pytest.approx((0.75 + 0.75 + 0.125) / 3, abs=1e-12)
     assert sam.versus_base.n == 3
     # Its cost covers 4 epochs of 6: the ratios come from the two full runs only (2 passes a
-    # step against sgd's 1, exactly), not (6 + 6 + 4) / 3 / 6 of that.
+    # step against base's 1, exactly), not (6 + 6 + 4) / 3 / 6 of that.
     assert sam.passes_ratio == 2.0 and sam.time_ratio == 2.0
     markdown = report.markdown_path.read_text()
-    notes = _table_cells(markdown, "sam")["notes"]
+    notes = _table_cells(markdown, "sam ρ=0.05")["notes"]
     assert notes.startswith("1 of 3 seeds diverged (seed 2 at epoch 4")
     assert "accuracy in the mean" in notes and "costs from the other 2" in notes
-    assert _table_cells(markdown, "sgd")["notes"] == ""
+    assert _table_cells(markdown, "base")["notes"] == ""
     assert "diverged" in report.text
     assert "counts in the mean" in markdown  # the notes explain what a diverged run means
-    # The diverged seed's curve is drawn apart, dotted, up to epoch 4; it does not cut the
-    # mean curve of the other two short.
-    # (The curves are the first figure drawn; the box plots draw lines after them.)
-    assert drawn[:2] == [(6, "-", "sgd, n=3"), (6, "-", "sam, n=2 (+1 diverged, dotted)")]
-    epochs, style, label = drawn[2]
-    assert (epochs, style) == (4, ":") and label.startswith("_")  # no legend entry of its own
+    # The diverged seed's curve is drawn apart, up to epoch 4; it does not cut the mean curve
+    # of the other two short.
+    curves = report.figures[0]
+    assert curves.path.name == "curves.png"
+    mean_curve = curves.series["test accuracy: sam ρ=0.05"]
+    assert mean_curve["seeds"] == [0, 1] and list(mean_curve["epoch"]) == [1, 2, 3, 4, 5, 6]
+    assert mean_curve["mean"] == pytest.approx([75.0] * 6)
+    alone = curves.series["test accuracy: sam ρ=0.05, diverged seed 2"]["values"]
+    assert list(alone) == pytest.approx([12.5] * 4)
+    # The final-accuracy figure draws it among the points, in the mean.
+    final = report.figures[1].series["test accuracy: sam ρ=0.05"]
+    assert list(final["values"]) == pytest.approx([75.0, 75.0, 12.5])
+    assert final["mean"] == pytest.approx(100 * sam.accuracy.mean)
 
 
 def test_an_arm_whose_runs_all_diverged_has_no_cost_ratio(
     db_path: Path, tiny: dict[str, Any], tmp_path: Path
 ) -> None:
     with Store(db_path) as store:
-        _record_run(store, tiny, method="sgd", seed=0)
+        _record_run(store, tiny, method="base", seed=0)
         _record_run(store, tiny, method="sam", seed=0, accuracy=0.25, diverged_at_epoch=1)
     report = write_report(db_path, tmp_path / "out")
     [setting] = report.settings
-    assert {path.name for path in report.plots} == {
-        "test_accuracy_curves.png",
-        "final_accuracy.png",
-    }
+    # No cost ratio for sam: nothing to draw against cost.
+    assert {path.name for path in report.plots} == {"curves.png", "final_accuracy.png"}
     sam = setting.arms_of("sam")[0]
     assert math.isnan(sam.passes_ratio) and math.isnan(sam.time_ratio)
     assert sam.accuracy.mean == 0.25
@@ -322,7 +322,7 @@ def test_an_arm_whose_runs_all_diverged_has_no_cost_ratio(
 
 
 def test_accuracy_intervals_are_clipped_to_0_and_100_percent_in_table_and_plot(
-    db_path: Path, tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    db_path: Path, tiny: dict[str, Any], tmp_path: Path
 ) -> None:
     near_one = (1.0, 1.0, 0.96875)  # its t-interval reaches past 100%
     near_zero = (0.0, 0.0, 0.03125)  # and this one below 0%
@@ -337,14 +337,6 @@ def test_accuracy_intervals_are_clipped_to_0_and_100_percent_in_table_and_plot(
     raw_low = Interval.of(near_zero).low
     assert raw_high > 1 and raw_low < 0  # the case the clipping is for
 
-    drawn: list[tuple[np.ndarray, np.ndarray]] = []
-    errorbar = matplotlib.axes.Axes.errorbar
-
-    def recording_errorbar(self: Any, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
-        drawn.append((np.asarray(y, dtype=float), np.asarray(kwargs["yerr"], dtype=float)))
-        return errorbar(self, x, y, *args, **kwargs)
-
-    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", recording_errorbar)
     report = write_report(db_path, tmp_path / "out")
     [setting] = report.settings
     high_arm, low_arm = setting.arms
@@ -358,9 +350,11 @@ def test_accuracy_intervals_are_clipped_to_0_and_100_percent_in_table_and_plot(
     assert _table_cells(markdown, low_arm.label)["95% CI"].startswith("[0.00, ")
 
     # The ρ-sweep plot's error bars end at 100% and 0%, not past them.
-    [(means, (below, above))] = drawn
-    assert means + above == pytest.approx([100.0, 100 * low_arm.accuracy.high], abs=1e-9)
-    assert means - below == pytest.approx([100 * high_arm.accuracy.low, 0.0], abs=1e-9)
+    sweep = next(figure for figure in report.figures if figure.path.name == "accuracy_vs_rho.png")
+    [line] = [series for name, series in sweep.series.items() if name.startswith("sam")]
+    assert list(line["x"]) == [0.05, 0.1] and list(sweep.series["ticks"]["x"]) == [0.05, 0.1]
+    assert line["high"] == pytest.approx([100.0, 100 * low_arm.accuracy.high], abs=1e-9)
+    assert line["low"] == pytest.approx([100 * high_arm.accuracy.low, 0.0], abs=1e-9)
 
 
 def test_titles_name_every_training_field_that_differs_between_settings(
@@ -373,7 +367,7 @@ def test_titles_name_every_training_field_that_differs_between_settings(
             {"lr": 0.1, "weight_decay": 0.0},
             {"lr": 0.1, "optimizer": "adamw"},
         ):
-            _record_run(store, {**tiny, **training}, method="sgd", seed=0)
+            _record_run(store, {**tiny, **training}, method="base", seed=0)
     report = write_report(db_path, tmp_path / "out")
     titles = [setting.title for setting in report.settings]
     assert len(set(titles)) == len(titles) == 4
@@ -395,8 +389,8 @@ def test_a_single_setting_and_fields_the_headline_shows_add_no_subtitle(
     db_path: Path, tiny: dict[str, Any]
 ) -> None:
     with Store(db_path) as store:
-        _record_run(store, tiny, method="sgd", seed=0)
-        _record_run(store, {**tiny, "label_noise": 0.405}, method="sgd", seed=0)
+        _record_run(store, tiny, method="base", seed=0)
+        _record_run(store, {**tiny, "label_noise": 0.405}, method="base", seed=0)
         settings = summarize(store)
     assert [setting.subtitle for setting in settings] == ["", ""]
     # Label noise is printed with its every digit, so 40% and 40.5% do not read the same.
@@ -434,7 +428,7 @@ def test_writing_a_report_again_removes_its_stale_plots_only(
     assert (
         {path.name for path in directory.glob("*.png")}
         == {path.name for path in second.plots}
-        == {"test_accuracy_curves.png", "final_accuracy.png"}
+        == {"curves.png", "final_accuracy.png"}
     )
     assert not (directory / "landscape_1d.json").exists()
     assert "landscape_1d.json" not in second.markdown_path.read_text()
@@ -445,13 +439,13 @@ def test_writing_a_report_again_removes_its_stale_plots_only(
 def test_paired_differences_use_only_the_seeds_both_arms_ran(
     db_path: Path, tiny: dict[str, Any]
 ) -> None:
-    # sgd ran seeds 0, 1, 2; SAM only 0 and 2. Pairing by position would pair SAM's seed 2
-    # with sgd's seed 1; an unpaired difference would use sgd's seed 1 as well.
+    # base ran seeds 0, 1, 2; SAM only 0 and 2. Pairing by position would pair SAM's seed 2
+    # with base's seed 1; an unpaired difference would use base's seed 1 as well.
     sgd = {0: 0.5, 1: 0.25, 2: 0.75}
     sam = {0: 0.625, 2: 0.8125}
     with Store(db_path) as store:
         for seed, accuracy in sgd.items():
-            _record_run(store, tiny, method="sgd", seed=seed, accuracy=accuracy)
+            _record_run(store, tiny, method="base", seed=seed, accuracy=accuracy)
         for seed, accuracy in sam.items():
             _record_run(store, tiny, method="sam", seed=seed, accuracy=accuracy)
         [setting] = summarize(store)
@@ -471,12 +465,12 @@ def test_an_interval_with_zero_spread_has_the_mean_as_both_bounds(
     # paired difference at every seed.
     with Store(db_path) as store:
         for seed in SEEDS:
-            _record_run(store, tiny, method="sgd", seed=seed, accuracy=0.25 + 0.125 * seed)
+            _record_run(store, tiny, method="base", seed=seed, accuracy=0.25 + 0.125 * seed)
             _record_run(store, tiny, method="sam", seed=seed, accuracy=0.5 + 0.125 * seed)
             _record_run(store, tiny, method="asam", seed=seed, accuracy=0.75)
         [setting] = summarize(store)
     assert setting.arms_of("asam")[0].accuracy == Interval(0.75, 0.75, 0.75, 3)
     assert setting.arms_of("sam")[0].versus_base == Interval(0.25, 0.25, 0.25, 3)
     rows = {row[0]: row for row in table_rows(setting)}
-    assert rows["asam"][2:4] == ["75.00 ± 0.00", "[75.00, 75.00]"]
-    assert rows["sam"][4] == "+25.00 [+25.00, +25.00] (n=3)"
+    assert rows["asam ρ=0.5"][2:4] == ["75.00 ± 0.00", "[75.00, 75.00]"]
+    assert rows["sam ρ=0.05"][4] == "+25.00 [+25.00, +25.00] (n=3)"

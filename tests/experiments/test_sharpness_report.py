@@ -18,11 +18,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from flatminima.experiments.config import make_run_config
-from flatminima.experiments.report import sharpness_correlations, spearman, summarize, write_report
+from flatminima.experiments.config import RunConfig, make_run_config
+from flatminima.experiments.labels import arm_label
+from flatminima.experiments.report import write_report
 from flatminima.experiments.runner import run_grid
 from flatminima.experiments.sharpness_runs import SharpnessSettings, measure_runs
+from flatminima.experiments.statistics import spearman
 from flatminima.experiments.store import SCHEMA_VERSION, Store
+from flatminima.experiments.summary import sharpness_correlations, summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMALL = SharpnessSettings(examples=128, num_probes=2, max_iter=15)
@@ -35,12 +38,12 @@ SHOWN = ("hessian_top_eigenvalue", "hessian_trace", "worst_case_sharpness")
 
 @pytest.fixture(scope="module")
 def measured_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """sgd and SAM, three seeds each, every run measured with a landscape."""
+    """The base optimizer and SAM, three seeds each, every run measured with a landscape."""
     db_path = tmp_path_factory.mktemp("sharpness-report") / "runs.db"
     configs = [
         make_run_config(method=method, seed=seed, **TINY)
         for seed in (0, 1, 2)
-        for method in ("sgd", "sam")
+        for method in ("base", "sam")
     ]
     run_grid(configs, db_path, progress=False)
     measure_runs(db_path, SMALL, landscape=True, progress=False)
@@ -48,17 +51,19 @@ def measured_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _from_sql(db_path: Path) -> dict[str, list[dict[str, Any]]]:
-    """Each measured run's accuracy and sharpness by method, straight from SQL."""
+    """Each measured run's accuracy and sharpness by arm label (the method and its
+    hyperparameters, from SQL), in seed order."""
     with sqlite3.connect(db_path) as connection:
         connection.row_factory = sqlite3.Row
         rows = connection.execute(
-            "SELECT r.method, r.seed, r.final_test_accuracy, s.* FROM sharpness s "
+            "SELECT r.method, json_extract(r.config, '$.hyperparameters') AS hyperparameters, "
+            "r.seed, r.final_test_accuracy, s.* FROM sharpness s "
             "JOIN runs r ON r.id = s.run_id ORDER BY r.seed"
         ).fetchall()
-    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_arm: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        by_method[row["method"]].append(dict(row))
-    return by_method
+        by_arm[arm_label(row["method"], json.loads(row["hyperparameters"]))].append(dict(row))
+    return by_arm
 
 
 def _cells(markdown: str, heading: str, label: str) -> list[str]:
@@ -168,20 +173,40 @@ def test_plots_are_valid_pngs_and_the_landscape_numbers_are_the_databases(
     out = tmp_path / "out"
     report = write_report(measured_db, out)
     names = {path.name for path in report.plots}
-    assert {"accuracy_vs_top_eigenvalue.png", "landscape_1d.png"} <= names
+    assert {"accuracy_vs_sharpness.png", "landscape_1d.png"} <= names
     markdown = report.markdown_path.read_text()
     for path in report.plots:
         _valid_png(path)
         assert f"]({path.relative_to(out)})" in markdown
     [setting] = report.settings
+    by_arm = _from_sql(measured_db)
+    # The landscape numbers and figure: every seed of every arm, as stored.
     numbers = json.loads((out / setting.slug / "landscape_1d.json").read_text())
-    by_method = _from_sql(measured_db)
-    assert set(numbers) == set(by_method)
-    for method, line in numbers.items():
-        first_seed = json.loads(by_method[method][0]["landscape"])  # rows are in seed order
-        assert line["seed"] == 0
-        assert line["alphas"] == first_seed["alphas"] and line["losses"] == first_seed["losses"]
-        assert len(line["alphas"]) == 21 and min(line["losses"]) > 0
+    landscape = next(f for f in report.figures if f.path.name == "landscape_1d.png")
+    assert set(numbers) == set(by_arm) == set(landscape.series)
+    for label, rows in by_arm.items():
+        assert sorted(numbers[label]) == ["0", "1", "2"]
+        drawn = landscape.series[label]
+        for row in rows:
+            stored = json.loads(row["landscape"])
+            line = numbers[label][str(row["seed"])]
+            assert line["alphas"] == stored["alphas"] and line["losses"] == stored["losses"]
+            assert list(drawn["seeds"][row["seed"]]) == stored["losses"]
+            assert len(line["alphas"]) == 21 and min(line["losses"]) > 0
+        losses = np.array([json.loads(row["landscape"])["losses"] for row in rows])
+        assert drawn["mean"] == pytest.approx(losses.mean(axis=0), rel=1e-12)
+    # The sharpness figure: a panel per stored measure, each run's point from the database,
+    # the panel's Spearman coefficient in its caption text.
+    scatter = next(f for f in report.figures if f.path.name == "accuracy_vs_sharpness.png")
+    correlations = {c.metric: c for c in sharpness_correlations(setting)}
+    for metric in correlations:
+        for label, rows in by_arm.items():
+            drawn = scatter.series[f"{metric}: {label}"]
+            assert list(drawn["x"]) == [row[metric] for row in rows]
+            assert list(drawn["y"]) == pytest.approx(
+                [100 * row["final_test_accuracy"] for row in rows], rel=1e-12
+            )
+    assert "Spearman" in scatter.caption
 
 
 def test_a_database_without_the_sharpness_table_still_reports(
@@ -196,6 +221,13 @@ def test_a_database_without_the_sharpness_table_still_reports(
         copy.execute("ALTER TABLE runs DROP COLUMN heartbeat_at")
         copy.execute("ALTER TABLE runs DROP COLUMN diverged_at_epoch")
         copy.execute("PRAGMA user_version=1")
+        # Its baseline under its old name, `sgd` (and hashed with it, as it was then).
+        for run_id, text in copy.execute("SELECT id, config FROM runs WHERE method = 'base'"):
+            config = {**json.loads(text), "method": "sgd"}
+            copy.execute(
+                "UPDATE runs SET method = 'sgd', config = ?, config_hash = ? WHERE id = ?",
+                (json.dumps(config, sort_keys=True), RunConfig(**config).config_hash, run_id),
+            )
     # Weights paths are stored relative to the database's folder.
     shutil.copytree(measured_db.parent / "runs-weights", tmp_path / "runs-weights")
     with sqlite3.connect(db_path) as connection:
@@ -209,9 +241,14 @@ def test_a_database_without_the_sharpness_table_still_reports(
     markdown = report.markdown_path.read_text()
     assert "test acc. % (mean ± std)" in markdown
     assert "Sharpness beside test accuracy" not in markdown and "Spearman" not in markdown
+    # The old `sgd` runs are the base arm, and SAM is compared with it.
+    [setting] = report.settings
+    assert [arm.label for arm in setting.arms] == ["base", "sam ρ=0.05"]
+    assert setting.arms[1].versus_base is not None and setting.arms[1].versus_base.n == 3
     assert {path.name for path in report.plots} == {
-        "test_accuracy_curves.png",
+        "curves.png",
         "final_accuracy.png",
+        "accuracy_vs_cost.png",
     }
     with sqlite3.connect(db_path) as connection:
         assert connection.execute(select_old).fetchall() == runs_before
@@ -225,9 +262,10 @@ def test_a_database_without_the_sharpness_table_still_reports(
     summary = measure_runs(db_path, SMALL, runs=[first.config_hash], progress=False)
     assert summary.measured == [first.config_hash]
     markdown = write_report(db_path, tmp_path / "out").markdown_path.read_text()
-    cells = _cells(markdown, "### Sharpness beside test accuracy", first.config["method"])
+    first_label = arm_label(first.config["method"], first.config["hyperparameters"])
+    cells = _cells(markdown, "### Sharpness beside test accuracy", first_label)
     assert cells[1] == "1" and cells[2] == f"{100 * first.final['final_test_accuracy']:.2f}"
-    other = "sam" if first.config["method"] == "sgd" else "sgd"
+    other = "sam ρ=0.05" if first_label == "base" else "base"
     section = markdown[markdown.index("### Sharpness beside") :]
     assert f"| {other} |" not in section.split("Spearman")[0]
     assert re.search(r"\| top Hessian eigenvalue λ_max \| — \| — \| 1 \|", markdown)

@@ -230,7 +230,7 @@ def test_bad_selections_and_settings_raise_before_anything_is_measured(
         ({"runs": ["0123456789abcdef"]}, "no run with configuration hash"),
         ({"runs": ["feed"]}, "is failed, not finished"),
         ({"runs": [""]}, "no run with configuration hash"),
-        ({"methods": ["tilted-sam"]}, "methods with finished runs: sam, sgd"),
+        ({"methods": ["tilted-sam"]}, "methods with finished runs: base, sam"),
         ({"settings": replace(SMALL, examples=0)}, "examples (--examples) must be"),
         ({"settings": replace(SMALL, rho=-0.1)}, "rho (--rho) must be a number >= 0"),
         ({"settings": replace(SMALL, top_k=25)}, "at most max_iter=20"),

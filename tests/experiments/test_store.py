@@ -360,6 +360,7 @@ def test_a_run_an_older_version_was_training_gets_a_grace_period_after_migration
     with connection:  # as version 1 wrote it: no heartbeat, started five hours ago elsewhere
         connection.execute("ALTER TABLE runs DROP COLUMN heartbeat_at")
         connection.execute("ALTER TABLE runs DROP COLUMN diverged_at_epoch")
+        connection.execute("ALTER TABLE runs DROP COLUMN data_fingerprint")
         connection.execute(
             "UPDATE runs SET owner = 'some-other-host:12345', started_at = ?", (started,)
         )

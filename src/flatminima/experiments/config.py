@@ -17,12 +17,16 @@ from typing import Any
 import torch
 
 from flatminima.experiments.data import DATASETS
+from flatminima.experiments.labels import run_label
 from flatminima.experiments.models import check_model
-from flatminima.registry import get_method
+from flatminima.registry import canonical_method_name, get_method
 
 BASE_OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_LEARNING_RATE = {"sgd": 0.05, "adamw": 1e-3}
 SCHEDULES = ("cosine", "constant")
+LARGEST_INTEGER = 2**63 - 1
+"""The largest integer the database stores (SQLite's 64-bit signed integers): seeds and
+integer hyperparameters beyond it are refused rather than overflowing on the way in."""
 
 
 class ConfigError(ValueError):
@@ -61,15 +65,9 @@ class RunConfig:
 
     @property
     def label(self) -> str:
-        """A short name for progress bars and errors: the method, the hyperparameters that
-        differ from its defaults, and the seed."""
-        defaults = get_method(self.method).hyperparameters
-        changed = " ".join(
-            f"{name}={value}"
-            for name, value in self.hyperparameters.items()
-            if value != defaults.get(name)
-        )
-        return " ".join(part for part in (self.method, changed, f"seed={self.seed}") if part)
+        """A short name for progress bars and errors, as the report names the run:
+        ``sam ρ=0.1 seed=0`` (see :func:`~flatminima.experiments.labels.arm_labels`)."""
+        return run_label(self.method, self.hyperparameters, self.seed)
 
 
 def coerce_hyperparameter(method: str, name: str, default: Any, value: Any) -> Any:
@@ -86,7 +84,7 @@ def coerce_hyperparameter(method: str, name: str, default: Any, value: Any) -> A
             return bool(value)
         if isinstance(default, int):
             number = float(value)
-            if not number.is_integer():
+            if not number.is_integer() or abs(number) > LARGEST_INTEGER:
                 raise ValueError
             return int(number)
         if isinstance(default, float):
@@ -94,8 +92,9 @@ def coerce_hyperparameter(method: str, name: str, default: Any, value: Any) -> A
         if default is None and isinstance(value, str):
             return json.loads(value)
     except (TypeError, ValueError):
+        limit = " of magnitude at most 2**63 - 1" if expected is int else ""
         raise ConfigError(
-            f"hyperparameter {name} of method {method!r} takes a {expected.__name__} "
+            f"hyperparameter {name} of method {method!r} takes a {expected.__name__}{limit} "
             f"(default {default!r}), got {value!r}"
         ) from None
     return value
@@ -164,7 +163,10 @@ def make_run_config(
         raise ConfigError(f"label noise must be a fraction in [0, 1), got {label_noise}")
     lr = DEFAULT_LEARNING_RATE[optimizer] if lr is None else lr
     _require(math.isfinite(lr) and lr > 0, f"learning rate must be positive, got {lr}")
-    _require(weight_decay >= 0, f"weight decay must be >= 0, got {weight_decay}")
+    _require(
+        math.isfinite(weight_decay) and weight_decay >= 0,
+        f"weight decay must be a finite number >= 0, got {weight_decay}",
+    )
     if optimizer == "adamw":
         _require(
             momentum is None,
@@ -176,7 +178,7 @@ def make_run_config(
         _require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
     _require(epochs >= 1, f"epochs must be >= 1, got {epochs}")
     _require(batch_size >= 1, f"batch size must be >= 1, got {batch_size}")
-    _require(seed >= 0, f"seed must be >= 0, got {seed}")
+    _require(0 <= seed <= LARGEST_INTEGER, f"seed must be between 0 and 2**63 - 1, got {seed}")
     train_size = source.num_train if train_size is None else train_size
     _require(
         1 <= train_size <= source.num_train,
@@ -185,7 +187,8 @@ def make_run_config(
     return RunConfig(
         dataset=dataset,
         model=model,
-        method=method,
+        # Today's name: `sgd`, the baseline's old name, gives a `base` run.
+        method=canonical_method_name(method),
         hyperparameters=resolve_hyperparameters(method, hyperparameters or {}),
         optimizer=optimizer,
         lr=float(lr),

@@ -24,17 +24,24 @@ Sources, all offline:
   ``dataset-fashion-mnist`` installs under ``/usr/share/datasets/fashion-mnist``, or from
   ``data_dir``;
 * digits is scikit-learn's bundled ``load_digits``, split once with a fixed seed.
+
+:func:`fingerprint` identifies the data a dataset's loader returns on this machine, so that the
+runner can record what each run trained on and refuse to mix runs trained on different data.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import logging
 import os
 import struct
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,25 +130,45 @@ def _load_mnist1d(data_dir: Path | None) -> RawSplit:
             y_test=generated["y_test"].astype(np.int64),
         )
         os.replace(partial, cache)
-    with np.load(cache) as arrays:
-        # MNIST-1D is already standardised by its generator (mean 0, std 1); add the channel axis.
-        return RawSplit(
-            x_train=arrays["x_train"][:, None, :],
-            y_train=arrays["y_train"],
-            x_test=arrays["x_test"][:, None, :],
-            y_test=arrays["y_test"],
+    try:
+        with np.load(cache) as arrays:
+            # MNIST-1D is already standardised by its generator (mean 0, std 1); add the channel
+            # axis.
+            split = RawSplit(
+                x_train=arrays["x_train"][:, None, :],
+                y_train=arrays["y_train"],
+                x_test=arrays["x_test"][:, None, :],
+                y_test=arrays["y_test"],
+            )
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise DatasetUnavailableError(
+            f"the MNIST-1D cache {cache} is damaged ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'unreadable'}): delete it and it "
+            "is generated again"
+        ) from None
+    if len(split.x_train) != DATASETS["mnist1d"].num_train or split.x_train.shape[1:] != (1, 40):
+        raise DatasetUnavailableError(
+            f"the MNIST-1D cache {cache} holds {split.x_train.shape} training inputs where "
+            f"({DATASETS['mnist1d'].num_train}, 1, 40) were expected: delete it and it is "
+            "generated again"
         )
+    return split
 
 
 def _read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format) as a NumPy array of unsigned bytes."""
-    with gzip.open(path, "rb") as stream:
-        content = stream.read()
-    _, dtype_code, ndim = struct.unpack(">HBB", content[:4])
-    if dtype_code != 0x08:
-        raise ValueError(f"{path}: expected unsigned-byte IDX data, got type code {dtype_code:#x}")
-    shape = struct.unpack(f">{ndim}I", content[4 : 4 + 4 * ndim])
-    return np.frombuffer(content, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    try:
+        with gzip.open(path, "rb") as stream:
+            content = stream.read()
+        _, dtype_code, ndim = struct.unpack(">HBB", content[:4])
+        if dtype_code != 0x08:
+            raise ValueError(f"expected unsigned-byte IDX data, got type code {dtype_code:#x}")
+        shape = struct.unpack(f">{ndim}I", content[4 : 4 + 4 * ndim])
+        return np.frombuffer(content, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, EOFError, ValueError, struct.error) as error:
+        raise DatasetUnavailableError(
+            f"{path} is damaged or not a gzipped IDX file ({type(error).__name__}: {error})"
+        ) from None
 
 
 def fashion_mnist_dir(data_dir: Path | None) -> Path:
@@ -208,17 +235,73 @@ DATASETS: dict[str, DatasetSource] = {
 }
 
 
-def dataset_names() -> list[str]:
-    return list(DATASETS)
-
-
 def check_dataset(name: str, data_dir: Path | None = None) -> None:
     """Raise ``ValueError`` for an unknown name and :class:`DatasetUnavailableError` when the
-    dataset's files are missing, without loading anything large."""
+    dataset's files are missing or ``data_dir`` is not a directory, without loading anything
+    large."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
+    if data_dir is not None and data_dir.exists() and not data_dir.is_dir():
+        raise DatasetUnavailableError(f"--data-dir {data_dir} is a file, not a directory")
     if name == "fashion-mnist":
         fashion_mnist_dir(data_dir)
+
+
+def _raw_split(name: str, data_dir: Path | None) -> RawSplit:
+    """The dataset's source arrays, read once per process while its files are unchanged (every
+    run of a grid uses the same data)."""
+    return _cached_raw_split(name, data_dir, _stamp(name, data_dir))
+
+
+def _stamp(name: str, data_dir: Path | None) -> tuple[Any, ...]:
+    """The dataset's files with their modification times and sizes: a cache key that changes
+    when a file is replaced."""
+    if name == "mnist1d":
+        files = [(data_dir or default_cache_dir()) / "mnist1d.npz"]
+    elif name == "fashion-mnist":
+        files = [fashion_mnist_dir(data_dir) / file for file in FASHION_MNIST_FILES.values()]
+    else:
+        files = []
+    return tuple(
+        (str(file), stat.st_mtime_ns, stat.st_size) if (stat := _stat(file)) else (str(file),)
+        for file in files
+    )
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_raw_split(name: str, data_dir: Path | None, stamp: tuple[Any, ...]) -> RawSplit:
+    return DATASETS[name].load(data_dir)
+
+
+def fingerprint(name: str, data_dir: Path | None = None) -> str:
+    """A short hash of the data ``load_dataset(name, data_dir=data_dir)`` draws from (every
+    input and label of the training and test sets as loaded, before subsampling and noise):
+    two runs of the same configuration trained on the same data exactly when it is equal.
+    Raises as :func:`load_dataset` does when the data cannot be read."""
+    check_dataset(name, data_dir)
+    _raw_split(name, data_dir)  # first: it may create the file the stamp names
+    return _cached_fingerprint(name, data_dir, _stamp(name, data_dir))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_fingerprint(name: str, data_dir: Path | None, stamp: tuple[Any, ...]) -> str:
+    return _fingerprint(_cached_raw_split(name, data_dir, stamp))
+
+
+def _fingerprint(raw: RawSplit) -> str:
+    digest = hashlib.sha256()
+    for array in (raw.x_train, raw.y_train, raw.x_test, raw.y_test):
+        contiguous = np.ascontiguousarray(array)
+        digest.update(f"{contiguous.dtype.str}{contiguous.shape}".encode())
+        digest.update(contiguous.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def symmetric_label_noise(
@@ -249,7 +332,7 @@ def load_dataset(
     labels, both drawn from ``seed`` (the same seed gives the same subset and the same noise)."""
     check_dataset(name, data_dir)
     source = DATASETS[name]
-    raw = source.load(data_dir)
+    raw = _raw_split(name, data_dir)
     n_available = len(raw.y_train)
     if train_size is not None and not 0 < train_size <= n_available:
         raise ValueError(
@@ -260,12 +343,13 @@ def load_dataset(
     x_train = raw.x_train if keep is None else raw.x_train[keep]
     y_clean = raw.y_train if keep is None else raw.y_train[keep]
     y_train = symmetric_label_noise(y_clean, label_noise, source.num_classes, rng)
+    # Copies (np.array copies): the raw arrays are kept for the next run of this process.
     return Dataset(
         name=name,
-        x_train=torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32)),
+        x_train=torch.from_numpy(np.array(x_train, dtype=np.float32)),
         y_train=torch.from_numpy(y_train),
-        x_test=torch.from_numpy(np.ascontiguousarray(raw.x_test, dtype=np.float32)),
-        y_test=torch.from_numpy(np.ascontiguousarray(raw.y_test)),
+        x_test=torch.from_numpy(np.array(raw.x_test, dtype=np.float32)),
+        y_test=torch.from_numpy(np.array(raw.y_test)),
         num_classes=source.num_classes,
-        y_train_clean=torch.from_numpy(np.ascontiguousarray(y_clean)),
+        y_train_clean=torch.from_numpy(np.array(y_clean)),
     )

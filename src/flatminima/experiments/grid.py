@@ -4,11 +4,15 @@ Hyperparameter settings are written ``NAME=VALUE`` (every method of the grid tha
 ``NAME``) or ``METHOD:NAME=VALUE`` (that method only); a sweep gives several comma-separated
 values, ``rho=0.05,0.1,0.2``. A setting no method of the grid takes is an error, so a typo never
 silently runs the defaults.
+
+A grid is at most ``MAX_GRID_RUNS`` runs, counted before any is built: a typo such as
+``--seeds 0-1000000000`` is refused in one line instead of filling the memory.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +20,10 @@ from typing import Any
 from flatminima.experiments.config import ConfigError, RunConfig, make_run_config
 from flatminima.experiments.runner import unique_configs
 from flatminima.registry import get_method
+
+MAX_GRID_RUNS = 10_000
+"""The most runs one command plans (seeds × methods × swept values): at a few seconds a run
+on MNIST-1D that is already days of training; a larger grid is split into several commands."""
 
 
 @dataclass(frozen=True)
@@ -55,21 +63,30 @@ def parse_list(text: str, option: str) -> list[str]:
 
 
 def parse_seeds(texts: Sequence[str]) -> list[int]:
-    """Seeds from ``0,1,2`` or ranges ``0-4`` (inclusive), in order, without repeats."""
-    seeds: list[int] = []
+    """Seeds from ``0,1,2`` or ranges ``0-4`` (inclusive), in order, without repeats; at most
+    ``MAX_GRID_RUNS`` of them (a range is measured before it is expanded)."""
+    seeds: dict[int, None] = {}  # ordered, with constant-time membership
     for text in texts:
         for item in parse_list(text, "--seeds"):
             first, dash, last = item.partition("-")
             try:
-                values = range(int(first), int(last) + 1) if dash else [int(item)]
+                values = (
+                    range(int(first), int(last) + 1) if dash else range(int(item), int(item) + 1)
+                )
             except ValueError:
                 raise ConfigError(
                     f"--seeds takes non-negative integers or ranges such as 0-4, got {item!r}"
                 ) from None
             if not values:
                 raise ConfigError(f"--seeds range {item!r} is empty: write it as LOW-HIGH")
-            seeds += [seed for seed in values if seed not in seeds]
-    return seeds
+            if len(seeds) + len(values) > MAX_GRID_RUNS:
+                raise ConfigError(
+                    f"--seeds gives more than {MAX_GRID_RUNS} seeds ({item!r} alone is "
+                    f"{len(values)}): a grid is at most {MAX_GRID_RUNS} runs; split it into "
+                    "several commands on the same --db"
+                )
+            seeds.update(dict.fromkeys(values))
+    return list(seeds)
 
 
 def expand_grid(
@@ -100,6 +117,19 @@ def expand_grid(
     for assignment in fixed:
         if len(assignment.values) != 1:
             raise ConfigError(f"--param {assignment.name} takes one value; use --sweep for several")
+    sizes = {
+        method: math.prod(
+            len(a.values) for a in _settings_of(method, fixed, sweeps) if a not in fixed
+        )
+        for method in methods
+    }
+    planned = len(seeds) * sum(sizes.values())
+    if planned > MAX_GRID_RUNS:
+        raise ConfigError(
+            f"the grid is {planned} runs ({len(seeds)} seed(s) × {sum(sizes.values())} method "
+            f"and sweep combination(s)); at most {MAX_GRID_RUNS} are planned by one command: "
+            "split it into several commands on the same --db"
+        )
     arms: list[tuple[str, dict[str, str]]] = []
     for method in methods:
         chosen = _settings_of(method, fixed, sweeps)

@@ -146,20 +146,15 @@ class ModelSpec:
     input_ndim: int | None
     """Dimensions of one input example (2: channels × length, 3: channels × height × width);
     ``None`` for a model that takes any shape."""
-    description: str
 
 
 MODELS: dict[str, ModelSpec] = {
-    "mlp": ModelSpec(MLP, None, "MLP, two hidden layers of 256"),
-    "cnn1d": ModelSpec(CNN1D, 2, "1-D CNN (sequences such as MNIST-1D)"),
-    "cnn": ModelSpec(SmallCNN, 3, "small 2-D CNN (images)"),
-    "resnet20": ModelSpec(ResNet20, 3, "ResNet-20 with BatchNorm (images)"),
+    "mlp": ModelSpec(MLP, None),  # two hidden layers of 256
+    "cnn1d": ModelSpec(CNN1D, 2),  # sequences such as MNIST-1D
+    "cnn": ModelSpec(SmallCNN, 3),  # a small 2-D CNN for images
+    "resnet20": ModelSpec(ResNet20, 3),  # with BatchNorm, for images
 }
 INPUT_KIND = {2: "1-D sequences", 3: "images"}
-
-
-def model_names() -> list[str]:
-    return list(MODELS)
 
 
 def check_model(name: str, input_shape: tuple[int, ...] | None = None) -> None:

@@ -8,6 +8,11 @@ A grid runs its configurations one after another, or on ``jobs`` worker processe
 each: on a small machine one single-threaded process per core is both fastest and
 reproducible). Every worker writes its own run's rows in short transactions; the parent process
 only draws the progress bars.
+
+Before training, a grid checks once that it can write the database and the weights folder, and
+that the data each dataset loads here is the data the database's runs trained on (its
+fingerprint). A failing run is recorded and the grid goes on; a full disk (or another fault of
+the storage that every later run would meet too) stops the grid at once.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import multiprocessing
 import platform
 import queue
 import signal
+import sqlite3
 import subprocess
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -31,12 +38,25 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from flatminima.experiments.config import RunConfig
-from flatminima.experiments.data import DATASETS, Dataset, load_dataset
+from flatminima.experiments.data import (
+    DATASETS,
+    Dataset,
+    DatasetUnavailableError,
+    fingerprint,
+    load_dataset,
+)
 from flatminima.experiments.models import build_model
-from flatminima.experiments.store import DEFAULT_STALE_AFTER_S, RunLostError, Store
+from flatminima.experiments.progress import GridProgress
+from flatminima.experiments.store import (
+    DEFAULT_STALE_AFTER_S,
+    RunLostError,
+    Store,
+    StoreError,
+    has_diverged,
+    out_of_space,
+)
 from flatminima.registry import get_method
 
 logger = logging.getLogger(__name__)
@@ -161,7 +181,7 @@ def train(
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics)
-        if not math.isfinite(metrics.train_loss) or not _weights_are_finite(model):
+        if has_diverged(metrics.train_loss, metrics.test_loss, _weights_are_finite(model)):
             # Every later step would be NaN too: stop, and keep the run as the outcome of its
             # configuration (a reader must see that it diverged, not a retried failure).
             diverged_at_epoch = epoch
@@ -199,11 +219,39 @@ def load_trained_model(db_path: str | Path, config_hash: str) -> tuple[nn.Module
     return model_from_weights(config, Path(db_path).parent / run.weights_path), config
 
 
+class WeightsFileError(ValueError):
+    """A saved weights file that cannot be read back (truncated, overwritten, another model's)."""
+
+
 def model_from_weights(config: RunConfig, weights_path: str | Path) -> nn.Module:
-    """The model of ``config`` with the weights saved at ``weights_path``, in eval mode."""
+    """The model of ``config`` with the weights saved at ``weights_path``, in eval mode;
+    :class:`WeightsFileError` (one line) when the file is damaged or holds other weights."""
     source = DATASETS[config.dataset]
     model = build_model(config.model, source.input_shape, source.num_classes)
-    model.load_state_dict(torch.load(weights_path, weights_only=True))
+    try:
+        state = torch.load(weights_path, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        # torch's own message runs to many lines (the weights_only explanation): say what is
+        # wrong in one.
+        what = (
+            "not a PyTorch archive: truncated or overwritten"
+            if not zipfile.is_zipfile(weights_path)
+            else f"unreadable: {type(error).__name__}"
+        )
+        raise WeightsFileError(
+            f"the weights file {weights_path} is damaged ({what}): `flatminima forget` the run "
+            "and train it again"
+        ) from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise WeightsFileError(
+            f"the weights file {weights_path} is damaged: it does not hold the weights of a "
+            f"{config.model} ({type(error).__name__}); `flatminima forget` the run and train it "
+            "again"
+        ) from None
     return model.eval()
 
 
@@ -256,6 +304,11 @@ def environment() -> dict[str, Any]:
     }
 
 
+class GridStoppedError(RuntimeError):
+    """A fault every later run of the grid would meet too (a full disk, a database that cannot
+    be written): the grid stops; what finished is kept, and the same command resumes."""
+
+
 def execute_run(
     config: RunConfig,
     store: Store,
@@ -265,16 +318,24 @@ def execute_run(
 ) -> str:
     """Train ``config`` unless the database already holds it; returns ``"finished"`` or
     ``"skipped"`` (another process trains it, or took it over from this one). A failure is
-    recorded as such and raised again. ``stale_after_s``: see
+    recorded as such and raised again; a full disk raises :class:`GridStoppedError`. Data that
+    cannot be read raises before anything is recorded. ``stale_after_s``: see
     :meth:`Store.claim`."""
     spec = get_method(config.method)
-    run_id = store.claim(
-        config.config_hash,
-        config.to_dict(),
-        environment(),
-        spec.passes_per_step(config.hyperparameters),
-        stale_after_s=stale_after_s,
-    )
+    # The data is read (and fingerprinted) before the run is claimed: data that cannot be read
+    # is not a failure of this configuration.
+    data_fingerprint = fingerprint(config.dataset, data_dir)
+    try:
+        run_id = store.claim(
+            config.config_hash,
+            config.to_dict(),
+            environment(),
+            spec.passes_per_step(config.hyperparameters),
+            stale_after_s=stale_after_s,
+            data_fingerprint=data_fingerprint,
+        )
+    except sqlite3.Error as error:
+        raise _stop_if_storage_fault(error) from error
     if run_id is None:
         return "skipped"
     try:
@@ -299,9 +360,31 @@ def execute_run(
         logger.warning("%s was taken over by another process: stopped", config.label)
         return "skipped"
     except Exception as error:
-        store.fail(run_id, f"{type(error).__name__}: {error}")
+        stop = _stop_if_storage_fault(error)
+        try:
+            store.fail(run_id, f"{type(error).__name__}: {error}")
+        except sqlite3.Error:
+            # The disk is full or the database unwritable: the run stays `running` under this
+            # dead process's name, and the next `compare` redoes it.
+            if stop is None:
+                raise
+        if stop is not None:
+            raise stop from error
         raise
     return "finished"
+
+
+def _stop_if_storage_fault(error: BaseException) -> GridStoppedError | None:
+    """The error that stops the grid when ``error`` is a storage fault every later run would
+    meet too, else ``None`` (``error`` is this run's own failure)."""
+    if out_of_space(error):
+        return GridStoppedError(
+            f"no space left on the device ({type(error).__name__}: {error}): free some and run "
+            "the same command again; finished runs are kept"
+        )
+    if isinstance(error, sqlite3.OperationalError) and "readonly" in str(error):
+        return GridStoppedError(f"the database became read-only ({error})")
+    return None
 
 
 # --- grids -----------------------------------------------------------------------------------
@@ -314,9 +397,16 @@ class GridSummary:
     already_finished: int = 0
     finished: int = 0
     skipped: int = 0
-    """Configurations another live process was training."""
+    """Configurations another live process was training: the grid is incomplete until it ends."""
     failed: list[str] = field(default_factory=list)
     """``label: error`` of each run that failed."""
+    stopped: str | None = None
+    """Why the grid stopped before trying every run (a full disk...), or ``None``."""
+
+    @property
+    def complete(self) -> bool:
+        """Whether every configuration of the grid is finished in the database now."""
+        return self.already_finished + self.finished == self.total
 
 
 def unique_configs(configs: Sequence[RunConfig]) -> list[RunConfig]:
@@ -325,44 +415,6 @@ def unique_configs(configs: Sequence[RunConfig]) -> list[RunConfig]:
     for config in configs:
         seen.setdefault(config.config_hash, config)
     return list(seen.values())
-
-
-class _ProgressBars:
-    """One bar for the grid's runs and one per worker for the current run's epochs."""
-
-    def __init__(self, total: int, done: int, workers: int, enabled: bool) -> None:
-        self.overall = tqdm(
-            total=total, initial=done, desc="runs", unit="run", position=0, disable=not enabled
-        )
-        self.slots = [
-            tqdm(
-                total=0,
-                desc="idle",
-                unit="epoch",
-                position=1 + slot,
-                leave=False,
-                disable=not enabled,
-            )
-            for slot in range(workers)
-        ]
-
-    def start(self, slot: int, label: str, epochs: int) -> None:
-        bar = self.slots[slot]
-        bar.reset(total=epochs)
-        bar.set_description(label)
-
-    def epoch(self, slot: int, test_accuracy: float) -> None:
-        self.slots[slot].set_postfix(test_acc=f"{test_accuracy:.3f}", refresh=False)
-        self.slots[slot].update(1)
-
-    def end(self, slot: int) -> None:
-        # The slot's bar keeps the finished run's label at 100% until its next run starts.
-        self.overall.update(1)
-
-    def close(self) -> None:
-        for bar in self.slots:
-            bar.close()
-        self.overall.close()
 
 
 @contextmanager
@@ -388,15 +440,25 @@ def run_grid(
     """Run every configuration not yet finished in ``db_path``.
 
     Finished runs are skipped; a run that was interrupted (or failed) is redone from scratch.
-    A failing run is recorded and the grid goes on with the others. A run another host is
-    training is left to it unless silent for ``stale_after_s`` (see :meth:`Store.claim`).
+    A failing run is recorded and the grid goes on with the others; a full disk stops it
+    (``summary.stopped``). A run another process is training is left to it unless silent for
+    ``stale_after_s`` (see :meth:`Store.claim`).
+
+    Before any training: :class:`~flatminima.experiments.store.StoreError` when the database or
+    the weights folder cannot be written or the data differs from what the database's runs
+    trained on, :class:`~flatminima.experiments.data.DatasetUnavailableError` when it cannot be
+    read.
     """
     todo = unique_configs(configs)
     with Store(db_path) as store:
         pending = [config for config in todo if not _finished(store, config.config_hash)]
+        if pending:
+            store.check_writable()
+            for dataset in sorted({config.dataset for config in pending}):
+                store.check_data(dataset, fingerprint(dataset, data_dir))
     summary = GridSummary(total=len(todo), already_finished=len(todo) - len(pending))
     workers = max(1, min(jobs, len(pending)))
-    bars = _ProgressBars(summary.total, summary.already_finished, workers, progress)
+    bars = GridProgress(summary.total, summary.already_finished, workers, progress)
     try:
         if workers == 1:
             with _torch_threads(threads), Store(db_path) as store:
@@ -410,7 +472,9 @@ def run_grid(
                         stale_after_s,
                     )
                     _count(summary, config.label, *outcome)
-                    bars.end(0)
+                    bars.end(0, outcome[0])
+                    if summary.stopped:
+                        break
         else:
             _run_in_workers(
                 pending, Path(db_path), data_dir, workers, threads, stale_after_s, bars, summary
@@ -428,9 +492,11 @@ def _attempt(
     stale_after_s: float,
 ) -> tuple[str, str | None]:
     """Run one configuration of a grid: ``(status, error)``, where a failure does not stop the
-    grid (it is in the database, and the next ``compare`` retries it)."""
+    grid (it is in the database, and the next ``compare`` retries it) and ``"stopped"`` does."""
     try:
         return execute_run(config, store, data_dir, on_epoch, stale_after_s), None
+    except (GridStoppedError, StoreError, DatasetUnavailableError) as error:
+        return "stopped", str(error)
     except Exception as error:
         logger.exception("run %s failed", config.label)
         return "failed", f"{type(error).__name__}: {error}"
@@ -446,6 +512,8 @@ def _count(summary: GridSummary, label: str, status: str, error: str | None) -> 
         summary.finished += 1
     elif status == "skipped":
         summary.skipped += 1
+    elif status == "stopped":
+        summary.stopped = summary.stopped or error
     else:
         summary.failed.append(f"{label}: {error}")
 
@@ -478,6 +546,8 @@ def _worker(
                 stale_after_s,
             )
             events.put(("end", slot, config.label, *outcome))
+            if outcome[0] == "stopped":
+                break
 
 
 def _run_in_workers(
@@ -487,7 +557,7 @@ def _run_in_workers(
     workers: int,
     threads: int,
     stale_after_s: float,
-    bars: _ProgressBars,
+    bars: GridProgress,
     summary: GridSummary,
 ) -> None:
     # spawn, not fork: a forked copy of a process that already ran PyTorch's thread pools can
@@ -528,8 +598,12 @@ def _run_in_workers(
                 bars.epoch(slot, *payload)
             else:
                 _count(summary, *payload)
-                bars.end(slot)
+                bars.end(slot, payload[1])
                 remaining -= 1
+                if summary.stopped:
+                    # The other workers' runs meet the same fault: stop them (their runs stay
+                    # `running` under dead processes, and the next `compare` redoes them).
+                    return
         for process in processes:
             process.join()
     finally:

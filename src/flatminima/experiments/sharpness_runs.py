@@ -15,12 +15,16 @@ For every selected finished run, :func:`measure_runs`
    m = ``batch_size``; a smaller last batch counts as much as the others) and, when asked,
    :func:`flatminima.sharpness.landscape_1d` along a random filter-normalised direction drawn
    from the same seed (α from −1 to 1, 21 points);
-5. stores one row per run in the database's ``sharpness`` table: every scalar, the settings, the
-   number of examples and which ones, the time it took and when.
+5. stores one row per run and settings in the database's ``sharpness`` table: every scalar, the
+   settings, the number of examples and which ones, the time it took and when.
 
 Measuring is read-only on the runs: their rows, epochs and weights are never written. A run
-that already has a sharpness row is skipped unless ``force=True`` (then its row is replaced, not
-duplicated); asking for a landscape adds one to measured runs that lack it. Each measurement
+that already has a sharpness row with the same settings is skipped unless ``force=True`` (then
+its row is replaced, not duplicated); asking for a landscape adds one to measured runs that lack
+it. A measurement with other settings is a row of its own: rows of different settings are never
+averaged together. A run is measured only on the data it trained on (the fingerprint recorded
+with it), and a run that diverged (:func:`flatminima.experiments.store.has_diverged`, the
+runner's verdict) is not measured. Each measurement
 runs on one PyTorch thread, in the calling process or in ``jobs`` worker processes: the same
 settings and seed give the same numbers either way.
 
@@ -39,7 +43,8 @@ Example (a tiny run: two epochs on 256 MNIST-1D examples, measured on 128 of the
     >>> summary.measured == [config.config_hash]
     True
     >>> with Store(db) as store:
-    ...     row = store.sharpness()[config.config_hash]
+    ...     row = store.sharpness(asdict(SharpnessSettings(examples=128, num_probes=2)))[
+    ...         config.config_hash]
     >>> row.examples, row.metrics["hessian_top_eigenvalue"] > 0
     (128, True)
 """
@@ -61,12 +66,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from flatminima.experiments.config import ConfigError, RunConfig
-from flatminima.experiments.data import Dataset, load_dataset
-from flatminima.experiments.runner import environment, model_from_weights
-from flatminima.experiments.store import RunRecord, Store
+from flatminima.experiments.data import (
+    DatasetUnavailableError,
+    fingerprint,
+    load_dataset,
+)
+from flatminima.experiments.progress import CountProgress
+from flatminima.experiments.runner import WeightsFileError, environment, model_from_weights
+from flatminima.experiments.store import DataMismatchError, RunRecord, Store
+from flatminima.registry import canonical_method_name
 from flatminima.sharpness import landscape_1d, measure_sharpness
 
 logger = logging.getLogger(__name__)
@@ -151,22 +161,17 @@ def measurement_indices(num_train: int, examples: int, seed: int) -> torch.Tenso
     return torch.from_numpy(np.sort(chosen))
 
 
-# A measurement process handles runs of the same few training sets (one per seed): keep them.
-@functools.lru_cache(maxsize=4)
-def _training_set(
-    dataset: str, seed: int, train_size: int, label_noise: float, data_dir: Path | None
-) -> Dataset:
-    return load_dataset(
-        dataset, seed=seed, train_size=train_size, label_noise=label_noise, data_dir=data_dir
-    )
-
-
 def measurement_batches(
     config: RunConfig, settings: SharpnessSettings, data_dir: Path | None = None
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], str]:
     """The batches a run is measured on, and a sentence saying which examples they hold."""
-    data = _training_set(
-        config.dataset, config.seed, config.train_size, config.label_noise, data_dir
+    # The dataset's arrays are read once per process (load_dataset keeps them).
+    data = load_dataset(
+        config.dataset,
+        seed=config.seed,
+        train_size=config.train_size,
+        label_noise=config.label_noise,
+        data_dir=data_dir,
     )
     num_train = len(data.y_train)
     chosen = measurement_indices(num_train, settings.examples, settings.seed)
@@ -206,10 +211,21 @@ def measure_run(
     data_dir: Path | None = None,
     scalars: bool = True,
     landscape: bool = False,
+    data_fingerprint: str | None = None,
 ) -> RunMeasurement:
     """Measure one trained run: its model with the weights at ``weights_path``, on its own
-    training examples (see the module's description)."""
+    training examples (see the module's description). ``data_fingerprint``, when given, is the
+    fingerprint of the data the run trained on: :class:`DataMismatchError` when the data here
+    differs."""
     started = time.perf_counter()
+    if data_fingerprint is not None:
+        here = fingerprint(config.dataset, data_dir)
+        if here != data_fingerprint:
+            raise DataMismatchError(
+                f"the run trained on other {config.dataset} data (fingerprint "
+                f"{data_fingerprint}, the data here {here}): give --data-dir the data it "
+                "trained on"
+            )
     model = model_from_weights(config, weights_path)
     batches, description = measurement_batches(config, settings, data_dir)
     metrics = (
@@ -270,6 +286,7 @@ class _Task:
     weights_path: Path
     scalars: bool
     landscape: bool
+    data_fingerprint: str | None
 
 
 def select_runs(
@@ -303,14 +320,16 @@ def select_runs(
             picked[run.config_hash] = run
         chosen = sorted(picked.values(), key=lambda run: run.id)
     if methods:
-        available = sorted({run.config["method"] for run in finished})
-        unknown = [method for method in methods if method not in available]
+        # Today's names on both sides: a database of an older version says `sgd` for `base`.
+        available = sorted({canonical_method_name(run.config["method"]) for run in finished})
+        unknown = [method for method in methods if canonical_method_name(method) not in available]
         if unknown:
             raise ConfigError(
                 f"no finished run of method {unknown[0]!r} in {store.path}; methods with "
                 f"finished runs: {', '.join(available) or 'none'}"
             )
-        chosen = [run for run in chosen if run.config["method"] in methods]
+        wanted = {canonical_method_name(method) for method in methods}
+        chosen = [run for run in chosen if canonical_method_name(run.config["method"]) in wanted]
     return chosen
 
 
@@ -335,13 +354,14 @@ def _label(config: RunConfig) -> str:
 def _plan(
     store: Store,
     selected: list[RunRecord],
+    settings: SharpnessSettings,
     *,
     landscape: bool,
     force: bool,
     summary: SharpnessSummary,
 ) -> list[_Task]:
     """What each selected run needs: everything, its landscape only, or nothing."""
-    existing = store.sharpness()
+    existing = store.sharpness(asdict(settings))
     tasks = []
     for run in selected:
         config = RunConfig(**run.config)
@@ -353,10 +373,13 @@ def _plan(
             summary.without_weights.append(_label(config))
             continue
         row = existing.get(run.config_hash)
+        task = functools.partial(
+            _Task, _label(config), run.id, config, weights, data_fingerprint=run.data_fingerprint
+        )
         if row is None or force:
-            tasks.append(_Task(_label(config), run.id, config, weights, True, landscape))
+            tasks.append(task(scalars=True, landscape=landscape))
         elif landscape and row.landscape is None:
-            tasks.append(_Task(_label(config), run.id, config, weights, False, True))
+            tasks.append(task(scalars=False, landscape=True))
         else:
             summary.already_measured += 1
     return tasks
@@ -393,12 +416,11 @@ def measure_runs(
     with Store(db_path) as store:
         selected = select_runs(store, runs, methods)
         summary = SharpnessSummary(selected=len(selected))
-        tasks = _plan(store, selected, landscape=landscape, force=force, summary=summary)
-        bar = tqdm(total=len(tasks), desc="sharpness", unit="run", disable=not progress)
+        tasks = _plan(store, selected, settings, landscape=landscape, force=force, summary=summary)
+        bar = CountProgress(len(tasks), "sharpness", enabled=progress)
         try:
             for task, outcome in _measure_all(tasks, settings, data_dir, jobs):
-                bar.set_postfix_str(task.label, refresh=False)
-                bar.update(1)
+                bar.advance(task.label, "failed" if isinstance(outcome, str) else "measured")
                 if isinstance(outcome, str):
                     summary.failed.append(f"{task.label}: {outcome}")
                     continue
@@ -417,7 +439,7 @@ def _record(
 ) -> None:
     if outcome.metrics is None:
         assert outcome.landscape is not None
-        store.record_landscape(task.run_id, outcome.landscape)
+        store.record_landscape(task.run_id, asdict(settings), outcome.landscape)
         summary.landscapes_added += 1
         return
     store.record_sharpness(
@@ -456,7 +478,12 @@ def _attempt(
             data_dir=data_dir,
             scalars=task.scalars,
             landscape=task.landscape,
+            data_fingerprint=task.data_fingerprint,
         )
+    except (WeightsFileError, DatasetUnavailableError, DataMismatchError) as error:
+        # Damage or missing data, said in one line: no traceback to read.
+        logger.error("measuring %s failed: %s", task.label, error)
+        return task, str(error)
     except Exception as error:
         logger.exception("measuring %s failed", task.label)
         return task, f"{type(error).__name__}: {error}"

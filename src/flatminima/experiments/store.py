@@ -6,10 +6,15 @@ Tables:
   as JSON, its status (``running``, ``finished`` or ``failed``), how many attempts it took, the
   process that runs it, the library versions, timestamps and the final metrics;
 * ``epochs``: one row per run and epoch with that epoch's metrics;
-* ``sharpness``: at most one row per finished run, its flatness measured from the saved weights
-  by :mod:`flatminima.experiments.sharpness_runs` (the scalars of
-  :func:`flatminima.sharpness.measure_sharpness`, the settings and examples used, optionally a
-  1-D loss landscape). Measuring never changes a row of ``runs``.
+* ``sharpness``: at most one row per finished run and measurement settings, its flatness
+  measured from the saved weights by :mod:`flatminima.experiments.sharpness_runs` (the scalars
+  of :func:`flatminima.sharpness.measure_sharpness`, the settings and examples used, optionally
+  a 1-D loss landscape). Measurements with different settings are different rows, never
+  averaged together. Measuring never changes a row of ``runs``.
+
+Deleting a run deletes its epochs and sharpness rows with it (foreign keys with cascades, on in
+every connection); :meth:`Store.forget` also deletes its weights. A database edited by hand with
+foreign keys off may hold rows of runs that no longer exist: a writer deletes them on opening.
 
 The final weights of every finished run are saved beside the database, in
 ``<database stem>-weights/<configuration hash>.pt``, so that sharpness can be measured later.
@@ -28,23 +33,33 @@ The processes must run on one machine: WAL mode shares an index through memory, 
 does not support it over a network filesystem. Containers on one machine sharing a volume are
 fine, and they are why hostnames can differ. A run's owner (``hostname:pid``) refreshes the
 run's ``heartbeat_at`` at every epoch. A run left ``running`` is taken over by another process
-when its owner is known to be dead (same hostname, no such process) or, for an owner under
-another hostname (another container, or the machine a database was copied from), when its
-heartbeat is older than ``stale_after_s`` (see :meth:`Store.claim`). A process whose run was
-taken over can no longer write it (:class:`RunLostError`).
+when its owner is known to be dead (same hostname, and no such process, or a process of that
+PID that started at another time: the PID was reused) or when its heartbeat is older than
+``stale_after_s`` (see :meth:`Store.claim`). A process whose run was taken over can no longer
+write it (:class:`RunLostError`).
+
+Damage is refused in one line (:class:`StoreError`) rather than read on: opening checks the file
+(``PRAGMA quick_check``), and a path that is not a regular file (``/dev/null``) is no database.
+Readers open the file read-only, so that a report can be written from a database in a read-only
+directory.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
+import io
 import itertools
 import json
+import logging
 import math
 import os
 import socket
 import sqlite3
+import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -53,7 +68,9 @@ from typing import Any
 
 import torch
 
-SCHEMA_VERSION = 2
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 3
 
 BUSY_TIMEOUT_S = 60.0
 """How long a connection waits for another process's write to end before giving up."""
@@ -89,7 +106,8 @@ CREATE TABLE IF NOT EXISTS runs (
     final_train_accuracy_clean REAL,
     weights_path TEXT,
     heartbeat_at TEXT,
-    diverged_at_epoch INTEGER
+    diverged_at_epoch INTEGER,
+    data_fingerprint TEXT
 );
 CREATE TABLE IF NOT EXISTS epochs (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -104,8 +122,8 @@ CREATE TABLE IF NOT EXISTS epochs (
 );
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status);
 CREATE TABLE IF NOT EXISTS sharpness (
-    run_id INTEGER PRIMARY KEY REFERENCES runs(id) ON DELETE CASCADE,
-    config_hash TEXT NOT NULL UNIQUE,
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    config_hash TEXT NOT NULL,
     examples INTEGER NOT NULL,
     data TEXT NOT NULL,
     settings TEXT NOT NULL,
@@ -121,11 +139,35 @@ CREATE TABLE IF NOT EXISTS sharpness (
     landscape TEXT,
     measure_time_s REAL NOT NULL,
     environment TEXT,
-    measured_at TEXT NOT NULL
+    measured_at TEXT NOT NULL,
+    PRIMARY KEY (run_id, settings)
 );
 """
 
-MIGRATIONS = {
+
+def _add_column(db: sqlite3.Connection, table: str, definition: str) -> None:
+    """``ALTER TABLE table ADD COLUMN definition`` unless the column is there already."""
+    name = definition.split()[0]
+    if name not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+        db.execute(f"ALTER TABLE {table} ADD COLUMN {definition}")
+
+
+def _key_sharpness_by_settings(db: sqlite3.Connection) -> None:
+    """Version 2 kept one sharpness row per run (``run_id`` its key); version 3 one per run and
+    settings. SQLite cannot change a key in place: copy the rows into the new table."""
+    exists = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sharpness'"
+    ).fetchone()
+    if not exists:
+        return  # created by SCHEMA below
+    db.execute("ALTER TABLE sharpness RENAME TO sharpness_version_2")
+    sharpness_table = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS sharpness") :]
+    db.execute(sharpness_table[: sharpness_table.index(";")])
+    db.execute("INSERT INTO sharpness SELECT * FROM sharpness_version_2")
+    db.execute("DROP TABLE sharpness_version_2")
+
+
+MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] = {
     # From the version on the left to the next one.
     1: (
         "ALTER TABLE runs ADD COLUMN heartbeat_at TEXT",
@@ -133,6 +175,10 @@ MIGRATIONS = {
         # A run an older flatminima is still training gets a full grace period from now.
         "UPDATE runs SET heartbeat_at = strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now') "
         "WHERE status = 'running'",
+    ),
+    2: (
+        lambda db: _add_column(db, "runs", "data_fingerprint TEXT"),
+        _key_sharpness_by_settings,
     ),
 }
 
@@ -175,26 +221,56 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux's ``/proc``), or ``None``
+    where that cannot be read (no such process, another system): with the PID it names one
+    process, where a PID alone may since have been given to another."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: count after it.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else None  # field 22, `starttime`
+
+
+@functools.cache
+def _owner_name(pid: int) -> str:
+    start = _process_start(pid)
+    return f"{socket.gethostname()}:{pid}" + (f"@{start}" if start else "")
+
+
 def _this_process() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """``host:pid@start`` (``host:pid`` where the start time is unknown)."""
+    return _owner_name(os.getpid())
 
 
 def _owner_is_alive(owner: str | None, heartbeat_age_s: float, stale_after_s: float) -> bool:
-    """Whether the process named ``host:pid`` still trains its run: asked of the system on this
-    host; judged by the run's heartbeat for a process on another host sharing the file."""
-    if not owner:
+    """Whether the process named ``owner`` (see :func:`_this_process`) may still train its run.
+
+    A run whose heartbeat is older than ``stale_after_s`` is abandoned whoever owns it: stealing
+    a live run would train it twice, waiting forever on a dead one would leave it unfinished.
+    On this host the system also knows: an owner whose PID is gone, or belongs to a process that
+    started at another time than the owner (the PID was reused), is dead at once.
+    """
+    if not owner or heartbeat_age_s > stale_after_s:
         return False
-    host, _, pid_text = owner.rpartition(":")
+    host, _, process = owner.rpartition(":")
     if host != socket.gethostname():
-        # Alive unless silent for too long: stealing a live run would train it twice, and
-        # waiting forever on a dead one would leave it unfinished.
-        return heartbeat_age_s <= stale_after_s
+        return True
+    pid_text, _, start = process.partition("@")
+    if not pid_text.isdigit():
+        return True  # not written by this module: judged by its heartbeat alone
+    pid = int(pid_text)
     try:
-        os.kill(int(pid_text), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, ValueError):
-        return True
+    except PermissionError:
+        pass  # a process of another user holds the PID: judged by its start time below
+    if start:
+        now_started = _process_start(pid)
+        return now_started is None or now_started == start
     return True
 
 
@@ -227,12 +303,14 @@ class RunRecord:
     final: dict[str, Any]
     """The final metrics and costs (``FINAL_COLUMNS``), ``None`` where not yet known."""
     weights_path: str | None
+    data_fingerprint: str | None = None
+    """The fingerprint of the dataset it trained on (``None`` in databases older than that)."""
 
     @property
     def diverged(self) -> bool:
-        """Whether this finished run's training diverged: recorded so (``diverged_at_epoch``),
-        or, in a database written before that was recorded, a final test loss that was not
-        finite (stored as NULL)."""
+        """Whether this finished run's training diverged (the runner's verdict,
+        :func:`has_diverged`): recorded so (``diverged_at_epoch``), or, in a database written
+        before that was recorded, a final test loss that was not finite (stored as NULL)."""
         return self.status == "finished" and (
             self.final.get("diverged_at_epoch") is not None
             or self.final.get("final_test_loss") is None
@@ -263,49 +341,93 @@ class SharpnessRecord:
 
 
 class StoreError(Exception):
-    """The file is not an experiment database this version of flatminima can use."""
+    """The file is not an experiment database this version of flatminima can use, or cannot be
+    written where writing is needed; the message says which and what to do."""
+
+
+class DataMismatchError(StoreError):
+    """The data a run is about to train on is not the data the database's runs trained on."""
 
 
 class RunLostError(Exception):
     """The run was taken over by another process: this one must stop writing it."""
 
 
+def out_of_space(error: BaseException) -> bool:
+    """Whether ``error`` says the disk (or the user's quota) is full: then every later write
+    fails too, and a grid must stop rather than try each remaining run."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return False
+
+
+def has_diverged(train_loss: float, test_loss: float, weights_are_finite: bool) -> bool:
+    """The one verdict of divergence, used by the runner (which stops training and records
+    the epoch), the report and the sharpness measurement: a loss that is not finite, on the
+    training batches or the test set, or weights that are not finite."""
+    return not (math.isfinite(train_loss) and math.isfinite(test_loss) and weights_are_finite)
+
+
 class Store:
     """A connection to the experiment database.
 
-    ``create=False`` is for readers (report, sharpness): a missing file is an error rather than
-    a new empty database.
+    ``create=False`` is for readers (report): a missing file is an error rather than a new empty
+    database, and the file is opened read-only (a database in a read-only directory can be
+    reported on). A reader writes only to bring a database of an older flatminima up to date.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
         self.path = Path(path)
         if self.path.is_dir():
             raise StoreError(f"{self.path} is a directory, not a database file")
+        if self.path.exists() and not self.path.is_file():
+            # /dev/null, a pipe...: SQLite would read it as an empty database and create
+            # <path>-journal beside it.
+            raise StoreError(f"{self.path} is not a regular file: give --db a database file")
         if not create and not self.path.exists():
             raise FileNotFoundError(f"no database at {self.path}")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Autocommit mode: transactions are opened explicitly and kept short.
-            self._connection = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None
-            )
-        except (OSError, sqlite3.Error) as error:
-            raise StoreError(f"cannot open {self.path} as a database: {error}") from error
+        self._read_only = not create
+        self._connection = self._connect(read_only=not create)
         try:
             self._connection.row_factory = sqlite3.Row
             self._connection.execute("PRAGMA foreign_keys=ON")
             self._refuse_what_is_not_ours()
+            if not create and self._schema_version() == 0:
+                # An empty file (or an empty SQLite database): a reader must not give it a
+                # schema and call it an empty report.
+                raise StoreError(
+                    f"{self.path} is not a flatminima database: it holds no runs table"
+                )
+            self._refuse_damage()
             if create:
                 # Before anything is written: writers need WAL (a copy made by VACUUM INTO or a
                 # restored dump comes back in the default rollback mode).
                 self._use_write_ahead_log()
             if self._schema_version() != SCHEMA_VERSION:
+                if not create:
+                    # Upgrading is a write: reopen writable for it (an error where it cannot).
+                    self._connection.close()
+                    self._connection = self._connect(read_only=False)
+                    self._connection.row_factory = sqlite3.Row
+                    self._connection.execute("PRAGMA foreign_keys=ON")
                 self._create_or_migrate()
+            if create:
+                self._delete_orphans()
             self._connection.execute("PRAGMA synchronous=NORMAL")
-        except sqlite3.OperationalError:
-            # Locked past the timeout, read-only, disk I/O...: the file may well be ours; the
-            # caller reports the error as it is.
+        except sqlite3.OperationalError as error:
             self._connection.close()
+            if create and not (
+                os.access(self.path.parent, os.W_OK)
+                and (not self.path.exists() or os.access(self.path, os.W_OK))
+            ):
+                raise StoreError(
+                    f"cannot write the database {self.path}: it or its folder is read-only "
+                    f"({error}); `flatminima report` reads it as it is"
+                ) from error
+            # Locked past the timeout, disk I/O...: the file may well be ours; the caller
+            # reports the error as it is.
             raise
         except sqlite3.DatabaseError as error:
             self._connection.close()
@@ -313,6 +435,90 @@ class Store:
         except BaseException:
             self._connection.close()
             raise
+
+    def _connect(self, *, read_only: bool) -> sqlite3.Connection:
+        try:
+            if not read_only:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # Autocommit mode: transactions are opened explicitly and kept short.
+                return sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            try:
+                connection = sqlite3.connect(
+                    uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None
+                )
+                connection.execute("PRAGMA user_version").fetchone()
+                return connection
+            except sqlite3.OperationalError:
+                wal = self.path.with_name(self.path.name + "-wal")
+                if os.access(self.path.parent, os.W_OK) or (wal.exists() and wal.stat().st_size):
+                    raise
+            # A WAL database in a directory this process cannot write, without a write-ahead
+            # log: SQLite cannot create the shared-memory index a reader needs, but there is
+            # nothing outside the file to read, and nobody here can change it.
+            return sqlite3.connect(
+                uri + "&immutable=1", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None
+            )
+        except sqlite3.OperationalError as error:
+            raise StoreError(f"cannot open {self.path} as a database: {error}") from error
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"{self.path} is not a flatminima database: {error}") from error
+        except (OSError, sqlite3.Error) as error:
+            raise StoreError(f"cannot open {self.path} as a database: {error}") from error
+
+    def _refuse_damage(self) -> None:
+        """Raise :class:`StoreError` when SQLite finds the file damaged (a corrupted page):
+        reading on would give wrong numbers or fail half-way."""
+        problems = [row[0] for row in self._connection.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            first = " ".join(problems[0].replace("*** in database main ***", "").split())
+            raise StoreError(
+                f"{self.path} is damaged ({first}; {len(problems)} problem(s) found by "
+                "PRAGMA quick_check): restore a copy, or recover it with the sqlite3 shell's "
+                "`.recover` into a new file"
+            )
+
+    def _delete_orphans(self) -> None:
+        """Delete epoch and sharpness rows of runs that no longer exist (a run deleted by hand
+        with foreign keys off): they belong to nothing, and a new run given the deleted run's
+        id would collide with them."""
+        if not self._connection.execute("PRAGMA foreign_key_check").fetchone():
+            return
+        with self._transaction("IMMEDIATE") as db:
+            for table in ("epochs", "sharpness"):
+                cursor = db.execute(
+                    f"DELETE FROM {table} WHERE run_id NOT IN (SELECT id FROM runs)"
+                )
+                if cursor.rowcount:
+                    logger.warning(
+                        "%s: deleted %d %s row(s) of runs that no longer exist",
+                        self.path,
+                        cursor.rowcount,
+                        table,
+                    )
+
+    def check_writable(self) -> None:
+        """Raise :class:`StoreError` unless this process can write the database and the
+        weights folder: asked once before training rather than discovered after it."""
+        try:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                # A write that is rolled back: SQLite refuses it on a read-only file or folder.
+                self._connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            finally:
+                self._connection.execute("ROLLBACK")
+        except sqlite3.OperationalError as error:
+            raise StoreError(f"cannot write the database {self.path}: {error}") from error
+        try:
+            self.weights_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.weights_dir) as probe:
+                probe.write(b"flatminima")
+                probe.flush()
+                os.fsync(probe.fileno())
+        except OSError as error:
+            raise StoreError(
+                f"cannot write the weights folder {self.weights_dir}: {error.strerror or error}"
+            ) from error
 
     def _schema_version(self) -> int:
         return int(self._connection.execute("PRAGMA user_version").fetchone()[0])
@@ -367,7 +573,10 @@ class Store:
                 return
             for step in range(version, SCHEMA_VERSION) if version else ():
                 for statement in MIGRATIONS[step]:
-                    db.execute(statement)
+                    if callable(statement):
+                        statement(db)
+                    else:
+                        db.execute(statement)
             # A new file's tables, or those added since `version` (IF NOT EXISTS keeps the rest).
             for statement in SCHEMA.split(";"):
                 if statement.strip():
@@ -407,20 +616,27 @@ class Store:
         passes_per_step: int,
         *,
         stale_after_s: float = DEFAULT_STALE_AFTER_S,
+        data_fingerprint: str | None = None,
     ) -> int | None:
         """Reserve the run of ``config`` for this process and return its id, or ``None`` when
         it is already finished or being trained by another live process.
 
         A run left ``running`` by a process that died, or ``failed``, is redone: its epochs are
-        deleted and its attempt count goes up. Whether the owner died is known on its own host;
-        an owner on another host counts as dead once the run's last heartbeat (its last epoch,
-        or its start) is older than ``stale_after_s`` seconds.
+        deleted and its attempt count goes up. An owner counts as dead once the run's last
+        heartbeat (its last epoch, or its start) is older than ``stale_after_s`` seconds, and
+        on its own host as soon as its process is gone (see :func:`_owner_is_alive`).
+
+        ``data_fingerprint`` (:func:`flatminima.experiments.data.fingerprint`) is recorded with
+        the run; :class:`DataMismatchError` when runs of the same dataset in the database
+        trained on data with another fingerprint.
         """
         if not stale_after_s > 0:
             raise ValueError(f"stale_after_s must be > 0, got {stale_after_s}")
         owner = _this_process()
         now = _now()
         with self._transaction("IMMEDIATE") as db:
+            if data_fingerprint is not None:
+                self._refuse_other_data(db, config["dataset"], data_fingerprint)
             row = db.execute(
                 "SELECT id, status, owner, COALESCE(heartbeat_at, started_at) AS heartbeat "
                 "FROM runs WHERE config_hash = ?",
@@ -430,8 +646,8 @@ class Store:
                 cursor = db.execute(
                     "INSERT INTO runs (config_hash, config, dataset, model, method, seed, "
                     "label_noise, status, attempts, owner, environment, created_at, started_at, "
-                    "heartbeat_at, passes_per_step) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?)",
+                    "heartbeat_at, passes_per_step, data_fingerprint) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', 1, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         config_hash,
                         json.dumps(config, sort_keys=True),
@@ -446,6 +662,7 @@ class Store:
                         now,
                         now,
                         passes_per_step,
+                        data_fingerprint,
                     ),
                 )
                 return int(cursor.lastrowid)  # type: ignore[arg-type]
@@ -461,10 +678,47 @@ class Store:
             db.execute(
                 "UPDATE runs SET status = 'running', attempts = attempts + 1, owner = ?, "
                 "environment = ?, error = NULL, started_at = ?, heartbeat_at = ?, "
-                "finished_at = NULL, diverged_at_epoch = NULL WHERE id = ?",
-                (owner, json.dumps(environment, sort_keys=True), now, now, row["id"]),
+                "finished_at = NULL, diverged_at_epoch = NULL, data_fingerprint = ? WHERE id = ?",
+                (
+                    owner,
+                    json.dumps(environment, sort_keys=True),
+                    now,
+                    now,
+                    data_fingerprint,
+                    row["id"],
+                ),
             )
             return int(row["id"])
+
+    def _refuse_other_data(
+        self, db: sqlite3.Connection, dataset: str, data_fingerprint: str
+    ) -> None:
+        other = db.execute(
+            "SELECT data_fingerprint, COUNT(*) AS runs FROM runs WHERE dataset = ? AND "
+            "status != 'failed' AND data_fingerprint IS NOT NULL AND data_fingerprint != ? "
+            "GROUP BY data_fingerprint",
+            (dataset, data_fingerprint),
+        ).fetchone()
+        if other is not None:
+            raise DataMismatchError(
+                f"{other['runs']} {dataset} run(s) in {self.path} trained on other data "
+                f"(fingerprint {other['data_fingerprint']}, this data {data_fingerprint}): "
+                "give --data-dir the data they trained on, or use another --db"
+            )
+
+    def data_fingerprints(self, dataset: str) -> set[str]:
+        """The fingerprints of the data this dataset's runs (failed ones aside) trained on."""
+        rows = self._connection.execute(
+            "SELECT DISTINCT data_fingerprint FROM runs WHERE dataset = ? AND "
+            "status != 'failed' AND data_fingerprint IS NOT NULL",
+            (dataset,),
+        )
+        return {row[0] for row in rows}
+
+    def check_data(self, dataset: str, data_fingerprint: str) -> None:
+        """:class:`DataMismatchError` unless every run of ``dataset`` with a recorded
+        fingerprint trained on data with ``data_fingerprint``."""
+        self._refuse_other_data(self._connection, dataset, data_fingerprint)
 
     def _check_still_owned(self, db: sqlite3.Connection, run_id: int) -> None:
         """Raise :class:`RunLostError` unless this process still trains ``run_id``: a run
@@ -497,12 +751,24 @@ class Store:
     ) -> str:
         """Write the run's final weights beside the database and return their path relative to
         it. The file appears whole (written aside, then renamed) and only while the run is
-        still this process's (else :class:`RunLostError`, and nothing is replaced)."""
+        still this process's (else :class:`RunLostError`, and nothing is replaced). Nothing is
+        left behind when writing fails (a full disk raises ``OSError``), and partial files an
+        earlier, killed attempt of this run left are deleted."""
         self.weights_dir.mkdir(parents=True, exist_ok=True)
         target = self.weights_dir / f"{config_hash}.pt"
+        for leftover in self.weights_dir.glob(f"{config_hash}.pt.*.partial"):
+            # This process owns the run now: no other writes these.
+            leftover.unlink(missing_ok=True)
+        # Serialised in memory: the file's bytes then depend on the weights alone (torch names
+        # the archive's records after the file), and writing them raises a plain OSError.
+        buffer = io.BytesIO()
+        torch.save(dict(state_dict), buffer)
         partial = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
-        torch.save(dict(state_dict), partial)
         try:
+            with open(partial, "wb") as stream:
+                stream.write(buffer.getbuffer())
+                stream.flush()
+                os.fsync(stream.fileno())
             with self._transaction("IMMEDIATE") as db:
                 self._check_still_owned(db, run_id)
                 os.replace(partial, target)
@@ -551,7 +817,9 @@ class Store:
         environment: Mapping[str, Any],
         landscape: Mapping[str, Any] | None = None,
     ) -> None:
-        """Store the run's sharpness, replacing any earlier measurement of it (one row a run).
+        """Store the run's sharpness measured with ``settings``, replacing any earlier
+        measurement of it with the same settings (one row a run and settings; measurements with
+        other settings are kept beside it).
 
         ``metrics`` is what :func:`flatminima.sharpness.measure_sharpness` returned. A landscape
         already stored is kept when ``landscape`` is ``None`` (it records its own seed and
@@ -574,22 +842,23 @@ class Store:
             ).fetchone()
             if row is None:
                 raise ValueError(f"no finished run with id {run_id} in {self.path}")
-            # An upsert on the run: a re-measurement (--force) never leaves two rows for a run.
+            # An upsert on the run and settings: a re-measurement (--force) never leaves two
+            # rows for them.
             updates = ", ".join(
                 f"{name} = excluded.{name}"
                 for name in (name.strip() for name in columns.split(","))
-                if name not in ("run_id", "landscape")
+                if name not in ("run_id", "settings", "landscape")
             )
             db.execute(
                 f"INSERT INTO sharpness ({columns}) VALUES ({placeholders}) "
-                f"ON CONFLICT(run_id) DO UPDATE SET {updates}, "
+                f"ON CONFLICT(run_id, settings) DO UPDATE SET {updates}, "
                 "landscape = COALESCE(excluded.landscape, sharpness.landscape)",
                 (
                     run_id,
                     row["config_hash"],
                     examples,
                     data,
-                    json.dumps(dict(settings), sort_keys=True),
+                    settings_key(settings),
                     json.dumps([_finite_or_none(v) for v in more]) if more else None,
                     json.dumps(dict(landscape)) if landscape is not None else None,
                     measure_time_s,
@@ -599,15 +868,44 @@ class Store:
                 ),
             )
 
-    def record_landscape(self, run_id: int, landscape: Mapping[str, Any]) -> None:
-        """Add a 1-D landscape to the run's existing sharpness row."""
+    def record_landscape(
+        self, run_id: int, settings: Mapping[str, Any], landscape: Mapping[str, Any]
+    ) -> None:
+        """Add a 1-D landscape to the run's existing sharpness row of ``settings``."""
         with self._transaction() as db:
             cursor = db.execute(
-                "UPDATE sharpness SET landscape = ? WHERE run_id = ?",
-                (json.dumps(dict(landscape)), run_id),
+                "UPDATE sharpness SET landscape = ? WHERE run_id = ? AND settings = ?",
+                (json.dumps(dict(landscape)), run_id, settings_key(settings)),
             )
             if cursor.rowcount != 1:
-                raise ValueError(f"run {run_id} has no sharpness row to add a landscape to")
+                raise ValueError(
+                    f"run {run_id} has no sharpness row with these settings to add a landscape to"
+                )
+
+    def forget(self, config_hash: str) -> RunRecord:
+        """Delete the run of ``config_hash`` with its epochs, sharpness rows and weights file,
+        and return what it was. :class:`StoreError` for a run another live process trains."""
+        with self._transaction("IMMEDIATE") as db:
+            row = db.execute(
+                "SELECT *, COALESCE(heartbeat_at, started_at) AS heartbeat FROM runs "
+                "WHERE config_hash = ?",
+                (config_hash,),
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"no run with configuration hash {config_hash} in {self.path}")
+            if (
+                row["status"] == "running"
+                and row["owner"] != _this_process()
+                and _owner_is_alive(row["owner"], _age_s(row["heartbeat"]), DEFAULT_STALE_AFTER_S)
+            ):
+                raise StoreError(
+                    f"run {config_hash} is being trained by {row['owner']}: stop that process first"
+                )
+            db.execute("DELETE FROM runs WHERE id = ?", (row["id"],))  # cascades
+        # After the rows: a file left by a crash here is overwritten by the next run of it.
+        for path in self.weights_dir.glob(f"{config_hash}.pt*"):
+            path.unlink(missing_ok=True)
+        return _record(row)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -628,6 +926,19 @@ class Store:
         rows = self._connection.execute(query + " ORDER BY id", parameters).fetchall()
         return [_record(row) for row in rows]
 
+    def live_runs(self, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> set[str]:
+        """Configuration hashes of the ``running`` runs whose process is still alive, judged as
+        :meth:`claim` judges them; the other running runs were interrupted."""
+        rows = self._connection.execute(
+            "SELECT config_hash, owner, COALESCE(heartbeat_at, started_at) AS heartbeat "
+            "FROM runs WHERE status = 'running'"
+        ).fetchall()
+        return {
+            row["config_hash"]
+            for row in rows
+            if _owner_is_alive(row["owner"], _age_s(row["heartbeat"]), stale_after_s)
+        }
+
     def epochs(self, run_id: int) -> list[dict[str, Any]]:
         """The run's epoch rows in order, as dictionaries keyed by ``EPOCH_COLUMNS``."""
         rows = self._connection.execute(
@@ -636,10 +947,36 @@ class Store:
         ).fetchall()
         return [dict(row) for row in rows]
 
-    def sharpness(self) -> dict[str, SharpnessRecord]:
-        """Every sharpness row, keyed by the run's configuration hash."""
-        rows = self._connection.execute("SELECT * FROM sharpness ORDER BY run_id").fetchall()
-        return {row["config_hash"]: _sharpness_record(row) for row in rows}
+    def sharpness_records(self) -> list[SharpnessRecord]:
+        """Every sharpness row, whatever its settings, by run then settings."""
+        rows = self._connection.execute(
+            "SELECT * FROM sharpness ORDER BY run_id, settings"
+        ).fetchall()
+        return [_sharpness_record(row) for row in rows]
+
+    def sharpness(self, settings: Mapping[str, Any] | None = None) -> dict[str, SharpnessRecord]:
+        """The sharpness rows measured with ``settings``, keyed by the run's configuration
+        hash. Without ``settings``: every row, when they all share their settings; a
+        ``ValueError`` when they do not (rows of different settings are never mixed)."""
+        if settings is not None:
+            rows = self._connection.execute(
+                "SELECT * FROM sharpness WHERE settings = ? ORDER BY run_id",
+                (settings_key(settings),),
+            ).fetchall()
+            return {row["config_hash"]: _sharpness_record(row) for row in rows}
+        records = self.sharpness_records()
+        kinds = {settings_key(record.settings) for record in records}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"{self.path} holds sharpness measured with {len(kinds)} different settings: "
+                "ask for the rows of one"
+            )
+        return {record.config_hash: record for record in records}
+
+
+def settings_key(settings: Mapping[str, Any]) -> str:
+    """The canonical text of measurement settings: their key in the ``sharpness`` table."""
+    return json.dumps(dict(settings), sort_keys=True)
 
 
 def _as_float(value: float | None) -> float:
@@ -679,4 +1016,5 @@ def _record(row: sqlite3.Row) -> RunRecord:
         error=row["error"],
         final={column: row[column] for column in FINAL_COLUMNS},
         weights_path=row["weights_path"],
+        data_fingerprint=row["data_fingerprint"],
     )
