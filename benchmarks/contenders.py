@@ -18,6 +18,7 @@ import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import torch
@@ -204,8 +205,10 @@ def _pytorch_optimizer_class(name: str) -> type:
 
 
 def _build_pytorch_optimizer(
-    name: str, **options: Any
+    name: str, *, cycle: int = 1, **options: Any
 ) -> Callable[[Workload, Hooks], Prepared]:
+    """``cycle``: steps per timed call (LookSAM's k, as for flatminima's rows)."""
+
     def build(workload: Workload, hooks: Hooks) -> Prepared:
         built = setup(workload, hooks)
         optimizer = _pytorch_optimizer_class(name)(
@@ -215,13 +218,47 @@ def _build_pytorch_optimizer(
         closure = built.closure
 
         def step() -> None:
-            # pytorch_optimizer's contract: gradients at w first, then step(closure).
-            closure()
-            optimizer.step(closure)
+            for _ in range(cycle):
+                # pytorch_optimizer's contract: gradients at w first, then step(closure).
+                closure()
+                optimizer.step(closure)
 
-        return Prepared(step, built.params)
+        return Prepared(step, built.params, steps_per_call=cycle)
 
     return build
+
+
+def _build_pytorch_optimizer_gsam(workload: Workload, hooks: Hooks) -> Prepared:
+    """pytorch_optimizer's GSAM at flatminima's defaults (ρ = 0.05 fixed, α = 0.4): it takes a
+    base optimizer instance, the model and a ρ scheduler, and its step runs both passes through
+    a closure that returns (outputs, loss)."""
+    import pytorch_optimizer
+
+    built = setup(workload, hooks)
+    base = _sgd(built.params)
+    _instrument_base(base, hooks)
+    # ProportionScheduler reads the rate from `.optimizer` when given no torch scheduler; with
+    # max_lr = min_lr it returns max_value, a fixed ρ (no scheduler wrapping the base's step).
+    lr = BASE_HYPERPARAMETERS["lr"]
+    no_scheduler = SimpleNamespace(optimizer=base)
+    rho_scheduler = pytorch_optimizer.ProportionScheduler(no_scheduler, lr, lr, 0.05, 0.05)
+    optimizer = pytorch_optimizer.GSAM(built.params, base, built.model, rho_scheduler, alpha=0.4)
+    closure = torch.enable_grad()(built.closure)  # its step runs under no_grad
+    return Prepared(lambda: optimizer.step(lambda: (None, closure())) and None, built.params)
+
+
+def _build_pytorch_optimizer_wsam(workload: Workload, hooks: Hooks) -> Prepared:
+    """pytorch_optimizer's WSAM at its (and flatminima's) defaults: ρ = 0.05, γ = 0.9,
+    decoupled; its step runs both passes itself."""
+    import pytorch_optimizer
+
+    built = setup(workload, hooks)
+    optimizer = pytorch_optimizer.WSAM(
+        built.model, built.params, _SGDForeachInStep, rho=0.05, gamma=0.9, **BASE_HYPERPARAMETERS
+    )
+    _instrument_base(optimizer.base_optimizer, hooks)
+    closure = built.closure
+    return Prepared(lambda: optimizer.step(closure) and None, built.params)
 
 
 def _build_naive(workload: Workload, hooks: Hooks) -> Prepared:
@@ -321,6 +358,26 @@ def contenders(*, peers: bool = True, tilted_samples: int = 3) -> list[Contender
                 "pytorch_optimizer FriendlySAM (default)",
                 "peer", "friendly-sam", 2,
                 _build_pytorch_optimizer("FriendlySAM", rho=0.2, sigma=1.0, lmbda=0.6),
+            ),
+            Contender(
+                "pytorch_optimizer:gsam",
+                "pytorch_optimizer GSAM (foreach, from the base SGD's groups)",
+                "peer", "gsam", 2,
+                _build_pytorch_optimizer_gsam,
+            ),
+            Contender(
+                "pytorch_optimizer:wsam",
+                "pytorch_optimizer WSAM (default: per-tensor on CPU)",
+                "peer", "wsam", 2,
+                _build_pytorch_optimizer_wsam,
+            ),
+            # Its step(closure) calls the closure on every step, also between refreshes (at w,
+            # where the caller's pass already was): 2 passes per step, and per-tensor maths.
+            Contender(
+                "pytorch_optimizer:looksam",
+                "pytorch_optimizer LookSAM (k=5, alpha=0.2; per tensor)",
+                "peer", "looksam", 2,
+                _build_pytorch_optimizer("LookSAM", cycle=5, rho=0.1, k=5, alpha=0.2),
             ),
         ]
     return rows

@@ -149,11 +149,18 @@ class AllocationTracker(TorchDispatchMode):
         grads = [g for g in map(_grad_of, self.params) if g is not None]
         gradient_storages = set(map(id, map(Tensor.untyped_storage, grads)))
         kept = self._kept_bytes
+        own = self._method_bytes
         for key in gradient_storages:
             allocation = self.live.get(key)
-            if allocation is not None and allocation.tag == PASS:
+            if allocation is None:
+                continue
+            if allocation.tag == PASS:
                 kept -= allocation.nbytes
-        return self._method_bytes + kept
+            elif allocation.tag == METHOD:
+                # A copy the method made and handed back as the gradient (WSAM's decoupled step
+                # descends with the kept clean gradient): it is the current gradient now.
+                own -= allocation.nbytes
+        return own + kept
 
     def _sample(self) -> None:
         if self._tag == PASS:

@@ -17,6 +17,7 @@ import torch
 
 import flatminima
 from flatminima.directions import FRIENDLY_EMA
+from flatminima.methods.looksam import LOOKSAM_DIRECTION
 from reference import loops
 
 ReferenceStep = Callable[..., list[torch.Tensor]]
@@ -48,6 +49,10 @@ class MethodRecord:
     perturbs_along_a_pass_gradient: bool = True
     """Whether ε is built from the gradient of a pass of the same step (Momentum-SAM's is
     built from the base optimizer's momentum instead)."""
+    descends_with_first_pass_gradient: bool = False
+    """Whether the first pass's gradient enters the update (Momentum-SAM, whose only pass it
+    is; Bilateral SAM): a non-finite gradient there reaches the base optimizer, as it would
+    without the method."""
     memory_copies: float = 1.0
     """Extra parameter copies the method holds at its peak (the benchmarks check it)."""
     reference: Callable[[], ReferenceStep] | None = None
@@ -174,5 +179,131 @@ RECORDS = [
         memory_copies=2.0,
         reference=lambda: functools.partial(loops.friendly_sam_step, state=loops.FriendlyState()),
         lockstep=("typical", "partial_removal"),
+    ),
+]
+
+# -- GSAM and WSAM (issue 9) --------------------------------------------------------------------
+
+RECORDS += [
+    MethodRecord(
+        cls=flatminima.GSAM,
+        # "typical" has no rho_min: the suite gives one group rho = 0, which a rho_min > 0
+        # refuses. The learning-rate-following radius is tested in tests/methods/test_gsam.py
+        # and in lockstep under a changing learning rate (test_lockstep.py).
+        configurations={
+            "typical": {"rho": 0.1, "alpha": 0.4},
+            "large_alpha": {"rho": 0.1, "alpha": 1.5},
+            "adaptive": {"rho": 0.5, "alpha": 0.6, "adaptive": True},
+            "following_lr": {"rho": 0.2, "alpha": 0.4, "rho_min": 0.05, "lr_min": 0.01},
+        },
+        identity={"rho": 0.0, "alpha": 0.0},
+        passes=two_passes,
+        sam_equivalent={"rho": 0.1, "alpha": 0.0},
+        invalid=[
+            *COMMON_INVALID,
+            ({"alpha": -0.1}, r"alpha must be in \[0, inf\)"),
+            ({"alpha": float("nan")}, r"alpha must be a real number, got NaN"),
+            ({"rho_min": -0.1}, r"rho_min must be in \[0, inf\)"),
+            ({"rho_min": 0.2}, r"rho_min must be in \[0, rho\] = \[0, 0.1\], got 0.2"),
+            ({"lr_min": -1.0}, r"lr_min must be in \[0, inf\)"),
+            ({"lr_min": 1.0}, r"lr_min must be in \[0, lr_max\] = \[0, 0.1\]"),
+            ({"lr_max": -1.0}, r"lr_max must be in \[0, inf\)"),
+            ({"adaptive": 1}, r"adaptive must be True or False, got 1"),
+        ],
+        memory_copies=2.0,
+        reference=lambda: loops.gsam_step,
+        lockstep=("typical", "large_alpha", "adaptive"),
+    ),
+    MethodRecord(
+        cls=flatminima.WSAM,
+        configurations={
+            "typical": {"rho": 0.1, "gamma": 0.9},
+            "coupled": {"rho": 0.1, "gamma": 0.7, "decouple": False},
+            "clipped": {"rho": 0.1, "gamma": 0.9, "max_norm": 0.2},
+            "coupled_clipped": {"rho": 0.1, "gamma": 0.6, "decouple": False, "max_norm": 0.2},
+            "adaptive": {"rho": 0.5, "gamma": 0.9, "adaptive": True},
+        },
+        identity={"gamma": 0.0},
+        passes=two_passes,
+        sam_equivalent={"rho": 0.1, "gamma": 0.5, "decouple": False},
+        invalid=[
+            *COMMON_INVALID,
+            ({"gamma": 1.0}, r"gamma must be in \[0, 1\)"),
+            ({"gamma": -0.1}, r"gamma must be in \[0, 1\)"),
+            ({"max_norm": 0.0}, r"max_norm must be in \(0, inf\)"),
+            ({"decouple": "yes"}, r"decouple must be True or False, got 'yes'"),
+        ],
+        memory_copies=2.0,
+        reference=lambda: loops.wsam_step,
+        lockstep=("typical", "coupled", "clipped", "coupled_clipped", "adaptive"),
+    ),
+]
+
+
+# -- methods-b (issue 9): LookSAM, Momentum-SAM, Bilateral SAM ------------------------------------
+
+
+def looksam_passes(hyperparameters: dict[str, Any], step: int) -> int:
+    """A SAM step (two passes) on steps 0, k, 2k, ...; one pass in between."""
+    return 2 if step % hyperparameters["k"] == 0 else 1
+
+
+RECORDS += [
+    MethodRecord(
+        cls=flatminima.LookSAM,
+        configurations={
+            "typical": {"rho": 0.1, "k": 2, "alpha": 0.7},
+            "slow_refresh": {"rho": 0.2, "k": 3, "alpha": 0.2},
+        },
+        identity={"rho": 0.0, "alpha": 0.0},
+        passes=looksam_passes,
+        sam_equivalent={"rho": 0.1, "k": 1},
+        persistent_state=(LOOKSAM_DIRECTION,),
+        invalid=[
+            *COMMON_INVALID,
+            ({"k": 0}, r"k must be an integer >= 1"),
+            ({"k": 2.0}, r"k must be an integer >= 1"),
+            ({"alpha": -0.1}, r"alpha must be in \[0, inf\)"),
+            ({"alpha": float("nan")}, r"alpha must be a real number, got NaN"),
+        ],
+        manual_two_pass=False,
+        memory_copies=2.0,
+        reference=lambda: functools.partial(loops.looksam_step, state=loops.LookSAMState()),
+        lockstep=("typical", "slow_refresh"),
+        compiles_without_recompiling=False,
+    ),
+    MethodRecord(
+        cls=flatminima.MomentumSAM,
+        configurations={"typical": {"rho": 0.5}},
+        identity={"rho": 0.0},
+        passes=lambda hyperparameters, step: 1,
+        invalid=COMMON_INVALID,
+        manual_two_pass=False,
+        starts_at_weights=False,
+        perturbs_along_a_pass_gradient=False,
+        descends_with_first_pass_gradient=True,
+        memory_copies=1.0,
+        reference=lambda: loops.momentum_sam_step,
+        compiles_without_recompiling=False,
+    ),
+    MethodRecord(
+        cls=flatminima.BilateralSAM,
+        configurations={
+            "typical": {"rho": 0.1, "rho_min": 0.05},
+            "wide_min_side": {"rho": 0.05, "rho_min": 0.2},
+        },
+        identity={"rho": 0.0, "rho_min": 0.0},
+        passes=lambda hyperparameters, step: 3,
+        invalid=[
+            *COMMON_INVALID,
+            ({"rho_min": -0.1}, r"rho_min must be in \[0, inf\)"),
+            ({"rho_min": float("inf")}, r"rho_min must be in \[0, inf\)"),
+        ],
+        manual_two_pass=False,
+        descends_with_first_pass_gradient=True,
+        memory_copies=3.0,
+        reference=lambda: loops.bilateral_sam_step,
+        lockstep=("typical", "wide_min_side"),
+        compiles_without_recompiling=False,
     ),
 ]

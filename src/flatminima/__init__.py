@@ -8,17 +8,34 @@ Every method wraps a base optimizer *instance* and is itself a ``torch.optim.Opt
 """
 
 from flatminima.engine import Evaluation, Evaluations, SharpnessAwareOptimizer
-from flatminima.methods import ASAM, SAM, FisherSAM, FriendlySAM, MongeSAM, TiltedSAM
+from flatminima.methods import (
+    ASAM,
+    GSAM,
+    SAM,
+    WSAM,
+    BilateralSAM,
+    FisherSAM,
+    FriendlySAM,
+    LookSAM,
+    MomentumSAM,
+    MongeSAM,
+    TiltedSAM,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ASAM",
+    "GSAM",
     "SAM",
+    "WSAM",
+    "BilateralSAM",
     "Evaluation",
     "Evaluations",
     "FisherSAM",
     "FriendlySAM",
+    "LookSAM",
+    "MomentumSAM",
     "MongeSAM",
     "SharpnessAwareOptimizer",
     "TiltedSAM",

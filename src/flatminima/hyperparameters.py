@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flatminima.validation import (  # noqa: F401 - the checks a declaration names
+    boolean,
     finite,
     half_open_unit,
     non_negative,

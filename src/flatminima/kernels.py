@@ -468,3 +468,43 @@ def friendly_direction_(
         scale_(small_emas, lmbda, foreach=True)
         add_(small_emas, small_grads, alpha=1.0 - lmbda, foreach=True)
         add_(small_grads, previous, alpha=-sigma, foreach=True)
+
+
+def dot(first: TensorList, second: TensorList, *, foreach: bool) -> Tensor:
+    """Σᵢ ⟨firstᵢ, secondᵢ⟩ over all pairs, as a 0-d float64 tensor on the first tensor's device.
+
+    Accumulated as :func:`squared_norm` is: per tensor in float32 at least (float64 for float64
+    tensors), summed over tensors in float64. Half-precision pairs are widened one tensor at a
+    time, so only one temporary of one tensor's size exists at once. Both paths run one
+    ``torch.dot`` per tensor pair, which reads the two tensors once and allocates nothing:
+    torch has no ``_foreach`` dot product (``_foreach_mul`` would allocate a whole copy of the
+    gradients; ``_foreach_mm`` on 1×n·n×1 views is slower on CPU and follows the float32 matmul
+    precision, TF32 on a GPU if the user allowed it). The foreach path stacks the per-tensor
+    results of a (device, dtype) group and sums them in one reduction; the loop adds them one
+    at a time. The two may differ in the last bit of the sum.
+    """
+    if len(first) != len(second):
+        raise ValueError(f"dot needs lists of equal length, got {len(first)} and {len(second)}")
+    if len(first) == 0:
+        return torch.zeros((), dtype=torch.float64)
+    result_device = first[0].device
+    total = torch.zeros((), dtype=torch.float64, device=result_device)
+    for (_, dtype), indices in group_by_device_and_dtype(first).items():
+        acc = accumulation_dtype(dtype)
+        products = [_flat_dot(first[i], second[i], acc) for i in indices]
+        if foreach:
+            group_total = torch.stack(products).sum(dtype=torch.float64)
+            total = total + group_total.to(device=result_device)
+        else:
+            for product in products:
+                total = total + product.to(device=result_device, dtype=torch.float64)
+    return total
+
+
+def _flat_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """⟨a, b⟩ of two same-shaped tensors, computed in ``acc`` (a 0-d tensor of dtype ``acc``)."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"dot needs tensors of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    return torch.dot(a.to(acc).reshape(-1), b.to(acc).reshape(-1))

@@ -12,7 +12,8 @@ formula for one metric M, computed without forming M.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -99,7 +100,16 @@ class AdaptiveEllipsoid:
     (η = 0 is exactly the popular port's ``adaptive=True``; η > 0 lets zero weights move).
     ``rho`` and ``eta`` are read per group. T is built in the scratch buffer, which the engine
     then reuses for the weights' backup.
+
+    Args:
+        eta: a fixed η for every group (GSAM's and WSAM's ``adaptive=True`` is η = 0); ``None``
+            reads ``eta`` from each group (ASAM).
+        epsilon: ξ (SamsungLabs/ASAM's 1e-16 by default; the GSAM and WSAM codes add 1e-12).
     """
+
+    def __init__(self, *, eta: float | None = None, epsilon: float = ASAM_NORM_EPSILON) -> None:
+        self.eta = eta
+        self.epsilon = epsilon
 
     def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
         scales = []
@@ -107,7 +117,9 @@ class AdaptiveEllipsoid:
             scale = view.scratch_or_new()
             kernels.copy_(scale, view.params, foreach=foreach)
             kernels.abs_(scale, foreach=foreach)
-            kernels.add_scalar_(scale, float(view.hyperparameters["eta"]), foreach=foreach)
+            eta = float(view.hyperparameters["eta"]) if self.eta is None else self.eta
+            if eta != 0.0:  # adding 0 changes nothing: skip a pass over the tensors
+                kernels.add_scalar_(scale, eta, foreach=foreach)
             kernels.mul_(view.grads, scale, foreach=foreach)  # T d
             scales.append(scale)
         norm, norm_tensor = kernels.norm_and_tensor(all_grads(views), foreach=foreach)
@@ -116,7 +128,7 @@ class AdaptiveEllipsoid:
             return
         for view, scale in zip(views, scales, strict=True):
             kernels.mul_(view.grads, scale, foreach=foreach)  # T² d
-        _scale_to_radius_(views, norm, norm_tensor, ASAM_NORM_EPSILON, foreach=foreach)
+        _scale_to_radius_(views, norm, norm_tensor, self.epsilon, foreach=foreach)
 
 
 class FisherEllipsoid:
@@ -142,3 +154,24 @@ class FisherEllipsoid:
             _zero_all(views, foreach=foreach)
             return
         _scale_to_radius_(views, norm, norm_tensor, GRADIENT_NORM_EPSILON, foreach=foreach)
+
+
+class WithRadius:
+    """The neighbourhood ``inner`` with the radius ``radius(group)`` in place of ``group["rho"]``.
+
+    For radii that are a function of the group at this step: GSAM's ρ_t, which follows the
+    learning rate. The group itself is not written to; each view of this step gets a copy of
+    its hyperparameters with ``rho`` replaced.
+    """
+
+    def __init__(self, inner: Neighborhood, radius: Callable[[Mapping[str, Any]], float]) -> None:
+        self.inner = inner
+        self.radius = radius
+
+    def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
+        for view in views:
+            view.hyperparameters = {
+                **view.hyperparameters,
+                "rho": self.radius(view.hyperparameters),
+            }
+        self.inner.perturbation_(views, foreach=foreach)

@@ -73,3 +73,14 @@ def positive(name: str, value: Any) -> None:
     number = _number(name, value)
     if not (0.0 < number < math.inf):
         raise ValueError(f"{name} must be in (0, inf), got {value!r}")
+
+
+def boolean(name: str, value: Any) -> None:
+    """True or False (a Python or NumPy bool; 0 and 1 are refused, as they may be typos for a
+    number)."""
+    if isinstance(value, bool):
+        return
+    kind = type(value)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):
+        return
+    raise ValueError(f"{name} must be True or False, got {value!r}")

@@ -119,7 +119,9 @@ def test_wrapping_the_same_base_again_takes_the_new_values_and_keeps_the_users()
     assert [g["rho"] for g in base.param_groups] == [0.01, 0.5]
 
 
-@by_record
+@pytest.mark.parametrize(
+    "record", [r for r in RECORDS if r.passes(r.typical, 0) >= 2], ids=lambda r: r.id
+)
 def test_an_abandoned_iteration_restores_the_weights_at_once(record):
     model = tiny_mlp()
     optimizer = record.cls(make_base("sgd", model.parameters()), **record.typical)
@@ -199,7 +201,9 @@ def test_foreach_and_loop_agree_in_half_precision(record, dtype):
 @by_record
 def test_sparse_gradients_are_refused_clearly_and_the_weights_kept(record):
     embedding = torch.nn.Embedding(10, 3, sparse=True).double()
-    optimizer = record.cls(torch.optim.SGD(embedding.parameters(), lr=0.1), **record.typical)
+    optimizer = record.cls(
+        torch.optim.SGD(embedding.parameters(), lr=0.1, momentum=0.9), **record.typical
+    )
     before = snapshot(embedding)
 
     def closure():

@@ -93,7 +93,10 @@ def test_copying_in_the_middle_of_a_step_is_refused():
 def test_maximize_is_refused_at_construction_and_when_set_later(record):
     model = tiny_mlp()
     with pytest.raises(ValueError, match="maximize=True"):
-        record.cls(torch.optim.SGD(model.parameters(), lr=0.1, maximize=True), **record.typical)
+        record.cls(
+            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, maximize=True),
+            **record.typical,
+        )
     optimizer = build(record, model)
     optimizer.param_groups[0]["maximize"] = True
     before = snapshot(model)
@@ -229,7 +232,7 @@ def test_tilted_sam_with_a_huge_finite_tilt_stays_finite():
 def test_complex_parameters_are_refused_clearly(record):
     weight = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
     with pytest.raises(ValueError, match="complex parameters"):
-        record.cls(torch.optim.SGD([weight], lr=0.1), **record.typical)
+        record.cls(torch.optim.SGD([weight], lr=0.1, momentum=0.9), **record.typical)
 
 
 def test_a_loss_that_is_neither_a_scalar_nor_per_example_is_a_clear_error():

@@ -7,8 +7,11 @@ import doctest
 import pytest
 
 import flatminima.methods.asam
+import flatminima.methods.bilateral_sam
 import flatminima.methods.fisher_sam
 import flatminima.methods.friendly_sam
+import flatminima.methods.looksam
+import flatminima.methods.momentum_sam
 import flatminima.methods.monge_sam
 import flatminima.methods.sam
 import flatminima.methods.tilted_sam
@@ -20,6 +23,9 @@ MODULES = [
     flatminima.methods.monge_sam,
     flatminima.methods.tilted_sam,
     flatminima.methods.friendly_sam,
+    flatminima.methods.looksam,
+    flatminima.methods.momentum_sam,
+    flatminima.methods.bilateral_sam,
 ]
 
 

@@ -141,3 +141,140 @@ def tilted_sam_step(
         for i in range(len(weights))
     ]
     return base.step(weights, combined)
+
+
+# -- GSAM and WSAM (issue 9) --------------------------------------------------------------------
+
+
+def gsam_radius(rho, rho_min, lr, lr_min, lr_max):
+    """Algorithm 1, line 1: ρ_t = ρ_min + (ρ_max − ρ_min)(lr_t − lr_min)/(lr_max − lr_min)."""
+    if rho_min is None or lr_max == lr_min:
+        return rho
+    return rho_min + (rho - rho_min) * (lr - lr_min) / (lr_max - lr_min)
+
+
+def gsam_step(
+    weights,
+    grad_fn: GradFn,
+    base: ReferenceSGD,
+    *,
+    rho,
+    alpha,
+    rho_min=None,
+    lr_min=0.0,
+    lr_max=None,
+    adaptive=False,
+):
+    """ε = ρ_t g/(‖g‖+ξ) (adaptive: ρ_t |w|²g/(‖|w|g‖+ξ)); g̃ = ∇L(w+ε);
+    g⊥ = g − (⟨g,g̃⟩/‖g̃‖²) g̃; descend with d = g̃ − α g⊥."""
+    rho_t = gsam_radius(rho, rho_min, base.lr, lr_min, base.lr if lr_max is None else lr_max)
+    _, g = grad_fn(weights)
+    if adaptive:
+        t = [w.abs() for w in weights]
+        n = norm([ti * gi for ti, gi in zip(t, g, strict=True)])
+        eps = [rho_t * ti * ti * gi / (n + XI) for ti, gi in zip(t, g, strict=True)]
+    else:
+        n = norm(g)
+        eps = [rho_t * gi / (n + XI) for gi in g]
+    _, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
+    inner = sum(float((gi * gti).sum()) for gi, gti in zip(g, g_tilde, strict=True))
+    squared = sum(float((gti * gti).sum()) for gti in g_tilde)
+    projection = inner / squared
+    d = [gti - alpha * (gi - projection * gti) for gi, gti in zip(g, g_tilde, strict=True)]
+    return base.step(weights, d)
+
+
+def clip(vectors: list[Tensor], max_norm) -> list[Tensor]:
+    """torch.nn.utils.clip_grad_norm_: v·min(1, max_norm/(‖v‖ + 1e-6))."""
+    factor = min(1.0, max_norm / (norm(vectors) + 1e-6))
+    return [factor * v for v in vectors]
+
+
+def wsam_step(
+    weights,
+    grad_fn: GradFn,
+    base: ReferenceSGD,
+    *,
+    rho,
+    gamma,
+    decouple=True,
+    max_norm=None,
+    adaptive=False,
+):
+    """ε as SAM's (adaptive: davda54's); α = γ/(1−γ); coupled: descend with α g̃ + (1−α) g;
+    decoupled: descend with g, then w ← w − lr·α·(g̃ − g). Optional clipping of g and g̃."""
+    _, g = grad_fn(weights)
+    if adaptive:
+        t = [w.abs() for w in weights]
+        n = norm([ti * gi for ti, gi in zip(t, g, strict=True)])
+        eps = [rho * ti * ti * gi / (n + XI) for ti, gi in zip(t, g, strict=True)]
+    else:
+        n = norm(g)
+        eps = [rho * gi / (n + XI) for gi in g]
+    _, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
+    if max_norm is not None:
+        g, g_tilde = clip(g, max_norm), clip(g_tilde, max_norm)
+    a = gamma / (1 - gamma)
+    if decouple:
+        stepped = base.step(weights, g)
+        return [
+            w - base.lr * a * (gti - gi) for w, gi, gti in zip(stepped, g, g_tilde, strict=True)
+        ]
+    return base.step(weights, [a * gti + (1 - a) * gi for gi, gti in zip(g, g_tilde, strict=True)])
+
+
+# -- methods-b (issue 9): LookSAM, Momentum-SAM, Bilateral SAM ------------------------------------
+
+
+class LookSAMState:
+    def __init__(self) -> None:
+        self.count = 0
+        self.unit_orthogonal: list[Tensor] | None = None
+
+
+def looksam_step(
+    weights, grad_fn: GradFn, base: ReferenceSGD, state: LookSAMState, *, rho, k, alpha
+):
+    """Steps 0, k, 2k, ...: SAM, and ĝ_v = normalise(g̃ − ⟨g̃,g⟩/(‖g‖²+ξ)·g); other steps:
+    descend with g + α‖g‖ĝ_v (MarlonBecker/MSAM looksam.py, global vectors)."""
+    _, g = grad_fn(weights)
+    n = norm(g)
+    if state.count % k == 0:
+        eps = [rho * gi / (n + XI) for gi in g]
+        _, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
+        dot = 0.0
+        for a, b in zip(g_tilde, g, strict=True):
+            dot += float((a * b).sum())
+        coefficient = dot / (n * n + XI)
+        g_v = [a - coefficient * b for a, b in zip(g_tilde, g, strict=True)]
+        n_v = norm(g_v)
+        state.unit_orthogonal = [v / n_v for v in g_v]
+        update = g_tilde
+    else:
+        update = [gi + alpha * n * vi for gi, vi in zip(g, state.unit_orthogonal, strict=True)]
+    state.count += 1
+    return base.step(weights, update)
+
+
+def momentum_sam_step(weights, grad_fn: GradFn, base: ReferenceSGD, *, rho):
+    """One pass at w − ρ v/(‖v‖+ξ), v the SGD momentum buffer (none yet: at w); the SGD step
+    from w with that gradient."""
+    if base.buffers is None:
+        _, g = grad_fn(weights)
+    else:
+        n = norm(base.buffers)
+        _, g = grad_fn([w - rho * v / (n + XI) for w, v in zip(weights, base.buffers, strict=True)])
+    return base.step(weights, g)
+
+
+def bilateral_sam_step(weights, grad_fn: GradFn, base: ReferenceSGD, *, rho, rho_min):
+    """ajiaaa/BSAM with the restore fixed: g at w; g_max at w + ρ g/(‖g‖+ξ); g_min at
+    w − ρ_min g/(‖g‖+ξ); descend from w with g_max + (g − ‖g_max‖/‖g_min‖·g_min). Constant
+    learning rate, so ρ_min,t = ρ_min."""
+    _, g = grad_fn(weights)
+    n = norm(g)
+    _, g_max = grad_fn([w + rho * gi / (n + XI) for w, gi in zip(weights, g, strict=True)])
+    _, g_min = grad_fn([w - rho_min * gi / (n + XI) for w, gi in zip(weights, g, strict=True)])
+    ratio = norm(g_max) / norm(g_min)
+    update = [a + (b - ratio * c) for a, b, c in zip(g_max, g, g_min, strict=True)]
+    return base.step(weights, update)

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 import torch
-from loops import FriendlyState, ReferenceSGD
+from loops import FriendlyState, ReferenceSGD, gsam_step
 
 import flatminima
 from records import RECORDS, MethodRecord
@@ -115,3 +115,63 @@ def test_friendly_sam_does_not_follow_the_ema_of_the_debiased_gradient():
         lambda: functools.partial(port_step, state=FriendlyState()),
     )
     assert deviation > 1e-6
+
+
+# -- GSAM and WSAM (issue 9) --------------------------------------------------------------------
+
+
+def test_clipping_bites_in_the_wsam_lockstep_configurations():
+    """max_norm = 0.2 clips every batch at the start (‖g‖ from 0.29 to 0.57), or the clipped
+    configurations would test nothing."""
+    model = tiny_mlp()
+    for batch in batches(STEPS):
+        _, g = grad_fn_for(model, batch)([p.detach() for p in model.parameters()])
+        assert sum(float((gi * gi).sum()) for gi in g) ** 0.5 > 0.2
+
+
+SCHEDULE = [0.1, 0.08, 0.05, 0.03, 0.01, 0.0]
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+@pytest.mark.parametrize(
+    "hyperparameters",
+    [
+        {"rho": 0.2, "alpha": 0.4, "rho_min": 0.05},
+        {"rho": 0.2, "alpha": 0.4, "rho_min": 0.05, "lr_min": 0.01},
+        {"rho": 0.5, "alpha": 0.6, "rho_min": 0.1, "adaptive": True},
+    ],
+    ids=lambda h: "-".join(f"{k}={v}" for k, v in h.items()),
+)
+def test_gsam_radius_follows_the_learning_rate_in_lockstep(hyperparameters, foreach):
+    """The group's learning rate changes every step (as a scheduler would change it); ρ_t
+    follows it in both, with lr_max the learning rate at construction."""
+    model = tiny_mlp()
+    optimizer = flatminima.GSAM(
+        torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
+        foreach=foreach,
+        **hyperparameters,
+    )
+    reference_base = ReferenceSGD(LR, MOMENTUM, WEIGHT_DECAY)
+    weights = [p.detach().clone() for p in model.parameters()]
+    worst = 0.0
+    for lr, (x, y) in zip(SCHEDULE, batches(len(SCHEDULE)), strict=True):
+        optimizer.param_groups[0]["lr"] = lr
+        reference_base.lr = lr
+        weights = gsam_step(
+            weights, grad_fn_for(model, (x, y)), reference_base, lr_max=LR, **hyperparameters
+        )
+
+        def closure(x=x, y=y):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        worst = max(
+            worst,
+            max(
+                float((p.detach() - w).abs().max())
+                for p, w in zip(model.parameters(), weights, strict=True)
+            ),
+        )
+    assert worst < TOLERANCE

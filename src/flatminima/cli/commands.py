@@ -370,7 +370,9 @@ def command_methods(args: argparse.Namespace) -> int:
     for name in method_names():
         spec = get_method(name)
         settings = ", ".join(f"{key}={value}" for key, value in spec.hyperparameters.items())
-        print(f"{name:<14} {spec.passes_per_step()} passes/step  {settings or '-'}")
+        # Averaged over the method's cycle: LookSAM's k = 5 costs 1.2 passes a step, not 2.
+        passes = f"{spec.mean_passes_per_step():g}"
+        print(f"{name:<14} {passes:<3} passes/step  {settings or '-'}")
         print(
             textwrap.fill(
                 method_description(name),

@@ -100,11 +100,19 @@ def coerce_hyperparameter(method: str, name: str, default: Any, value: Any) -> A
     return value
 
 
-def resolve_hyperparameters(method: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+def resolve_hyperparameters(
+    method: str,
+    overrides: Mapping[str, Any],
+    *,
+    optimizer: str = "sgd",
+    momentum: float | None = 0.9,
+) -> dict[str, Any]:
     """The method's full hyperparameters: defaults, then ``overrides`` coerced to their types.
 
     Unknown methods and names the method does not take raise :class:`ConfigError`; so do values
-    the method itself rejects (it is built once around a dummy parameter to find out).
+    the method itself rejects, and a base optimizer it refuses (it is built once around a dummy
+    parameter, with the run's kind of base optimizer, to find out: Momentum-SAM needs SGD's
+    momentum).
     """
     try:
         spec = get_method(method)
@@ -117,7 +125,12 @@ def resolve_hyperparameters(method: str, overrides: Mapping[str, Any]) -> dict[s
     }
     probe = torch.nn.Linear(1, 1)
     try:
-        spec.build(torch.optim.SGD(probe.parameters(), lr=0.1), model=probe, **typed)
+        probe_base: torch.optim.Optimizer
+        if optimizer == "adamw":
+            probe_base = torch.optim.AdamW(probe.parameters(), lr=1e-3)
+        else:
+            probe_base = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=momentum or 0.0)
+        spec.build(probe_base, model=probe, **typed)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"method {method!r}: {error}") from None
     return typed
@@ -189,7 +202,9 @@ def make_run_config(
         model=model,
         # Today's name: `sgd`, the baseline's old name, gives a `base` run.
         method=canonical_method_name(method),
-        hyperparameters=resolve_hyperparameters(method, hyperparameters or {}),
+        hyperparameters=resolve_hyperparameters(
+            method, hyperparameters or {}, optimizer=optimizer, momentum=momentum
+        ),
         optimizer=optimizer,
         lr=float(lr),
         momentum=None if momentum is None else float(momentum),

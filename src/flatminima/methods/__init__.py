@@ -1,11 +1,16 @@
 """One module per method; each is a small class that chooses the engine's parts."""
 
 from flatminima.methods.asam import ASAM
+from flatminima.methods.bilateral_sam import BilateralSAM
 from flatminima.methods.fisher_sam import FisherSAM
 from flatminima.methods.friendly_sam import FriendlySAM
+from flatminima.methods.gsam import GSAM
+from flatminima.methods.looksam import LookSAM
+from flatminima.methods.momentum_sam import MomentumSAM
 from flatminima.methods.monge_sam import MongeSAM
 from flatminima.methods.sam import SAM
 from flatminima.methods.tilted_sam import TiltedSAM
+from flatminima.methods.wsam import WSAM
 
 BY_NAME = {
     "sam": SAM,
@@ -14,7 +19,25 @@ BY_NAME = {
     "monge-sam": MongeSAM,
     "tilted-sam": TiltedSAM,
     "friendly-sam": FriendlySAM,
+    "gsam": GSAM,
+    "wsam": WSAM,
+    "looksam": LookSAM,
+    "momentum-sam": MomentumSAM,
+    "bilateral-sam": BilateralSAM,
 }
 """Command-line name → class, read by :mod:`flatminima.registry`."""
 
-__all__ = ["ASAM", "BY_NAME", "SAM", "FisherSAM", "FriendlySAM", "MongeSAM", "TiltedSAM"]
+__all__ = [
+    "ASAM",
+    "BY_NAME",
+    "GSAM",
+    "SAM",
+    "WSAM",
+    "BilateralSAM",
+    "FisherSAM",
+    "FriendlySAM",
+    "LookSAM",
+    "MomentumSAM",
+    "MongeSAM",
+    "TiltedSAM",
+]
