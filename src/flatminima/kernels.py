@@ -470,6 +470,7 @@ def friendly_direction_(
         add_(small_grads, previous, alpha=-sigma, foreach=True)
 
 
+@sharded.summed_over_shards
 def dot(first: TensorList, second: TensorList, *, foreach: bool) -> Tensor:
     """Σᵢ ⟨firstᵢ, secondᵢ⟩ over all pairs, as a 0-d float64 tensor on the first tensor's device.
 

@@ -300,6 +300,7 @@ KERNEL_CASES: dict[str, tuple[Callable[[list[list[torch.Tensor]], bool], Any], b
         True,
     ),
     "empty_like": (lambda ls, f: [tuple(t.shape) for t in kernels.empty_like(ls[0])], True),
+    "dot": (lambda ls, f: kernels.dot(ls[0], ls[1], foreach=f), False),
     "norm_and_tensor": (lambda ls, f: list(kernels.norm_and_tensor(ls[0], foreach=f)), False),
     "fisher_precondition_": (
         lambda ls, f: kernels.fisher_precondition_(ls[0], 0.5, foreach=f),
