@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-FAMILIES = ("gsam_wsam", "momentum_family")
+FAMILIES = ("gsam_wsam", "momentum_family", "esam", "sparse_sam")
 """The modules of ``scripts/authors/``."""
 
 

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Installs flatminima and everything its tests and demo need, on a fresh machine of this
-# project's type (Debian, Python 3.11, no GPU). Safe to run again.
+# Installs flatminima with every extra (experiments, tests, integrations, docs) on a fresh
+# machine of this project's type (Debian, Python 3.11, no GPU). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 
 # torch first, pinned: a bare or ranged torch requirement would download a multi-GB CUDA build.
-"$PYTHON" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-"$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+# Then everything else under the same pin (scripts/constraints.txt), so that no extra's
+# requirement can make pip pick another torch. The package's own requirement is torch>=2.13.
+PIP=("$PYTHON" -m pip install --quiet --disable-pip-version-check)
+"${PIP[@]}" -c scripts/constraints.txt torch
+"${PIP[@]}" -c scripts/constraints.txt -e ".[experiments,test,lightning,transformers,accelerate,docs]"
 
 # Fashion-MNIST comes from Debian (the original IDX files); data is never downloaded at run time.
 if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then

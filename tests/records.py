@@ -17,7 +17,9 @@ import torch
 
 import flatminima
 from flatminima.directions import FRIENDLY_EMA
+from flatminima.methods.esam import WEIGHT_PERTURBED
 from flatminima.methods.looksam import LOOKSAM_DIRECTION
+from flatminima.methods.sparse_sam import MASK
 from reference import loops
 
 ReferenceStep = Callable[..., list[torch.Tensor]]
@@ -61,6 +63,18 @@ class MethodRecord:
     """The configurations run in lockstep with the reference."""
     extras: Callable[[], dict[str, Any]] = dict
     """Constructor arguments that are not hyperparameters (a seeded generator)."""
+    needs_per_example_closure: bool = False
+    """Whether the closure must take the evaluation (which rows, whether a gradient) and
+    return per-example losses (ESAM selects examples by them; micro-batch SAM asks for rows)."""
+    compute: Callable[[dict[str, Any], int, int], float] | None = None
+    """Compute of step number ``step`` in full passes (``Cost.passes``) for a batch of
+    ``batch_size`` examples; ``None``: every pass is a full pass, so it equals ``passes``."""
+    prepare: Callable[[Any, torch.nn.Module, list[Any]], None] | None = None
+    """``prepare(optimizer, model, batches)``, run by the suites right after construction:
+    what a training loop does before the first step for a method that learns from data
+    outside the step (Sparse SAM's mask), so that the suites step a non-trivial method."""
+    boolean_state: tuple[str, ...] = ()
+    """Persistent state keys that hold bool tensors (masks), not the parameter's dtype."""
     compiles_without_recompiling: bool = True
     """Whether ``torch.compile`` of its step keeps one graph across steps (a method whose
     arithmetic depends on Python numbers that change every step, such as Tilted SAM's
@@ -77,6 +91,18 @@ class MethodRecord:
 
 def two_passes(hyperparameters: dict[str, Any], step: int) -> int:
     return 2
+
+
+def esam_compute(hyperparameters: dict[str, Any], step: int, batch_size: int) -> float:
+    """A full forward and backward, a full forward (the probe), and a forward and backward on
+    the k − 1 examples the strict rule keeps (k = ⌊γB⌋; all of them from γ ≥ 0.99), without
+    ties in the loss rises."""
+    gamma = hyperparameters["gamma"]
+    k = max(1, int(batch_size * gamma))
+    kept = batch_size if gamma >= 0.99 else max(1, k - 1)
+    share = kept / batch_size
+    forward, backward = 2.0 + share, 1.0 + share
+    return (forward + 2.0 * backward) / 3.0
 
 
 COMMON_INVALID = [
@@ -179,6 +205,55 @@ RECORDS = [
         memory_copies=2.0,
         reference=lambda: functools.partial(loops.friendly_sam_step, state=loops.FriendlyState()),
         lockstep=("typical", "partial_removal"),
+    ),
+    # -- data-aware methods (issue 10, first half) -----------------------------------------------
+    MethodRecord(
+        cls=flatminima.ESAM,
+        configurations={
+            "typical": {"rho": 0.1, "beta": 0.5, "gamma": 0.5},
+            "quarter_of_the_batch": {"rho": 0.2, "beta": 0.7, "gamma": 0.25},
+        },
+        identity={"rho": 0.0},
+        passes=lambda hyperparameters, step: 3,
+        persistent_state=(WEIGHT_PERTURBED,),
+        invalid=[
+            *COMMON_INVALID,
+            ({"beta": 0.0}, r"beta must be in \(0, 1\]"),
+            ({"beta": 1.5}, r"beta must be in \(0, 1\]"),
+            ({"gamma": 0.0}, r"gamma must be in \(0, 1\]"),
+            ({"gamma": float("nan")}, r"gamma must be a real number, got NaN"),
+        ],
+        manual_two_pass=False,
+        reference=lambda: functools.partial(
+            loops.esam_step, state=loops.EsamState(torch.Generator().manual_seed(4))
+        ),
+        lockstep=("typical", "quarter_of_the_batch"),
+        extras=lambda: {"generator": torch.Generator().manual_seed(4)},
+        needs_per_example_closure=True,
+        compute=esam_compute,
+        compiles_without_recompiling=False,  # the examples kept depend on the data
+    ),
+    MethodRecord(
+        cls=flatminima.MicroBatchSAM,
+        configurations={
+            "typical": {"rho": 0.1, "micro_batches": 4},
+            "uneven": {"rho": 0.1, "micro_batches": 3},
+        },
+        identity={"rho": 0.0, "micro_batches": 1},
+        passes=lambda hyperparameters, step: 2 * hyperparameters["micro_batches"],
+        sam_equivalent={"rho": 0.1, "micro_batches": 1},
+        invalid=[
+            *COMMON_INVALID,
+            ({"micro_batches": 0}, r"micro_batches must be an integer >= 1"),
+            ({"micro_batches": 2.0}, r"micro_batches must be an integer >= 1"),
+        ],
+        manual_two_pass=False,
+        memory_copies=2.0,
+        reference=lambda: loops.micro_batch_sam_step,
+        lockstep=("typical", "uneven"),
+        needs_per_example_closure=True,
+        compute=lambda hyperparameters, step, batch_size: 2.0,
+        compiles_without_recompiling=False,  # not tried: each micro-batch is its own pass
     ),
 ]
 
@@ -306,4 +381,71 @@ RECORDS += [
         lockstep=("typical", "wide_min_side"),
         compiles_without_recompiling=False,
     ),
+    # -- Sparse SAM and Fisher-mask FSAM (issue 10) ----------------------------------------
+    MethodRecord(
+        cls=flatminima.SparseSAM,
+        configurations={
+            "typical": {"rho": 0.1, "sparsity": 0.5, "mask": "dynamic", "total_epochs": 4},
+            "dense": {"rho": 0.1, "sparsity": 0.2, "mask": "dynamic", "total_epochs": 4},
+            "fisher": {"rho": 0.1, "sparsity": 0.5, "num_samples": 12},
+        },
+        identity={"rho": 0.0},
+        passes=two_passes,
+        # sparsity 0 is SAM with the authors' ξ = 1e-7 instead of SAM's 1e-12 (2.9e-9 apart
+        # after 5 steps): test_sparse_sam.py holds it to a SAM loop with that ξ.
+        persistent_state=(MASK,),
+        invalid=[
+            *COMMON_INVALID,
+            ({"sparsity": 1.5}, r"sparsity must be in \[0, 1\]"),
+            ({"mask": "random"}, r"mask must be one of 'fisher', 'dynamic'"),
+            ({"update_every": 0}, r"update_every must be an integer >= 1"),
+            ({"num_samples": 0}, r"num_samples must be an integer >= 1"),
+            ({"drop_rate": -0.1}, r"drop_rate must be in \[0, 1\]"),
+            ({"drop_strategy": "size"}, r"drop_strategy must be one of 'weight'"),
+            ({"growth_strategy": None}, r"growth_strategy must be one of 'weight'"),
+            ({"total_epochs": None}, r"total_epochs must be an integer >= 1 with mask='dynamic'"),
+        ],
+        # ε = ρ·m⊙g/(‖g‖ + 1e-7): the authors' ξ = 1e-7 makes ε move by ~1e-7·(1 − 1/c) when
+        # the loss is scaled by c (invariant only up to ξ, like their code).
+        loss_scale_invariant=False,
+        memory_copies=1.25,  # the backup and one byte per coordinate (P/4 for float32)
+        reference=lambda: functools.partial(
+            loops.sparse_sam_step,
+            state=loops.SparseState(torch.Generator().manual_seed(4)),
+        ),
+        lockstep=("typical", "dense"),
+        extras=lambda: {"generator": torch.Generator().manual_seed(4)},
+        prepare=lambda optimizer, model, data: learn_the_mask(optimizer, model, data),
+        boolean_state=(MASK,),
+    ),
+    MethodRecord(
+        cls=flatminima.FisherMaskSAM,
+        configurations={"typical": {"rho": 0.1, "sparsity": 0.5, "num_samples": 12}},
+        identity={"rho": 0.0},
+        passes=two_passes,
+        persistent_state=(MASK,),
+        invalid=[
+            *COMMON_INVALID,
+            ({"sparsity": -0.5}, r"sparsity must be in \[0, 1\]"),
+            ({"num_samples": 2.0}, r"num_samples must be an integer >= 1"),
+        ],
+        memory_copies=1.25,
+        # Before its first refresh the Fisher mask is all zeros; the lockstep with a learnt
+        # mask is test_sparse_sam.py's (the suite's lockstep has no data to learn it from).
+        reference=lambda: functools.partial(loops.sparse_sam_step, state=loops.SparseState()),
+        lockstep=(),
+        prepare=lambda optimizer, model, data: learn_the_mask(optimizer, model, data),
+        boolean_state=(MASK,),
+    ),
 ]
+
+
+def learn_the_mask(optimizer: Any, model: torch.nn.Module, data: list[Any]) -> None:
+    """The runner's per-epoch hook for epoch 0 on ``data``. The Fisher passes run one example
+    at a time, which BatchNorm1d cannot do in train mode: the mask is learnt in eval mode."""
+    was_training = model.training
+    model.eval()
+    optimizer.start_epoch(
+        0, model=model, loss_fn=torch.nn.functional.cross_entropy, batches=lambda: data
+    )
+    model.train(was_training)

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from flatminima import Evaluation
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -25,8 +27,12 @@ def tiny_mlp(
     return nn.Sequential(*layers).to(dtype)
 
 
+BATCH_SIZE = 16
+"""Examples per batch of :func:`batches` unless told otherwise."""
+
+
 def batches(
-    count: int, *, dtype: torch.dtype = torch.float64, seed: int = 1, size: int = 16
+    count: int, *, dtype: torch.dtype = torch.float64, seed: int = 1, size: int = BATCH_SIZE
 ) -> list[Batch]:
     """``count`` classification batches of ``size`` examples, fixed by ``seed``."""
     generator = torch.Generator().manual_seed(seed)
@@ -49,10 +55,22 @@ def make_base(kind: str, params: Any, lr: float = 0.1) -> torch.optim.Optimizer:
 
 
 def closure_for(
-    model: nn.Module, batch: Batch, calls: list[int] | None = None
-) -> Callable[[], torch.Tensor]:
-    """Forward + backward on ``batch``; counts its calls in ``calls`` when given."""
+    model: nn.Module, batch: Batch, calls: list[int] | None = None, *, per_example: bool = False
+) -> Callable[..., torch.Tensor]:
+    """Forward + backward on ``batch``; counts its calls in ``calls`` when given.
+
+    With ``per_example`` the closure takes the evaluation and returns per-example losses
+    (:func:`evaluation_pass`), the form data-aware methods need and every method accepts.
+    """
     x, y = batch
+    if per_example:
+
+        def per_example_closure(evaluation: Evaluation) -> torch.Tensor:
+            if calls is not None:
+                calls.append(1)
+            return evaluation_pass(model, batch, evaluation)
+
+        return per_example_closure
 
     def closure() -> torch.Tensor:
         if calls is not None:
@@ -64,9 +82,85 @@ def closure_for(
     return closure
 
 
-def run(optimizer: torch.optim.Optimizer, model: nn.Module, data: list[Batch]) -> list[float]:
+def evaluation_pass(model: nn.Module, batch: Batch, evaluation: Evaluation) -> torch.Tensor:
+    """What a closure that takes the evaluation does: the rows it asks for, their per-example
+    losses, a backward on their mean when it needs a gradient."""
+    return per_example_pass(
+        lambda rows: F.cross_entropy(
+            model(batch[0] if rows is None else batch[0][rows]),
+            batch[1] if rows is None else batch[1][rows],
+            reduction="none",
+        ),
+        len(batch[1]),
+        evaluation,
+    )
+
+
+def per_example_pass(
+    losses_of: Callable[[torch.Tensor | None], torch.Tensor],
+    batch_size: int,
+    evaluation: Evaluation,
+) -> torch.Tensor:
+    """``losses_of(rows)`` (per-example losses of those rows, ``None``: all) for the rows the
+    evaluation asks for, with a backward on their mean when it needs a gradient."""
+    losses = losses_of(evaluation.examples_for(batch_size))
+    if evaluation.needs_gradient:
+        losses.mean().backward()
+    return losses
+
+
+def closure_of(
+    losses_of: Callable[[torch.Tensor | None], torch.Tensor],
+    batch_size: int,
+    *,
+    per_example: bool,
+    calls: list[int] | None = None,
+) -> Callable[..., torch.Tensor]:
+    """A closure over any per-example loss: taking the evaluation and returning the losses
+    (``per_example``), or plain, returning their mean."""
+    if per_example:
+
+        def per_example_closure(evaluation: Evaluation) -> torch.Tensor:
+            if calls is not None:
+                calls.append(1)
+            return per_example_pass(losses_of, batch_size, evaluation)
+
+        return per_example_closure
+
+    def closure() -> torch.Tensor:
+        if calls is not None:
+            calls.append(1)
+        loss = losses_of(None).mean()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def manual_pass(
+    model: nn.Module, batch: Batch, evaluation: Evaluation, *, per_example: bool = False
+) -> None:
+    """One pass of the manual form (``evaluations()``), reported to the evaluation."""
+    if per_example:
+        evaluation.report(evaluation_pass(model, batch, evaluation))
+        return
+    loss = F.cross_entropy(model(batch[0]), batch[1])
+    loss.backward()
+    evaluation.report(loss)
+
+
+def run(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    data: list[Batch],
+    *,
+    per_example: bool = False,
+) -> list[float]:
     """One closure step per batch; the losses the optimizer returned."""
-    return [float(optimizer.step(closure_for(model, batch)).detach()) for batch in data]
+    return [
+        float(optimizer.step(closure_for(model, batch, per_example=per_example)).detach())
+        for batch in data
+    ]
 
 
 def run_base(optimizer: torch.optim.Optimizer, model: nn.Module, data: list[Batch]) -> None:
@@ -90,8 +184,16 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         )
 
 
-def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max(float((a[n].double() - b[n].double()).abs().max()) for n in a)
+def max_abs_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """The largest elementwise difference; values that are not tensors (flags) must be equal
+    (infinity otherwise)."""
+
+    def difference(x: Any, y: Any) -> float:
+        if isinstance(x, torch.Tensor):
+            return float((x.double() - y.double()).abs().max())
+        return 0.0 if x == y else float("inf")
+
+    return max(difference(a[n], b[n]) for n in a)
 
 
 def clone_model(model: nn.Module) -> nn.Module:
@@ -145,3 +247,12 @@ def compiled_step_matches_eager(cls: type, hyperparameters: dict[str, Any], step
             torch._dynamo.config.error_on_recompile = False
     for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def prepared(record: Any, optimizer: torch.optim.Optimizer, model: nn.Module) -> Any:
+    """``optimizer`` after its record's ``prepare`` (what a training loop does before the
+    first step, e.g. learning Sparse SAM's mask) on two fixed batches of the model's dtype."""
+    if record.prepare is not None:
+        dtype = next(model.parameters()).dtype
+        record.prepare(optimizer, model, batches(2, dtype=dtype, seed=3))
+    return optimizer

@@ -10,15 +10,19 @@ Every method wraps a base optimizer *instance* and is itself a ``torch.optim.Opt
 from flatminima.engine import Evaluation, Evaluations, SharpnessAwareOptimizer
 from flatminima.methods import (
     ASAM,
+    ESAM,
     GSAM,
     SAM,
     WSAM,
     BilateralSAM,
+    FisherMaskSAM,
     FisherSAM,
     FriendlySAM,
     LookSAM,
+    MicroBatchSAM,
     MomentumSAM,
     MongeSAM,
+    SparseSAM,
     TiltedSAM,
 )
 
@@ -26,18 +30,22 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASAM",
+    "ESAM",
     "GSAM",
     "SAM",
     "WSAM",
     "BilateralSAM",
     "Evaluation",
     "Evaluations",
+    "FisherMaskSAM",
     "FisherSAM",
     "FriendlySAM",
     "LookSAM",
+    "MicroBatchSAM",
     "MomentumSAM",
     "MongeSAM",
     "SharpnessAwareOptimizer",
+    "SparseSAM",
     "TiltedSAM",
     "__version__",
 ]

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from flatminima import accumulation, amp
 from flatminima import hyperparameters as hp
 from flatminima import sharded
 from flatminima.combiners import Combiner, PerturbedGradient
@@ -185,6 +186,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     memory_copies: ClassVar[float] = 1.0
     """The same as a number: the benchmarks hold the measured peak to it."""
+
+    _step_supports_amp_scaling: ClassVar[bool] = True
+    """``torch.amp.GradScaler``'s contract: its ``step`` hands this optimizer the scale instead
+    of unscaling the gradients present at the call (the later passes would stay scaled); see
+    :mod:`flatminima.amp`."""
 
     manual_two_pass: ClassVar[bool] = True
     """Whether ``first_step()`` / ``second_step()`` apply: one pass at w, then one at w + ε."""
@@ -513,7 +519,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"{type(self).__name__}.step() needs a closure that runs the forward and "
                 "backward pass and returns the loss; without one, use first_step()/"
-                "second_step() or evaluations()"
+                "second_step() or evaluations() (Lightning, Hugging Face Trainer, accelerate: "
+                "see flatminima.integrations)"
             )
         with_evaluation = _takes_an_argument(closure)
         with Evaluations(self, hooked=False) as evaluations:
@@ -551,7 +558,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 "shape or the passes' losses: use step(closure) or evaluations()"
             )
         passes = self._start_step(StepOutcome(), caller_ran_first_pass=True, hooked=True)
-        next(passes)  # builds ε, perturbs, stops before the perturbed pass
+        next(passes, None)  # builds ε, perturbs, stops before the perturbed pass (or ends the
+        # step at once when pass 1 overflowed under a GradScaler; second_step is then a no-op)
         self._pending = passes
 
     def second_step(self) -> None:
@@ -629,11 +637,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         step = Step(self, count=self._step_count)
         program = self.program(step)
         try:
+            scaling = amp.pass_scaling(self)  # None without an attached GradScaler
             try:
-                evaluation = next(program)
+                evaluation = first = next(program)
                 handed = 0
                 while True:
                     if not (handed == 0 and caller_ran_first_pass):
+                        if handed == 0:
+                            accumulation.refuse_new_gradients(self)
                         self._clear_grads()
                         with (
                             pass_context(
@@ -647,6 +658,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                     step._ran(evaluation)
                     self.cost.add(evaluation)
                     handed += 1
+                    if scaling is not None and scaling.unscale_(self):
+                        outcome.loss = first.loss  # an overflow: no further pass, no descent
+                        return
                     evaluation = program.send(evaluation)
             except StopIteration as finished:
                 loss = finished.value
@@ -662,6 +676,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             program.close()
             step._close()
             self._open_step = None
+            accumulation.mark_left_gradients(self)
 
 
 def _takes_an_argument(closure: Callable[..., Any]) -> bool:

@@ -20,6 +20,7 @@ from flatminima.validation import (  # noqa: F401 - the checks a declaration nam
     optional,
     positive,
     positive_int,
+    positive_unit,
     unit_interval,
 )
 

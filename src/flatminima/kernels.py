@@ -509,3 +509,14 @@ def _flat_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
             f"dot needs tensors of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
     return torch.dot(a.to(acc).reshape(-1), b.to(acc).reshape(-1))
+
+
+def add_squares_(targets: TensorList, sources: TensorList, *, foreach: bool) -> None:
+    """target ← target + source ⊙ source, pairwise (Sparse SAM's empirical Fisher Σ g²)."""
+    if not targets:
+        return
+    if foreach:
+        torch._foreach_addcmul_(list(targets), list(sources), list(sources))
+    else:
+        for t, s in zip(targets, sources, strict=True):
+            t.addcmul_(s, s)

@@ -175,3 +175,57 @@ class WithRadius:
                 "rho": self.radius(view.hyperparameters),
             }
         self.inner.perturbation_(views, foreach=foreach)
+
+
+ESAM_NORM_EPSILON = 1e-7
+"""ξ of dydjw9/Efficient_SAM (``utils/Esam.py``)."""
+
+
+class InflatedBall:
+    """ε = ρ·d / (‖d‖ + ξ) / β, ξ = 1e-7: ESAM's ball, inflated by 1/β (Du et al. 2022).
+
+    ESAM perturbs only a random subset of the parameters, each kept with probability β, and
+    rescales by 1/β so that the perturbation has SAM's size in expectation. The views hold only
+    the kept tensors (the others have no gradient), so ‖d‖ is the norm over them. ``rho`` is
+    read per group, ``beta`` once (it shapes the whole step). The scale is computed in the
+    authors' order, ρ/(‖d‖ + ξ)/β.
+    """
+
+    def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
+        norm, _ = kernels.norm_and_tensor(all_grads(views), foreach=foreach)  # as SAM's
+        if not _usable(norm):
+            _zero_all(views, foreach=foreach)
+            return
+        for view in views:
+            hyperparameters = view.hyperparameters
+            scale = (
+                float(hyperparameters["rho"])
+                / (norm + ESAM_NORM_EPSILON)
+                / float(hyperparameters["beta"])
+            )
+            kernels.scale_(view.grads, scale, foreach=foreach)
+
+
+SPARSE_SAM_NORM_EPSILON = 1e-7
+"""ξ of Sparse SAM's code (Mi-Peng/Sparse-Sharpness-Aware-Minimization ``solver/sam.py``)."""
+
+
+class MaskedBall:
+    """ε = ρ·m ⊙ d / (‖d‖ + ξ), ξ = 1e-7: SAM's ball restricted to a mask (Sparse SAM).
+
+    The norm is that of the whole, *unmasked* direction, as in the authors' code, so
+    ‖ε‖ ≤ ρ (equality only for an all-ones mask). ``masks(params)`` returns one bool tensor
+    per parameter (the method's persistent state); ``rho`` is read per group.
+    """
+
+    def __init__(self, masks: Callable[[list[Tensor]], list[Tensor]]) -> None:
+        self.masks = masks
+
+    def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
+        norm, norm_tensor = kernels.norm_and_tensor(all_grads(views), foreach=foreach)
+        if not _usable(norm):
+            _zero_all(views, foreach=foreach)
+            return
+        _scale_to_radius_(views, norm, norm_tensor, SPARSE_SAM_NORM_EPSILON, foreach=foreach)
+        for view in views:
+            kernels.mul_(view.grads, self.masks(view.params), foreach=foreach)

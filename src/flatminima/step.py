@@ -56,7 +56,10 @@ class Evaluation:
     What the pass must compute:
 
     * ``examples``: ``None`` for the whole batch, else a 1-D index tensor into the batch
-      (``x[evaluation.examples]``);
+      (``x[evaluation.examples]``). A method that splits the batch before any pass has seen it
+      (micro-batch SAM) asks for a :class:`MicroBatch` instead, which only the closure can turn
+      into rows: :meth:`examples_for` does that for every request, so a closure written as
+      ``rows = evaluation.examples_for(len(x))`` serves every method;
     * ``needs_gradient``: ``False`` for a forward-only probe (the engine runs it under
       ``torch.no_grad()``; skip the backward).
 
@@ -74,7 +77,7 @@ class Evaluation:
         *,
         updates_statistics: bool,
         synchronise: bool,
-        examples: Tensor | None = None,
+        examples: Tensor | MicroBatch | None = None,
         needs_gradient: bool = True,
         fraction: float = 1.0,
     ) -> None:
@@ -82,17 +85,44 @@ class Evaluation:
         self.point = point
         self.updates_statistics = updates_statistics
         self.synchronise = synchronise
-        self.examples = examples
+        self._requested = examples
+        self._examples = None if isinstance(examples, MicroBatch) else examples
         self.needs_gradient = needs_gradient
-        self.fraction = fraction
-        """The share of the batch this pass runs on (its cost in full passes)."""
+        self._fraction = fraction
+        self.batch_size: int | None = None
+        """The batch size the closure gave :meth:`examples_for` (``None`` until then)."""
         self.loss: Tensor | float | None = None
         self.losses: Tensor | None = None
 
     @property
+    def examples(self) -> Tensor | None:
+        """The rows of the batch this pass runs on (``None``: all of them)."""
+        if isinstance(self._requested, MicroBatch) and self.batch_size is None:
+            raise ValueError(
+                f"this pass runs on micro-batch {self._requested.index} of "
+                f"{self._requested.count}, which depends on the batch size: read its rows with "
+                "evaluation.examples_for(batch_size)"
+            )
+        return self._examples
+
+    def examples_for(self, batch_size: int) -> Tensor | None:
+        """The rows of a batch of ``batch_size`` examples this pass runs on (``None``: all)."""
+        self.batch_size = int(batch_size)
+        if isinstance(self._requested, MicroBatch):
+            self._examples = self._requested.rows(self.batch_size)
+        return self._examples
+
+    @property
+    def fraction(self) -> float:
+        """The share of the batch this pass runs on (its cost in full passes)."""
+        if isinstance(self._requested, MicroBatch) and self._examples is not None:
+            return len(self._examples) / self.batch_size  # type: ignore[operator]
+        return self._fraction
+
+    @property
     def whole_batch_with_gradient(self) -> bool:
         """What a closure that takes no argument can run: every example, with a backward."""
-        return self.examples is None and self.needs_gradient
+        return self._requested is None and self.needs_gradient
 
     def report(self, loss: Tensor | float | None) -> None:
         """Records the pass's loss: a scalar, or the per-example losses (a 1-D tensor)."""
@@ -104,6 +134,33 @@ class Evaluation:
 
     def __repr__(self) -> str:
         return f"Evaluation(index={self.index}, point={self.point!r})"
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Micro-batch ``index`` of ``count`` near-equal, contiguous parts of the batch.
+
+    The parts are those of ``torch.tensor_split``: with B examples the first B mod count parts
+    hold ⌈B/count⌉ examples, the others ⌊B/count⌋. A request the closure resolves with
+    :meth:`Evaluation.examples_for`, because the batch size is known only there.
+    """
+
+    index: int
+    count: int
+
+    def rows(self, batch_size: int) -> Tensor | None:
+        """The part's row indices in a batch of ``batch_size`` (``None`` for the whole)."""
+        if self.count > batch_size:
+            raise ValueError(
+                f"micro_batches must be at most the batch size: {self.count} micro-batches of a "
+                f"batch of {batch_size} examples would leave some empty"
+            )
+        if self.count == 1:
+            return None
+        small, extra = divmod(batch_size, self.count)
+        start = self.index * small + min(self.index, extra)
+        stop = start + small + (1 if self.index < extra else 0)
+        return torch.arange(start, stop)
 
 
 @dataclass
@@ -179,7 +236,7 @@ class Step:
         *,
         index: int = 0,
         update_statistics: bool = True,
-        examples: Tensor | None = None,
+        examples: Tensor | MicroBatch | None = None,
         needs_gradient: bool = True,
     ) -> Evaluation:
         """A pass at the start point (the weights themselves unless a start moved them)."""
@@ -193,7 +250,7 @@ class Step:
         index: int = 0,
         synchronise: bool = False,
         update_statistics: bool = False,
-        examples: Tensor | None = None,
+        examples: Tensor | MicroBatch | None = None,
         needs_gradient: bool = True,
     ) -> Evaluation:
         """A pass at the perturbed point. ``synchronise=True`` only for the last pass of a
@@ -201,7 +258,8 @@ class Step:
         backward; otherwise the engine all-reduces the final update once.
         ``update_statistics=True`` for a method whose only pass is perturbed (Momentum-SAM).
         ``examples`` (indices into the batch) and ``needs_gradient=False`` (a forward-only
-        probe) ask for less than a full pass; :attr:`batch_size` must then be known."""
+        probe) ask for less than a full pass; :attr:`batch_size` must then be known, unless
+        ``examples`` is a :class:`MicroBatch`, which the closure resolves."""
         return self._evaluation(
             index,
             PERTURBED,
@@ -213,8 +271,9 @@ class Step:
 
     @property
     def batch_size(self) -> int | None:
-        """The number of examples in the batch, known once a whole-batch pass of this step
-        reported per-example losses."""
+        """The number of examples in the batch, known once a pass of this step resolved its
+        rows (:meth:`Evaluation.examples_for`) or a whole-batch pass reported per-example
+        losses."""
         return self._batch_size
 
     def _evaluation(
@@ -224,7 +283,7 @@ class Step:
         update_statistics: bool,
         synchronise: bool,
         *,
-        examples: Tensor | None,
+        examples: Tensor | MicroBatch | None,
         needs_gradient: bool,
     ) -> Evaluation:
         if update_statistics:
@@ -238,7 +297,7 @@ class Step:
         if synchronise and (examples is not None or not needs_gradient):
             raise RuntimeError("internal error: only a whole-batch gradient pass synchronises")
         fraction = 1.0
-        if examples is not None:
+        if examples is not None and not isinstance(examples, MicroBatch):
             if self._batch_size is None:
                 raise RuntimeError(
                     "internal error: a pass on a subset needs the batch size, known from an "
@@ -257,9 +316,11 @@ class Step:
         )
 
     def _ran(self, evaluation: Evaluation) -> None:
-        """Called by the engine after each pass: learns the batch size from per-example
-        losses of a whole-batch pass."""
-        if evaluation.examples is None and evaluation.losses is not None:
+        """Called by the engine after each pass: learns the batch size from the closure
+        (:meth:`Evaluation.examples_for`) or from the per-example losses of a whole-batch pass."""
+        if evaluation.batch_size is not None:
+            self._batch_size = evaluation.batch_size
+        elif evaluation._requested is None and evaluation.losses is not None:
             self._batch_size = len(evaluation.losses)
 
     # -- moving the weights -----------------------------------------------------------------------

@@ -84,3 +84,10 @@ def boolean(name: str, value: Any) -> None:
     if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):
         return
     raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def positive_unit(name: str, value: Any) -> None:
+    """0 < value ≤ 1."""
+    number = _number(name, value)
+    if not (0.0 < number <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")

@@ -21,8 +21,13 @@ def check_compiled_step(record):
     torch._dynamo.reset()
     data = batches(6)
     eager_model, compiled_model = tiny_mlp(), tiny_mlp()
-    eager = record.cls(make_base("sgd", eager_model.parameters()), **record.typical)
-    compiled = record.cls(make_base("sgd", compiled_model.parameters()), **record.typical)
+    # extras: the same seeded generator on both sides (Sparse SAM's random initial mask)
+    eager = record.cls(
+        make_base("sgd", eager_model.parameters()), **record.typical, **record.extras()
+    )
+    compiled = record.cls(
+        make_base("sgd", compiled_model.parameters()), **record.typical, **record.extras()
+    )
     step = torch.compile(compiled.step, backend="aot_eager")
     for index, batch in enumerate(data):
         eager.step(closure_for(eager_model, batch))

@@ -12,11 +12,15 @@ import torch
 
 from records import RECORDS, MethodRecord
 from support import (
+    BATCH_SIZE,
     assert_bitwise_equal,
     batches,
     closure_for,
+    closure_of,
     make_base,
+    manual_pass,
     max_abs_difference,
+    prepared,
     run,
     run_base,
     snapshot,
@@ -33,13 +37,14 @@ by_foreach = pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "
 
 def build(record: MethodRecord, model, base: str, foreach: bool = True, **overrides):
     hyperparameters = {**record.typical, **overrides}
-    return record.cls(
+    optimizer = record.cls(
         make_base(base, model.parameters()),
         model=model,
         foreach=foreach,
         **hyperparameters,
         **record.extras(),
     )
+    return prepared(record, optimizer, model)
 
 
 @by_record
@@ -50,7 +55,12 @@ def test_identity_setting_is_bitwise_the_base_optimizer(record, base, foreach):
     model = tiny_mlp()
     reference = copy.deepcopy(model)
     torch.manual_seed(5)
-    run(build(record, model, base, foreach, **record.identity), model, data)
+    run(
+        build(record, model, base, foreach, **record.identity),
+        model,
+        data,
+        per_example=record.needs_per_example_closure,
+    )
     run_base(make_base(base, reference.parameters()), reference, data)
     assert_bitwise_equal(snapshot(model), snapshot(reference))
 
@@ -63,7 +73,9 @@ def test_closure_is_called_the_declared_number_of_times(record, base):
         optimizer = build(record, model, base, **hyperparameters)
         for step, batch in enumerate(batches(6)):
             calls: list[int] = []
-            optimizer.step(closure_for(model, batch, calls))
+            optimizer.step(
+                closure_for(model, batch, calls, per_example=record.needs_per_example_closure)
+            )
             expected = record.passes(hyperparameters, step)
             assert len(calls) == expected, (name, step)
             assert record.cls.passes_per_step(hyperparameters, step) == expected, (name, step)
@@ -78,7 +90,7 @@ def test_foreach_and_per_tensor_loop_agree(record, base):
         model = tiny_mlp()
         torch.manual_seed(7)
         optimizer = build(record, model, base, foreach)
-        run(optimizer, model, data)
+        run(optimizer, model, data, per_example=record.needs_per_example_closure)
         state = {
             f"{i}.{key}": value
             for i, p in enumerate(model.parameters())
@@ -98,11 +110,11 @@ def test_state_dict_round_trip_continues_bitwise(record, base):
     data = batches(2 * STEPS)
     model = tiny_mlp()
     optimizer = build(record, model, base)
-    run(optimizer, model, data[:STEPS])
+    run(optimizer, model, data[:STEPS], per_example=record.needs_per_example_closure)
     saved_weights = snapshot(model)
     saved_state = copy.deepcopy(optimizer.state_dict())
     torch.manual_seed(11)
-    run(optimizer, model, data[STEPS:])
+    run(optimizer, model, data[STEPS:], per_example=record.needs_per_example_closure)
     expected = snapshot(model)
 
     resumed_model = tiny_mlp(seed=99)  # different initial weights, overwritten by the load
@@ -110,7 +122,7 @@ def test_state_dict_round_trip_continues_bitwise(record, base):
     resumed = build(record, resumed_model, base, rho=123.0)  # hyperparameters come from the file
     resumed.load_state_dict(saved_state)
     torch.manual_seed(11)
-    run(resumed, resumed_model, data[STEPS:])
+    run(resumed, resumed_model, data[STEPS:], per_example=record.needs_per_example_closure)
     assert_bitwise_equal(snapshot(resumed_model), expected)
     assert resumed.param_groups is resumed.base_optimizer.param_groups
     assert resumed.param_groups[0]["rho"] == record.typical["rho"]
@@ -121,7 +133,7 @@ def test_state_dict_round_trip_continues_bitwise(record, base):
 def test_state_dict_holds_base_state_and_only_persistent_method_state(record, base):
     model = tiny_mlp()
     optimizer = build(record, model, base)
-    run(optimizer, model, batches(2))
+    run(optimizer, model, batches(2), per_example=record.needs_per_example_closure)
     saved = optimizer.state_dict()
     base_state = saved["base_optimizer"]["state"]
     assert len(base_state) == len(list(model.parameters()))
@@ -140,7 +152,7 @@ def test_lr_zero_leaves_weights_untouched(record):
     optimizer = record.cls(
         torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9), model=model, **record.typical
     )
-    run(optimizer, model, batches(2))
+    run(optimizer, model, batches(2), per_example=record.needs_per_example_closure)
     assert_bitwise_equal(snapshot(model), before)
 
 
@@ -153,18 +165,21 @@ def test_exception_in_any_pass_restores_the_weights(record, foreach):
         optimizer = build(record, model, "sgd", foreach)
         before = snapshot(model)
         calls: list[int] = []
-        inner = closure_for(model, batches(1)[0], calls)
+        per_example = record.needs_per_example_closure
+        inner = closure_for(model, batches(1)[0], calls, per_example=per_example)
 
-        def closure(inner=inner, calls=calls, failing_pass=failing_pass):
+        def failing(*evaluation, inner=inner, calls=calls, failing_pass=failing_pass):
             if len(calls) == failing_pass:
                 raise RuntimeError("boom")
-            return inner()
+            return inner(*evaluation)
 
+        # A closure that takes the evaluation only when the record's closures do.
+        closure = failing if per_example else lambda failing=failing: failing()
         with pytest.raises(RuntimeError, match="boom"):
             optimizer.step(closure)
         assert_bitwise_equal(snapshot(model), before)
         # The optimizer is usable again afterwards.
-        optimizer.step(closure_for(model, batches(1)[0]))
+        optimizer.step(closure_for(model, batches(1)[0], per_example=per_example))
 
 
 @by_record
@@ -172,11 +187,12 @@ def test_exception_in_any_pass_restores_the_weights(record, foreach):
 def test_dtypes_are_kept(record, dtype):
     model = tiny_mlp(dtype=dtype)
     optimizer = build(record, model, "sgd")
-    run(optimizer, model, batches(2, dtype=dtype))
+    run(optimizer, model, batches(2, dtype=dtype), per_example=record.needs_per_example_closure)
     assert all(p.dtype == dtype for p in model.parameters())
     for p in model.parameters():
-        for value in optimizer.state[p].values():
-            assert value.dtype == dtype
+        for key, value in optimizer.state[p].items():
+            if isinstance(value, torch.Tensor):  # ESAM's flags are Python bools
+                assert value.dtype == (torch.bool if key in record.boolean_state else dtype), key
 
 
 @by_record
@@ -186,20 +202,19 @@ def test_zero_gradient_gives_no_nan_and_degenerates_to_the_base_step(record, for
     reference = copy.deepcopy(model)
     optimizer = build(record, model, "sgd", foreach)
 
-    def zero_loss_closure_for(net):
-        def closure():
-            loss = 0.0 * sum(p.sum() for p in net.parameters())
-            loss.backward()
-            return loss
+    def zero_loss_closure_for(net, per_example):
+        def zero_losses(rows):
+            count = BATCH_SIZE if rows is None else len(rows)
+            return 0.0 * sum(p.sum() for p in net.parameters()) + torch.zeros(count)
 
-        return closure
+        return closure_of(zero_losses, BATCH_SIZE, per_example=per_example)
 
     for _ in range(3):
-        optimizer.step(zero_loss_closure_for(model))
+        optimizer.step(zero_loss_closure_for(model, record.needs_per_example_closure))
     base = make_base("sgd", reference.parameters())
     for _ in range(3):
         base.zero_grad()
-        base.step(zero_loss_closure_for(reference))
+        base.step(zero_loss_closure_for(reference, False))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert_bitwise_equal(snapshot(model), snapshot(reference))
 
@@ -213,14 +228,15 @@ def test_non_finite_gradient_gives_no_nan_in_the_perturbation(record):
     calls: list[int] = []
     seen: list[dict[str, torch.Tensor]] = []
 
-    def closure():
-        calls.append(1)
+    def losses(rows):
         seen.append(snapshot(model))
-        loss = (model[0].weight * float("inf")).sum() if len(calls) == 1 else model[0].weight.sum()
-        loss.backward()
-        return loss
+        count = BATCH_SIZE if rows is None else len(rows)
+        weight = model[0].weight
+        loss = (weight * float("inf")).sum() if len(calls) == 1 else weight.sum()
+        return loss + torch.zeros(count)
 
-    optimizer.step(closure)
+    per_example = record.needs_per_example_closure
+    optimizer.step(closure_of(losses, BATCH_SIZE, per_example=per_example, calls=calls))
     for weights in seen:  # no pass ran at a NaN point
         assert all(torch.isfinite(value).all() for value in weights.values())
     if not record.descends_with_first_pass_gradient:
@@ -233,7 +249,7 @@ def test_scheduler_on_the_wrapper_moves_the_base_learning_rate(record):
     model = tiny_mlp()
     optimizer = build(record, model, "sgd")
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    run(optimizer, model, batches(1))
+    run(optimizer, model, batches(1), per_example=record.needs_per_example_closure)
     scheduler.step()
     assert optimizer.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
 
@@ -277,9 +293,7 @@ def test_running_statistics_are_those_of_one_pass(record):
     after_first_pass = None
     with optimizer.evaluations() as evaluations:
         for evaluation in evaluations:
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            evaluation.report(loss)
+            manual_pass(model, (x, y), evaluation, per_example=record.needs_per_example_closure)
             if after_first_pass is None:
                 after_first_pass = {n: b.clone() for n, b in model.named_buffers()}
     assert after_first_pass is not None
@@ -303,15 +317,14 @@ def test_parameter_without_gradient_on_a_later_pass_is_restored(record):
     x, y = batches(1)[0]
     calls: list[int] = []
 
-    def closure():
-        calls.append(1)
-        hidden = model[1](model[0](x))
+    def losses(rows):
+        inputs, targets = (x, y) if rows is None else (x[rows], y[rows])
+        hidden = model[1](model[0](inputs))
         out = model[2](hidden) if len(calls) == 1 else hidden[:, :3]
-        loss = torch.nn.functional.cross_entropy(out, y)
-        loss.backward()
-        return loss
+        return torch.nn.functional.cross_entropy(out, targets, reduction="none")
 
-    optimizer.step(closure)
+    per_example = record.needs_per_example_closure
+    optimizer.step(closure_of(losses, len(y), per_example=per_example, calls=calls))
     for name, value in branch.named_parameters():
         # The branch had no gradient in the perturbed pass, so the base step skips it.
         assert torch.equal(value, before[name]), name
@@ -327,7 +340,7 @@ def test_per_group_hyperparameters_and_added_groups(record):
     optimizer.add_param_group({"params": list(second.parameters())})
     assert len(base.param_groups) == 2
     assert base.param_groups[1]["rho"] == record.typical["rho"]
-    run(optimizer, model, batches(2))
+    run(optimizer, model, batches(2), per_example=record.needs_per_example_closure)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -336,7 +349,12 @@ def test_manual_forms_match_the_closure_form(record):
     data = batches(3)
     closure_model = tiny_mlp()
     torch.manual_seed(3)
-    run(build(record, closure_model, "sgd"), closure_model, data)
+    run(
+        build(record, closure_model, "sgd"),
+        closure_model,
+        data,
+        per_example=record.needs_per_example_closure,
+    )
 
     manual_model = tiny_mlp()
     optimizer = build(record, manual_model, "sgd")
@@ -344,9 +362,8 @@ def test_manual_forms_match_the_closure_form(record):
     for x, y in data:
         with optimizer.evaluations() as evaluations:
             for evaluation in evaluations:
-                loss = torch.nn.functional.cross_entropy(manual_model(x), y)
-                loss.backward()
-                evaluation.report(loss)
+                per_example = record.needs_per_example_closure
+                manual_pass(manual_model, (x, y), evaluation, per_example=per_example)
     assert_bitwise_equal(snapshot(manual_model), snapshot(closure_model))
 
     assert record.cls.manual_two_pass == record.manual_two_pass

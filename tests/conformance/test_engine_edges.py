@@ -10,7 +10,18 @@ import torch
 
 import flatminima
 from records import RECORDS
-from support import assert_bitwise_equal, batches, closure_for, make_base, run, snapshot, tiny_mlp
+from support import (
+    assert_bitwise_equal,
+    batches,
+    closure_for,
+    closure_of,
+    make_base,
+    manual_pass,
+    per_example_pass,
+    run,
+    snapshot,
+    tiny_mlp,
+)
 
 by_record = pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.id)
 
@@ -27,19 +38,37 @@ def test_non_finite_start_gradient_gives_epsilon_zero(record):
     )
     x, y = batches(1)[0]
     at_start, at_perturbed = None, None
+
+    def overflowing(rows):
+        return (model[0].weight * float("inf")).sum() + torch.zeros(len(x[rows]))
+
+    def finite(rows):
+        return torch.nn.functional.cross_entropy(model(x[rows]), y[rows], reduction="none")
+
     with optimizer.evaluations() as evaluations:
         for evaluation in evaluations:
             if evaluation.point == "start":
                 at_start = [p.detach().clone() for p in model.parameters()]
-                loss = (model[0].weight * float("inf")).sum()
+                losses_of = overflowing
             else:
                 at_perturbed = [p.detach().clone() for p in model.parameters()]
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            evaluation.report(loss.detach().clamp(max=1e30))
+                losses_of = finite
+            if record.needs_per_example_closure:
+                losses = per_example_pass(
+                    lambda rows, losses_of=losses_of: losses_of(_all(rows)), len(y), evaluation
+                )
+            else:
+                losses = losses_of(slice(None)).mean()
+                losses.backward()
+            evaluation.report(losses.detach().clamp(max=1e30))
     for a, b in zip(at_start, at_perturbed, strict=True):
         assert torch.isfinite(b).all()
         assert torch.equal(a, b)
+
+
+def _all(rows):
+    """Row indices as an index: ``None`` (every row) becomes ``slice(None)``."""
+    return slice(None) if rows is None else rows
 
 
 @pytest.mark.parametrize("record", [r for r in RECORDS if r.starts_at_weights], ids=lambda r: r.id)
@@ -48,8 +77,15 @@ def test_returned_loss_is_that_of_the_start_pass(record):
     model = tiny_mlp()
     x, y = batches(1)[0]
     expected = float(torch.nn.functional.cross_entropy(model(x), y).detach())
-    optimizer = record.cls(make_base("sgd", model.parameters()), **record.typical)
-    assert float(optimizer.step(closure_for(model, (x, y))).detach()) == expected
+    optimizer = record.cls(
+        make_base("sgd", model.parameters()), **record.typical, **record.extras()
+    )
+    per_example = record.needs_per_example_closure
+    returned = float(optimizer.step(closure_for(model, (x, y), per_example=per_example)).detach())
+    if per_example:  # assembled from per-example or per-micro-batch losses: rounding differs
+        assert returned == pytest.approx(expected, rel=1e-13)
+    else:
+        assert returned == expected
 
 
 def test_friendly_sam_survives_a_non_finite_gradient():
@@ -128,11 +164,11 @@ def test_an_abandoned_iteration_restores_the_weights_at_once(record):
     before = snapshot(model)
     x, y = batches(1)[0]
     for evaluation in optimizer.evaluations():
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        manual_pass(model, (x, y), evaluation, per_example=record.needs_per_example_closure)
         if evaluation.point == "perturbed":
             break
     assert_bitwise_equal(snapshot(model), before)
-    run(optimizer, model, batches(1))  # a new step may start
+    run(optimizer, model, batches(1), per_example=record.needs_per_example_closure)  # a new step
 
 
 def test_a_new_step_is_refused_while_an_unfinished_one_is_held():
@@ -193,7 +229,7 @@ def test_foreach_and_loop_agree_in_half_precision(record, dtype):
             make_base("sgd", model.parameters()), foreach=foreach, **record.typical
         )
         data = [(x, y) for x, y in batches(2, dtype=dtype)]
-        run(optimizer, model, data)
+        run(optimizer, model, data, per_example=record.needs_per_example_closure)
         results.append(snapshot(model))
     assert_bitwise_equal(*results)
 
@@ -205,12 +241,12 @@ def test_sparse_gradients_are_refused_clearly_and_the_weights_kept(record):
         torch.optim.SGD(embedding.parameters(), lr=0.1, momentum=0.9), **record.typical
     )
     before = snapshot(embedding)
-
-    def closure():
-        loss = embedding(torch.tensor([1, 2])).sum()
-        loss.backward()
-        return loss
-
+    tokens = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])
+    closure = closure_of(
+        lambda rows: embedding(tokens if rows is None else tokens[rows]).sum(1),
+        len(tokens),
+        per_example=record.needs_per_example_closure,
+    )
     with pytest.raises(TypeError, match="sparse"):
         optimizer.step(closure)
     assert_bitwise_equal(snapshot(embedding), before)

@@ -60,3 +60,11 @@ def test_dot_of_empty_lists_is_zero_and_mismatches_are_refused():
         kernels.dot([torch.ones(2)], [], foreach=True)
     with pytest.raises(ValueError, match="equal shape"):
         kernels.dot([torch.ones(2)], [torch.ones(3)], foreach=False)
+
+
+def test_dot_of_non_contiguous_tensors():
+    matrix = torch.randn(4, 6, dtype=torch.float64)
+    other = torch.randn(6, 4, dtype=torch.float64)
+    for foreach in (True, False):
+        value = kernels.dot([matrix.T], [other], foreach=foreach)
+        assert float(value) == pytest.approx(float((matrix.T * other).sum()), rel=1e-14)

@@ -17,18 +17,28 @@ import torch
 import flatminima
 from flatminima import kernels
 from records import RECORDS
-from support import assert_bitwise_equal, batches, closure_for, make_base, run, snapshot, tiny_mlp
+from support import (
+    assert_bitwise_equal,
+    batches,
+    closure_for,
+    make_base,
+    prepared,
+    run,
+    snapshot,
+    tiny_mlp,
+)
 
 by_record = pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.id)
 
 
 def build(record, model, **overrides):
-    return record.cls(
+    optimizer = record.cls(
         make_base("sgd", model.parameters()),
         model=model,
         **{**record.typical, **overrides},
         **record.extras(),
     )
+    return prepared(record, optimizer, model)
 
 
 # -- 1. copies ------------------------------------------------------------------------------
@@ -50,7 +60,7 @@ def _copy_by_torch_save(optimizer):
 def test_a_copy_steps_like_the_original_and_shares_nothing(record, how):
     model = tiny_mlp()
     optimizer = build(record, model)
-    run(optimizer, model, batches(2))
+    run(optimizer, model, batches(2), per_example=record.needs_per_example_closure)
     # Copy the model and the optimizer together, as one object graph, so that the copy's
     # optimizer steps the copy's parameters.
     pair = how((model, optimizer)) if how is not _copy_by_torch_save else None
@@ -65,9 +75,9 @@ def test_a_copy_steps_like_the_original_and_shares_nothing(record, how):
     assert optimizer_copy.param_groups[0]["params"][0] is next(model_copy.parameters())
     data = batches(4)[2:]
     torch.manual_seed(3)
-    run(optimizer, model, data)
+    run(optimizer, model, data, per_example=record.needs_per_example_closure)
     torch.manual_seed(3)
-    run(optimizer_copy, model_copy, data)
+    run(optimizer_copy, model_copy, data, per_example=record.needs_per_example_closure)
     assert_bitwise_equal(snapshot(model_copy), snapshot(model))
     original = {id(t) for t in model.parameters()}
     assert not original & {id(t) for t in model_copy.parameters()}
@@ -183,7 +193,7 @@ def test_a_group_edited_to_a_bad_value_is_refused_at_the_next_step(record):
     for kwargs, message in record.invalid:
         model = tiny_mlp()
         optimizer = build(record, model)
-        run(optimizer, model, batches(1))
+        run(optimizer, model, batches(1), per_example=record.needs_per_example_closure)
         before = snapshot(model)
         optimizer.param_groups[0].update(kwargs)
         with pytest.raises(ValueError, match=message):
@@ -276,10 +286,13 @@ def test_per_example_losses_count_as_their_mean():
 @pytest.mark.parametrize("scalar", [np.float32, np.float64, np.float16])
 def test_numpy_scalars_are_accepted_as_hyperparameters(record, scalar):
     model = tiny_mlp()
-    hyperparameters = {
-        name: scalar(value) if isinstance(value, float) else np.int64(value)
-        for name, value in record.typical.items()
-    }
+
+    def as_numpy(value):
+        if isinstance(value, float):
+            return scalar(value)
+        return np.int64(value) if isinstance(value, int) else value  # strings stay
+
+    hyperparameters = {name: as_numpy(value) for name, value in record.typical.items()}
     optimizer = record.cls(make_base("sgd", model.parameters()), **hyperparameters)
-    run(optimizer, model, batches(1))
+    run(optimizer, model, batches(1), per_example=record.needs_per_example_closure)
     assert all(torch.isfinite(p).all() for p in model.parameters())

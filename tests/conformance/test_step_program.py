@@ -11,28 +11,37 @@ import flatminima
 from flatminima import hyperparameters as hp
 from flatminima.engine import SharpnessAwareOptimizer
 from records import RECORDS
-from support import assert_bitwise_equal, batches, closure_for, make_base, run, snapshot, tiny_mlp
+from support import (
+    assert_bitwise_equal,
+    batches,
+    closure_for,
+    make_base,
+    manual_pass,
+    prepared,
+    run,
+    snapshot,
+    tiny_mlp,
+)
 
 by_record = pytest.mark.parametrize("record", RECORDS, ids=lambda r: r.id)
 
 
 def build(record, model, base="sgd"):
-    return record.cls(
+    optimizer = record.cls(
         make_base(base, model.parameters()), model=model, **record.typical, **record.extras()
     )
+    return prepared(record, optimizer, model)
 
 
-def one_step(optimizer, model, batch, form):
+def one_step(optimizer, model, batch, form, per_example=False):
     """One step in ``form``: closure, evaluations, or the two-pass manual form."""
     x, y = batch
     if form == "closure":
-        optimizer.step(closure_for(model, batch))
+        optimizer.step(closure_for(model, batch, per_example=per_example))
     elif form == "evaluations":
         with optimizer.evaluations() as evaluations:
             for evaluation in evaluations:
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                evaluation.report(loss)
+                manual_pass(model, batch, evaluation, per_example=per_example)
     else:
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -54,7 +63,7 @@ def test_step_hooks_fire_once_per_step_whichever_way_it_is_run(record):
         optimizer.register_step_pre_hook(lambda *args, pre=pre: pre.append(1))
         optimizer.register_step_post_hook(lambda *args, post=post: post.append(1))
         for batch in batches(3):
-            one_step(optimizer, model, batch, form)
+            one_step(optimizer, model, batch, form, record.needs_per_example_closure)
         assert (len(pre), len(post)) == (3, 3), form
 
 
@@ -69,7 +78,7 @@ def test_a_scheduler_on_the_wrapper_sees_every_form_as_a_step(record):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             for batch in batches(2):
-                one_step(optimizer, model, batch, form)
+                one_step(optimizer, model, batch, form, record.needs_per_example_closure)
                 scheduler.step()
         assert optimizer.param_groups[0]["lr"] == pytest.approx(0.025), form
 
@@ -82,12 +91,12 @@ def test_schedulers_that_read_momentum_work_on_the_wrapper(record, base):
     optimizer = build(record, model, base)
     assert {"lr", *record.cls.hyperparameter_defaults} <= set(optimizer.defaults)
     one_cycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
-    run(optimizer, model, batches(2))
+    run(optimizer, model, batches(2), per_example=record.needs_per_example_closure)
     one_cycle.step()
     model = tiny_mlp()
     optimizer = build(record, model, base)
     cyclic = torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=0.01, max_lr=0.1, step_size_up=2)
-    run(optimizer, model, batches(2))
+    run(optimizer, model, batches(2), per_example=record.needs_per_example_closure)
     cyclic.step()
     momentum_key = "momentum" if base == "sgd" else "betas"
     assert momentum_key in optimizer.param_groups[0]
@@ -97,10 +106,10 @@ def test_schedulers_that_read_momentum_work_on_the_wrapper(record, base):
 def test_the_step_counter_counts_finished_steps_and_is_saved(record):
     model = tiny_mlp()
     optimizer = build(record, model)
-    run(optimizer, model, batches(3))
-    failing = closure_for(model, batches(1)[0])
+    run(optimizer, model, batches(3), per_example=record.needs_per_example_closure)
+    failing = closure_for(model, batches(1)[0], per_example=record.needs_per_example_closure)
 
-    def boom():
+    def boom(*evaluation):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
@@ -327,13 +336,17 @@ def test_the_manual_loop_sees_the_same_requests_and_probes_run_without_grad():
     assert seen == [(True, True), (False, False), (True, True)]
 
 
-def test_plain_methods_cost_their_declared_passes():
+def test_every_method_costs_its_declared_compute():
+    """Full passes cost what the record declares; a data-aware method's record says what its
+    subsets and probes add up to."""
     for record in RECORDS:
         model = tiny_mlp()
         optimizer = build(record, model)
         for step, batch in enumerate(batches(3)):
             before = optimizer.cost.passes
-            optimizer.step(closure_for(model, batch))
-            assert optimizer.cost.passes - before == pytest.approx(
-                record.passes(record.typical, step)
-            ), record.id
+            optimizer.step(closure_for(model, batch, per_example=record.needs_per_example_closure))
+            if record.compute is None:
+                expected = float(record.passes(record.typical, step))
+            else:
+                expected = record.compute(record.typical, step, len(batch[1]))
+            assert optimizer.cost.passes - before == pytest.approx(expected), record.id

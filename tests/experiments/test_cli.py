@@ -256,6 +256,8 @@ def test_sharpness_measures_once_force_replaces_and_the_report_shows_it(
     hashes = [row[0] for row in sqlite3.connect(db_path).execute("SELECT config_hash FROM runs")]
     for config_hash in hashes:  # every run's line, found by its hash
         assert f"\n{config_hash}  " in output
+    # Arms labelled as the report labels them: SAM with its (default) radius.
+    assert "  sam ρ=0.05 seed=0  " in output and "  base seed=0  " in output
     [png] = out.glob("*/landscape_1d.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"landscape: {png}" in output
 
@@ -272,6 +274,7 @@ def test_sharpness_measures_once_force_replaces_and_the_report_shows_it(
     output = capsys.readouterr().out
     assert "λ_max (mean ± std)" in output and "Spearman rank correlation" in output
     assert "accuracy_vs_sharpness.png" in output
+    assert "\nsam ρ=0.05 " in output and "\nbase " in output
 
 
 @pytest.mark.parametrize(
@@ -464,10 +467,10 @@ def test_demo_quick_is_the_base_optimizer_against_sam_and_a_subset_of_the_demo(
 ) -> None:
     quick = demo_configs(demo.QUICK_SEEDS, quick=True)
     assert {config.method for config in quick} == {"base", "sam"}
-    assert {config.seed for config in quick} == {0, 1}
+    assert {config.seed for config in quick} == {0, 1, 2}
     # The same runs as the full demo's: a later `flatminima demo` resumes from them.
     full = {config.config_hash for config in demo_configs()}
     assert {config.config_hash for config in quick} <= full
     arguments = ["demo", "--quick", "--epochs", "1", "--jobs", "1", "--quiet", "--no-sharpness"]
     assert main([*arguments, "--db", str(tmp_path / "d.db"), "--out", str(tmp_path / "o")]) == 0
-    assert "4 run(s): 4 trained" in capsys.readouterr().out
+    assert "6 run(s): 6 trained" in capsys.readouterr().out

@@ -5,13 +5,15 @@ before training, or survived."""
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import socket
 import sqlite3
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -25,7 +27,7 @@ from filesystems import fill, read_only_copy, small_disk
 
 from flatminima.cli import main
 from flatminima.experiments import data as data_module
-from flatminima.experiments import runner
+from flatminima.experiments import runner, sharpness_runs
 from flatminima.experiments import store as store_module
 from flatminima.experiments.config import ConfigError, make_run_config
 from flatminima.experiments.grid import MAX_GRID_RUNS, Assignment, expand_grid, parse_seeds
@@ -33,6 +35,7 @@ from flatminima.experiments.report import summarize, write_report
 from flatminima.experiments.runner import WeightsFileError, load_trained_model, run_grid
 from flatminima.experiments.sharpness_runs import SharpnessSettings, measure_runs
 from flatminima.experiments.store import DataMismatchError, Store
+from flatminima.experiments.workers import Event, run_tasks
 
 TINY_FLAGS = [
     "--epochs", "2", "--train-size", "256", "--batch-size", "64", "--label-noise", "0.4",
@@ -277,6 +280,20 @@ def test_10_compare_on_a_read_only_database_refuses_in_one_line_before_training(
                        "--db", str(read_only / "runs.db")])  # fmt: skip
     assert status == 2
     assert "cannot" in _one_line(capsys.readouterr().err)
+
+
+def test_10_sharpness_on_a_read_only_database_refuses_in_one_line_before_measuring(
+    trained: tuple[Path, list], tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    _copy(trained[0], source)
+    monkeypatch.setattr(sharpness_runs, "measure_run", lambda *a, **k: pytest.fail("measured"))
+    with read_only_copy(source, tmp_path / "ro") as read_only:
+        status = main(["sharpness", "--examples", "32", "--quiet", "--out", str(tmp_path / "o"),
+                       "--db", str(read_only / "runs.db")])  # fmt: skip
+    assert status == 2
+    assert "cannot write the database" in _one_line(capsys.readouterr().err)
 
 
 def test_11_an_unwritable_weights_folder_is_refused_before_training(
@@ -655,7 +672,55 @@ def test_18_a_plot_interrupted_while_written_leaves_the_earlier_one_whole(
             assert path.read_bytes() == content
     assert report.markdown_path.read_bytes() == markdown
     assert _partials(out) == []
-    assert (
-        json.dumps([p.name for p in out.rglob("*") if p.is_file() and p.stat().st_size == 0])
-        == "[]"
+    assert [p.name for p in out.rglob("*") if p.is_file() and p.stat().st_size == 0] == []
+    # What a SIGKILL (no `finally` runs) leaves, a hidden partial, goes with the next report.
+    killed = report.plots[0].with_name(f".{report.plots[0].stem}.123.partial.png")
+    killed.parent.mkdir(parents=True, exist_ok=True)
+    killed.write_bytes(b"")
+    write_report(trained[0], out)
+    assert _partials(out) == []
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
+
+
+def _stop_first(context: None, item: int, emit: Any) -> str:
+    if item == 0:
+        return "stop"  # as a run that met a full disk
+    time.sleep(0.5)
+    return "done"
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_9_a_stop_on_one_worker_ends_the_grid_on_every_worker(jobs: int) -> None:
+    ended: list[int] = []
+    stopped: list[bool] = []
+
+    def follow(event: Event) -> None:
+        if event.kind == "end":
+            ended.append(event.index)
+            stopped.append(event.payload == "stop")
+
+    run_tasks(
+        _stop_first,
+        list(range(8)),
+        jobs=jobs,
+        setup=_nothing,
+        on_event=follow,
+        should_stop=lambda: any(stopped),
     )
+    assert ended[-1] == 0 and len(ended) <= jobs  # nothing started after the stop was seen
+
+
+def test_9_an_sqlite_error_that_is_not_a_full_disk_fails_the_run_as_it_is(
+    tiny: dict[str, Any], db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def locked(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(Store, "claim", locked)
+    summary = run_grid(_grid(tiny, methods=("sgd",), seeds=(0,)), db_path, progress=False)
+    assert summary.stopped is None
+    assert len(summary.failed) == 1 and "OperationalError: database is locked" in summary.failed[0]

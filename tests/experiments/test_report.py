@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +16,16 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import flatminima
 from flatminima.experiments.config import make_run_config
+from flatminima.experiments.plots import arm_styles, method_color
 from flatminima.experiments.report import write_report
 from flatminima.experiments.runner import run_grid
 from flatminima.experiments.statistics import Interval
 from flatminima.experiments.store import Store
 from flatminima.experiments.summary import summarize
 from flatminima.experiments.tables import TABLE_HEADERS, table_rows
-from flatminima.registry import BASE_OPTIMIZER
+from flatminima.registry import BASE_OPTIMIZER, method_names
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SEEDS = (0, 1, 2)
@@ -474,3 +479,145 @@ def test_an_interval_with_zero_spread_has_the_mean_as_both_bounds(
     rows = {row[0]: row for row in table_rows(setting)}
     assert rows["asam ρ=0.5"][2:4] == ["75.00 ± 0.00", "[75.00, 75.00]"]
     assert rows["sam ρ=0.05"][4] == "+25.00 [+25.00, +25.00] (n=3)"
+
+
+# --- the figures: the numbers they draw are the database's --------------------------------------
+
+
+def _epochs_from_sql(db_path: Path) -> dict[tuple[str, str], dict[int, dict[str, list[float]]]]:
+    """Per arm (method, hyperparameters JSON) and seed, the epoch columns, straight from SQL."""
+    connection = sqlite3.connect(db_path)
+    rows = connection.execute(
+        "SELECT r.method, json_extract(r.config, '$.hyperparameters'), r.seed, e.test_accuracy, "
+        "e.train_loss FROM epochs e JOIN runs r ON r.id = e.run_id ORDER BY r.id, e.epoch"
+    ).fetchall()
+    connection.close()
+    table: dict[tuple[str, str], dict[int, dict[str, list[float]]]] = {}
+    for method, hyperparameters, seed, accuracy, loss in rows:
+        columns = table.setdefault((method, hyperparameters), {}).setdefault(
+            seed, {"test_accuracy": [], "train_loss": []}
+        )
+        columns["test_accuracy"].append(accuracy)
+        columns["train_loss"].append(loss)
+    return table
+
+
+def _finals_from_sql(db_path: Path, column: str) -> dict[tuple[str, str], list[float]]:
+    connection = sqlite3.connect(db_path)
+    rows = connection.execute(
+        f"SELECT method, json_extract(config, '$.hyperparameters'), {column} FROM runs "
+        "ORDER BY seed"
+    ).fetchall()
+    connection.close()
+    table: dict[tuple[str, str], list[float]] = {}
+    for method, hyperparameters, value in rows:
+        table.setdefault((method, hyperparameters), []).append(value)
+    return table
+
+
+def test_every_figure_draws_the_databases_numbers(swept_db: Path, tmp_path: Path) -> None:
+    report = write_report(swept_db, tmp_path / "out")
+    [setting] = report.settings
+    figures = {figure.path.name: figure for figure in report.figures}
+    epochs = _epochs_from_sql(swept_db)
+    noisy = _finals_from_sql(swept_db, "final_train_accuracy_noisy")
+    clean = _finals_from_sql(swept_db, "final_train_accuracy_clean")
+    tested = _finals_from_sql(swept_db, "final_test_accuracy")
+    for arm in setting.arms:
+        key = (arm.method, json.dumps(arm.hyperparameters, sort_keys=True, separators=(",", ":")))
+        # Curves: mean and ±1 std band over seeds, per epoch, of both stored columns.
+        for panel, column, scale in (
+            ("test accuracy", "test_accuracy", 100),
+            ("training loss", "train_loss", 1),
+        ):
+            values = scale * np.array([epochs[key][seed][column] for seed in SEEDS])
+            drawn = figures["curves.png"].series[f"{panel}: {arm.label}"]
+            assert drawn["seeds"] == list(SEEDS) and list(drawn["epoch"]) == [1, 2]
+            assert drawn["mean"] == pytest.approx(values.mean(axis=0), rel=1e-12)
+            spread = values.std(axis=0, ddof=1)
+            expected_high = values.mean(axis=0) + spread
+            if column == "test_accuracy":
+                expected_high = np.clip(expected_high, 0, 100)
+            assert drawn["high"] == pytest.approx(expected_high, rel=1e-12)
+        # Final accuracy: each seed's point, the mean and interval beside them.
+        final = figures["final_accuracy.png"].series[f"test accuracy: {arm.label}"]
+        assert list(final["values"]) == pytest.approx([100 * v for v in tested[key]], rel=1e-12)
+        interval = Interval.of(tested[key]).clipped(0, 1)
+        assert (final["mean"], final["low"], final["high"]) == pytest.approx(
+            (100 * interval.mean, 100 * interval.low, 100 * interval.high), rel=1e-12
+        )
+        for words, stored in (("noisy labels", noisy), ("true labels", clean)):
+            train = figures["final_accuracy.png"].series[f"training accuracy, {words}: {arm.label}"]
+            assert train["mean"] == pytest.approx(100 * np.mean(stored[key]), rel=1e-12)
+    base = Interval.of(tested[("base", "{}")])
+    reference = figures["final_accuracy.png"].series["base reference"]
+    assert reference["mean"] == pytest.approx(100 * base.mean, rel=1e-12)
+    assert reference == figures["accuracy_vs_rho.png"].series["base reference"]
+
+    # Accuracy against cost: a point per arm at its cost ratios; the front is the set of arms
+    # no other arm beats on both, found here by brute force.
+    cost = figures["accuracy_vs_cost.png"]
+    for panel, attribute in (("passes", "passes_ratio"), ("time", "time_ratio")):
+        drawn = cost.series[panel]
+        assert drawn["labels"] == [arm.label for arm in setting.arms]
+        assert list(drawn["cost"]) == [getattr(arm, attribute) for arm in setting.arms]
+        points = list(zip(drawn["cost"], drawn["mean"], strict=True))
+        dominated = {
+            label
+            for label, (c, a) in zip(drawn["labels"], points, strict=True)
+            if any(c2 <= c and a2 >= a and (c2, a2) != (c, a) for c2, a2 in points)
+        }
+        assert set(drawn["front"]) == set(drawn["labels"]) - dominated
+        assert "base" in drawn["front"]  # the cheapest arm is always on the front
+    assert list(cost.series["passes"]["cost"]) == [1.0, 2.0, 2.0, 2.0]
+
+    # The ρ sweep: ticks at every value run; Fisher SAM, run at one ρ, placed on it.
+    sweep = figures["accuracy_vs_rho.png"]
+    assert list(sweep.series["ticks"]["x"]) == [0.05, 0.1, 0.2]
+    assert list(sweep.series["sam"]["x"]) == [0.05, 0.2]
+    assert list(sweep.series["single: fisher-sam ρ=0.1"]["x"]) == [0.1]
+
+    # Every figure is a PNG with content, shown in report.md with its numbered caption.
+    markdown = report.markdown_path.read_text()
+    for number, figure in enumerate(report.figures, start=1):
+        image = matplotlib.image.imread(figure.path)
+        assert figure.path.read_bytes()[:8] == PNG_SIGNATURE and image[..., :3].std() > 0.05
+        shown = f"]({figure.path.relative_to(tmp_path / 'out')})\n\n*Figure {number}.* "
+        assert shown + figure.caption in markdown
+
+
+def test_one_colour_per_method_in_every_figure(swept_db: Path) -> None:
+    with Store(swept_db) as store:
+        [setting] = summarize(store)
+    styles = arm_styles(setting)
+    sam = [styles[arm.label] for arm in setting.arms_of("sam")]
+    # Both SAM arms in SAM's colour, told apart by line style and marker.
+    assert {style.color for style in sam} == {method_color("sam")}
+    assert len({(style.linestyle, style.marker) for style in sam}) == 2
+    colours = [method_color(name) for name in method_names()]
+    assert len(set(colours)) == len(colours)
+
+
+def test_the_report_neither_uses_pyplot_nor_switches_the_backend(
+    swept_db: Path, tmp_path: Path
+) -> None:
+    script = (
+        "import sys, matplotlib\n"
+        "before = dict.__getitem__(matplotlib.rcParams, 'backend')\n"
+        "import flatminima.cli\n"
+        "from flatminima.experiments.report import write_report\n"
+        f"write_report({str(swept_db)!r}, {str(tmp_path / 'out')!r})\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n"
+        "assert dict.__getitem__(matplotlib.rcParams, 'backend') == before\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+
+
+def test_only_the_plot_modules_import_matplotlib() -> None:
+    package = Path(flatminima.__file__).parent
+    importing = sorted(
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if re.search(r"^\s*(import|from) matplotlib", path.read_text(), re.MULTILINE)
+    )
+    assert importing == ["experiments/plots.py", "sharpness/plots.py"]

@@ -238,3 +238,29 @@ def test_a_healthy_run_is_not_marked_diverged(tiny: dict[str, Any], db_path: Pat
     assert run.final["diverged_at_epoch"] is None
     assert run.environment["flatminima_commit"] != ""
     assert "scikit-learn" in run.environment
+
+
+def test_the_runner_calls_the_generic_per_epoch_hook(
+    tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sparse SAM learns its mask before epochs 0, k, 2k, ... (counted from 0) from the
+    epoch's training batches, through registry.start_epoch: no per-method code in the runner."""
+    from flatminima.methods.sparse_sam import SparseSAM
+
+    calls: list[tuple[int | None, int]] = []
+    real = SparseSAM.refresh_mask
+
+    def counting(self, model, loss_fn, batches, *, epoch=None):  # type: ignore[no-untyped-def]
+        batches = list(batches)
+        calls.append((epoch, sum(len(y) for _, y in batches)))
+        return real(self, model, loss_fn, batches, epoch=epoch)
+
+    monkeypatch.setattr(SparseSAM, "refresh_mask", counting)
+    tiny["epochs"] = 3
+    config = make_run_config(
+        method="sparse-sam", hyperparameters={"update_every": 2, "num_samples": 8}, **tiny
+    )
+    data = load_dataset(config.dataset, seed=config.seed, train_size=config.train_size)
+    train(config, data)
+    assert [epoch for epoch, _ in calls] == [0, 2]
+    assert all(examples == len(data.y_train) for _, examples in calls)

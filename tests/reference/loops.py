@@ -278,3 +278,100 @@ def bilateral_sam_step(weights, grad_fn: GradFn, base: ReferenceSGD, *, rho, rho
     ratio = norm(g_max) / norm(g_min)
     update = [a + (b - ratio * c) for a, b, c in zip(g_max, g, g_min, strict=True)]
     return base.step(weights, update)
+
+
+# -- data-aware methods (issue 10, first half) ---------------------------------------------------
+# Their grad_fn also takes ``examples`` (a list of row indices: the loss and gradient of those
+# rows' mean loss) and has ``grad_fn.losses(weights)`` (the per-example losses, no gradient)
+# and ``grad_fn.batch_size``.
+
+
+class EsamState:
+    """Which tensors the previous step's draws kept, and the generator they come from."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.kept: list[bool] | None = None
+
+
+def esam_step(weights, grad_fn, base: ReferenceSGD, state: EsamState, *, rho, beta, gamma):
+    """dydjw9/Efficient_SAM: S = the tensors the previous step kept (all on the first step,
+    and all when it kept none); ε_i = ρ·g_i/(‖g_S‖ + 1e-7)/β for i in S, 0 elsewhere;
+    rise_j = ℓ_j(w + ε) − ℓ_j(w); k = max(1, ⌊γB⌋); chosen = {j : rise_j > k-th largest rise}
+    (if empty, those equal to it; γ ≥ 0.99: all); descend with ∇ mean_{j ∈ chosen} ℓ_j(w + ε);
+    then one uniform u_i per tensor, tensor i kept for the next step when u_i ≤ β."""
+    kept = state.kept if state.kept is not None and any(state.kept) else [True] * len(weights)
+    before = grad_fn.losses(weights)
+    _, g = grad_fn(weights)
+    n = norm([gi for gi, k in zip(g, kept, strict=True) if k])
+    eps = []
+    for gi, k in zip(g, kept, strict=True):
+        eps.append(gi * (rho / (n + 1e-7) / beta) if k else torch.zeros_like(gi))
+    perturbed = [w + e for w, e in zip(weights, eps, strict=True)]
+    after = grad_fn.losses(perturbed)
+    rise = [float(a) - float(b) for a, b in zip(after, before, strict=True)]
+    # float(a) − float(b) rounds like the tensor subtraction (both float64).
+    chosen = None
+    if gamma < 0.99:
+        k = max(1, int(len(rise) * gamma))
+        cutoff = sorted(rise, reverse=True)[k - 1]
+        chosen = [j for j, r in enumerate(rise) if r > cutoff]
+        if not chosen:
+            chosen = [j for j, r in enumerate(rise) if r == cutoff]
+        if len(chosen) == len(rise):
+            chosen = None
+    _, g_tilde = grad_fn(perturbed, examples=chosen)
+    draws = torch.rand(len(weights), generator=state.generator, dtype=torch.float64)
+    state.kept = [float(u) <= beta for u in draws]
+    return base.step(weights, g_tilde)
+
+
+def micro_batch_sam_step(weights, grad_fn, base: ReferenceSGD, *, rho, micro_batches):
+    """mSAM: the batch cut into M contiguous parts, the first B mod M one example larger;
+    for each part k: ε_k = ρ·g_k/(‖g_k‖ + ξ), h_k = ∇L_k(w + ε_k); descend with
+    Σ_k (n_k/B)·h_k."""
+    size = grad_fn.batch_size
+    update = [torch.zeros_like(w) for w in weights]
+    start = 0
+    for k in range(micro_batches):
+        count = size // micro_batches + (1 if k < size % micro_batches else 0)
+        rows = list(range(start, start + count))
+        start += count
+        _, g = grad_fn(weights, examples=rows)
+        n = norm(g)
+        eps = [rho * gi / (n + XI) for gi in g]
+        _, h = grad_fn([w + e for w, e in zip(weights, eps, strict=True)], examples=rows)
+        update = [u + (count / size) * hi for u, hi in zip(update, h, strict=True)]
+    return base.step(weights, update)
+
+
+class SparseState:
+    """The reference Sparse SAM's mask: given (``masks``), drawn on the first step from
+    ``generator`` as a uniformly random subset of round((1 − s)·N) coordinates (the library's
+    initial dynamic mask), or, with neither, all zeros (the Fisher mask before its refresh)."""
+
+    def __init__(
+        self, generator: torch.Generator | None = None, masks: list[Tensor] | None = None
+    ) -> None:
+        self.generator = generator
+        self.masks = masks
+
+
+def sparse_sam_step(
+    weights, grad_fn: GradFn, base: ReferenceSGD, state: SparseState, *, rho, sparsity, **_mask
+):
+    """Mi-Peng/Sparse-Sharpness-Aware-Minimization SSAMF/SSAMD.first_step: ε = m·ρ g/(‖g‖+1e-7)
+    with the unmasked norm; descend with ∇L(w+ε)."""
+    if state.masks is None:
+        sizes = [w.numel() for w in weights]
+        flat = torch.zeros(sum(sizes), dtype=torch.bool)
+        if state.generator is not None:
+            keep = round((1 - sparsity) * sum(sizes))
+            flat[torch.randperm(sum(sizes), generator=state.generator)[:keep]] = True
+        pieces = flat.split(sizes)
+        state.masks = [piece.reshape(w.shape) for piece, w in zip(pieces, weights, strict=True)]
+    _, g = grad_fn(weights)
+    n = norm(g)
+    eps = [m.to(gi.dtype) * rho * gi / (n + 1e-7) for m, gi in zip(state.masks, g, strict=True)]
+    _, g_tilde = grad_fn([w + e for w, e in zip(weights, eps, strict=True)])
+    return base.step(weights, g_tilde)

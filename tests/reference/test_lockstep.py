@@ -10,7 +10,7 @@ from loops import FriendlyState, ReferenceSGD, gsam_step
 
 import flatminima
 from records import RECORDS, MethodRecord
-from support import batches, tiny_mlp
+from support import batches, closure_for, tiny_mlp
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 STEPS = 6
@@ -18,17 +18,28 @@ TOLERANCE = 1e-12
 
 
 def grad_fn_for(model: torch.nn.Module, batch):
-    """Weights → (loss, grads) of ``model`` on ``batch``, without touching its parameters."""
+    """Weights → (loss, grads) of ``model`` on ``batch`` (or on its rows ``examples``), without
+    touching its parameters; ``grad_fn.losses(weights)`` gives the per-example losses and
+    ``grad_fn.batch_size`` the number of examples (for the data-aware reference loops)."""
     names = [name for name, _ in model.named_parameters()]
     x, y = batch
 
-    def grad_fn(weights):
+    def grad_fn(weights, examples=None):
+        rows = slice(None) if examples is None else examples
         leaves = [w.detach().clone().requires_grad_(True) for w in weights]
-        out = torch.func.functional_call(model, dict(zip(names, leaves, strict=True)), (x,))
-        loss = torch.nn.functional.cross_entropy(out, y)
+        out = torch.func.functional_call(model, dict(zip(names, leaves, strict=True)), (x[rows],))
+        loss = torch.nn.functional.cross_entropy(out, y[rows])
         grads = torch.autograd.grad(loss, leaves)
         return float(loss.detach()), [g.detach() for g in grads]
 
+    def losses(weights):
+        with torch.no_grad():
+            parameters = dict(zip(names, weights, strict=True))
+            out = torch.func.functional_call(model, parameters, (x,))
+            return torch.nn.functional.cross_entropy(out, y, reduction="none")
+
+    grad_fn.losses = losses  # type: ignore[attr-defined]
+    grad_fn.batch_size = len(y)  # type: ignore[attr-defined]
     return grad_fn
 
 
@@ -48,10 +59,13 @@ def lockstep_deviation(record: MethodRecord, configuration: str, foreach: bool =
         record.reference,  # type: ignore[arg-type]
         foreach=foreach,
         extras=record.extras(),
+        per_example=record.needs_per_example_closure,
     )
 
 
-def deviation_from(cls, hyperparameters, make_reference, *, foreach=True, extras=None) -> float:
+def deviation_from(
+    cls, hyperparameters, make_reference, *, foreach=True, extras=None, per_example=False
+) -> float:
     model = tiny_mlp()
     optimizer = cls(
         torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY),
@@ -72,7 +86,7 @@ def deviation_from(cls, hyperparameters, make_reference, *, foreach=True, extras
             loss.backward()
             return loss
 
-        optimizer.step(closure)
+        optimizer.step(closure_for(model, (x, y), per_example=True) if per_example else closure)
         step_deviation = max(
             float((p.detach() - w).abs().max())
             for p, w in zip(model.parameters(), weights, strict=True)

@@ -1,7 +1,7 @@
 """The ``flatminima`` command: train, compare, measure sharpness, report, and the demo that does
 all of them.
 
-    flatminima demo --quick                           # a first taste: base vs SAM, about a minute
+    flatminima demo --quick                           # a first taste: base vs SAM, a minute or two
     flatminima demo                                   # the main job (see the README for times)
     flatminima run --method sam --param rho=0.1 --label-noise 0.4 --seed 0
     flatminima compare --methods base,sam --sweep rho=0.05,0.1,0.2 --seeds 0-2 --jobs 2
@@ -10,10 +10,12 @@ all of them.
     flatminima forget 3f2a --db flatminima.db          # a run, its rows and weights (or --failed)
     flatminima methods                                # every method and its hyperparameters
 
-This module declares the options (each shared one once), checks them and prints; the work is
-done by :mod:`flatminima.experiments`. Bad input ends with one line naming the argument and
-what it accepts, exit status 2, before anything is written to the database. Exit status 1: a
-run failed, or the grid stopped (a full disk); 3: the grid is incomplete because another process
+:mod:`~flatminima.cli.options` declares the options (each shared one once),
+:mod:`~flatminima.cli.commands` holds the commands, which check and print; this module runs one
+and turns errors and interruptions into one line. The work is done by
+:mod:`flatminima.experiments`. Bad input ends with one line naming the argument and what it
+accepts, exit status 2, before anything is written to the database. Exit status 1: a run
+failed, or the grid stopped (a full disk); 3: the grid is incomplete because another process
 still trains some of its runs. Ctrl-C and SIGTERM
 stop the same way: workers stopped, finished runs and measurements kept, one line saying how to
 go on.

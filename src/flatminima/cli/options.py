@@ -83,7 +83,7 @@ def _add_jobs(parser: argparse.ArgumentParser, default: int = 1) -> None:
         "--jobs",
         type=_positive_int,
         default=default,
-        help=f"worker processes at once, one per core, one thread each (default: {default})",
+        help=f"worker processes at once, one per core (default: {default})",
     )
 
 
@@ -140,10 +140,10 @@ def _add_training_runtime(parser: argparse.ArgumentParser, db_default: str = DEF
         type=float,
         default=DEFAULT_STALE_AFTER_S / 3600,
         metavar="HOURS",
-        help="take over a run that a process under another hostname (another container on "
-        "this machine, or the machine the database was copied from) left running with no "
-        f"epoch recorded for this long (default: {DEFAULT_STALE_AFTER_S / 3600:g}; inf: never; "
-        "a dead process under this hostname is noticed at once)",
+        help="take over a run another process left running with no epoch recorded for this "
+        f"long (default: {DEFAULT_STALE_AFTER_S / 3600:g}; inf: never); a process under this "
+        "hostname that is gone (its PID free, or held by a process started at another time) "
+        "is noticed at once",
     )
     _add_data_dir(parser)
 
@@ -291,13 +291,13 @@ def _add_demo_parser(commands: Any) -> None:
         description=f"The base optimizer alone against {described} on MNIST-1D with "
         f"{demo.DEMO_TRAINING['label_noise']:.0%} label noise, then the sharpness of every "
         "trained model and the report. Finished runs and measurements are kept: run it again "
-        "to resume. --quick: the base optimizer against SAM, two seeds (about a minute).",
+        "to resume. --quick: the base optimizer against SAM only (a minute or two).",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"base optimizer vs SAM only, {demo.QUICK_SEEDS} seeds: a first taste in about a "
-        "minute (the full demo resumes from these runs)",
+        help=f"base optimizer vs SAM only, {demo.QUICK_SEEDS} seeds: a first taste in a minute or "
+        "two (the full demo resumes from these runs)",
     )
     parser.add_argument(
         "--seeds",

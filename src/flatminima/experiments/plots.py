@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +24,11 @@ import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, NullLocator
+from matplotlib.patches import Patch
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from flatminima.experiments.labels import SYMBOLS
-from flatminima.experiments.statistics import Interval, interval_per_column, pareto_front
+from flatminima.experiments.statistics import Interval, pareto_front
 from flatminima.experiments.summary import (
     SHARPNESS_CORRELATED,
     Arm,
@@ -71,6 +72,16 @@ METHOD_PALETTE = (
     "#17becf",  # cyan
     "#bcbd22",  # olive
     "#7f7f7f",  # grey
+    # Lighter shades of the same hues: fifteen methods need more than ten colours.
+    "#aec7e8",
+    "#ff9896",
+    "#98df8a",
+    "#ffbb78",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#9edae5",
+    "#dbdb8d",
 )
 LINE_STYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")
@@ -136,6 +147,17 @@ def _save(figure: Figure, path: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
+def _log_axis(axes: Axes) -> None:
+    """A logarithmic y-axis labelled in plain numbers (0.5, 1, 2), not powers of ten."""
+    axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
+    # Minor ticks labelled at 2 and 5 × 10^k only: every one of them would crowd the axis.
+    axes.yaxis.set_minor_formatter(
+        FuncFormatter(lambda value, _: f"{value:.3g}" if f"{value:.1e}"[0] in "25" else "")
+    )
+    axes.tick_params(axis="y", which="minor", labelsize=7)
+
+
 def _error(interval: Interval) -> list[list[float]]:
     """``yerr``/``xerr`` of one interval: the distances down to its low and up to its high
     bound (apart, since clipping makes them unequal); 0 without bounds."""
@@ -152,7 +174,10 @@ def _base_band(axes: Axes, base: Arm | None, *, vertical: bool = False) -> dict[
     interval = base.accuracy.scaled(100)
     line = axes.axvline if vertical else axes.axhline
     span = axes.axvspan if vertical else axes.axhspan
-    line(interval.mean, color=BASE_COLOR, linestyle="--", linewidth=1, label=f"{base.label} mean")
+    line(
+        interval.mean, color=BASE_COLOR, linestyle="--", linewidth=1,
+        label=f"{base.label}: mean, 95% interval (band)",
+    )  # fmt: skip
     if interval.has_bounds:
         span(interval.low, interval.high, color=BASE_COLOR, alpha=0.1, linewidth=0)
     return {"mean": interval.mean, "low": interval.low, "high": interval.high}
@@ -195,7 +220,9 @@ def plot_curves(setting: Setting, path: Path) -> Plot:
                     length = min(len(curve) for curve in full)
                     values = scale * np.array([curve[:length] for curve in full], dtype=float)
                     epochs = np.arange(1, length + 1)
-                    mean, low, high = interval_per_column(values)
+                    mean = values.mean(axis=0)
+                    spread = values.std(axis=0, ddof=1) if len(values) > 1 else 0 * mean
+                    low, high = mean - spread, mean + spread
                     if column == "test_accuracy":
                         low, high = np.clip(low, 0, 100), np.clip(high, 0, 100)
                     axes.plot(
@@ -223,8 +250,10 @@ def plot_curves(setting: Setting, path: Path) -> Plot:
                     plot.series[f"{panel}: {arm.label}, diverged seed {seed}"] = {"values": curve}
             axes.set(xlabel="epoch", ylabel=ylabel, title=panel)
             if column == "train_loss":
-                axes.set_yscale("log")
-        axes_row[0].legend(loc="lower right")
+                _log_axis(axes)
+        handles, labels = axes_row[0].get_legend_handles_labels()
+        band = Patch(color="#888888", alpha=0.3, label="band: ±1 std over seeds")
+        axes_row[0].legend([*handles, band], [*labels, band.get_label()], loc="lower right")
         figure.suptitle(setting.plot_title, fontsize=9)
         _save(figure, path)
     noise = setting.config.get("label_noise") or 0
@@ -238,8 +267,9 @@ def plot_curves(setting: Setting, path: Path) -> Plot:
     plot.caption = (
         "Left: test accuracy (clean test set) after each epoch; right: training loss on the "
         "labels trained on (each step's loss as its optimizer returned it, mean over the epoch; "
-        f"log scale). Lines: mean over seeds ({_seeds_phrase(setting)} per arm); bands: "
-        f"{INTERVAL_WORDS}.{memorising}"
+        f"log scale). Lines: mean over seeds ({_seeds_phrase(setting)} per arm); bands: ±1 "
+        f"sample standard deviation over those seeds (the spread of single runs, not an "
+        f"interval of the mean).{memorising}"
     )
     return plot
 
@@ -316,6 +346,7 @@ def plot_final_accuracy(setting: Setting, path: Path) -> Plot:
                     "high": train_interval.high,
                 }
         test_axes.set_yticks(rows, [arm.label for arm in arms])
+        test_axes.margins(x=0.15)
         test_axes.set_ylim(-0.6, len(arms) - 0.4)
         test_axes.set(xlabel="final test accuracy (%)", title="test accuracy")
         test_axes.grid(axis="y", visible=False)
@@ -361,22 +392,21 @@ def plot_accuracy_vs_cost(setting: Setting, path: Path) -> Plot | None:
         return None
     styles = arm_styles(setting)
     plot = Plot(path, "")
-    panels = (("passes", "passes_ratio", "forward/backward passes ×"), ("time", "time_ratio",
-              "training time ×"))  # fmt: skip
+    panels = (
+        ("passes", "passes_ratio", "forward/backward passes ×"),
+        ("time", "time_ratio", "training time ×"),
+    )
     with _figure(2) as figure:
         axes_row = figure.subplots(1, 2, sharey=True)
         for axes, (panel, attribute, xlabel) in zip(axes_row, panels, strict=True):
             points = [(getattr(arm, attribute), 100 * arm.accuracy.mean) for arm in arms]
-            for arm, (cost, _) in zip(arms, points, strict=True):
+            shifts = _side_by_side([cost for cost, _ in points], axes_row[0] is axes)
+            for arm, (cost, _), shift in zip(arms, points, shifts, strict=True):
                 style = styles[arm.label]
                 interval = arm.accuracy.scaled(100)
                 axes.errorbar(
-                    cost, interval.mean, yerr=_error(interval), marker=style.marker,
+                    cost + shift, interval.mean, yerr=_error(interval), marker=style.marker,
                     color=style.color, capsize=3, markersize=6, linewidth=1.2, label=arm.label,
-                )  # fmt: skip
-                axes.annotate(
-                    arm.label, (cost, interval.mean), xytext=(5, 3), textcoords="offset points",
-                    fontsize=7, color=style.color,
                 )  # fmt: skip
             front = pareto_front(points)
             front_x = [points[i][0] for i in front]
@@ -391,20 +421,39 @@ def plot_accuracy_vs_cost(setting: Setting, path: Path) -> Plot | None:
                 "mean": np.array([p[1] for p in points]),
                 "front": [arms[i].label for i in front],
             }
-            axes.set(xlabel=f"{xlabel} (vs {BASE_OPTIMIZER})", title=f"accuracy per {panel}")
+            axes.set(xlabel=f"{xlabel} (vs {BASE_OPTIMIZER})", title=f"accuracy against {panel}")
             axes.margins(x=0.25)
         axes_row[0].set_ylabel("final test accuracy (%)")
-        axes_row[0].legend(loc="lower right", fontsize=6.5)
+        handles, labels = axes_row[0].get_legend_handles_labels()
+        figure.legend(
+            handles, labels, loc="outside lower center", ncols=min(len(labels), 4),
+            title="bars: 95% interval", title_fontsize=7.5,
+        )  # fmt: skip
         figure.suptitle(setting.plot_title, fontsize=9)
         _save(figure, path)
     plot.caption = (
         f"Mean final test accuracy of each arm, with its {INTERVAL_WORDS}, against its cost "
         f"relative to the base optimizer: forward/backward passes counted (left) and training "
-        "wall time measured (right; noisier on a busy machine). The dashed line is the Pareto "
-        "front: the arms no other arm beats on both accuracy and cost. Diverged runs are left "
-        "out of the costs."
+        "wall time measured (right; noisier on a busy machine). Arms of the same pass count are "
+        "drawn side by side around it. The dashed line is the Pareto front: the arms no other "
+        "arm beats on both accuracy and cost. Diverged runs are left out of the costs."
     )
     return plot
+
+
+def _side_by_side(costs: Sequence[float], exact: bool) -> list[float]:
+    """Horizontal shifts that set apart the points of arms at the same cost (every two-pass
+    method costs exactly 2 passes), so that neither their bars nor their markers hide each
+    other; none where costs differ (``exact=False``: measured times never tie)."""
+    if not exact:
+        return [0.0] * len(costs)
+    span = (max(costs) - min(costs)) or 1.0
+    shifts = []
+    for index, cost in enumerate(costs):
+        tied = [i for i, other in enumerate(costs) if other == cost]
+        rank = tied.index(index)
+        shifts.append((rank - (len(tied) - 1) / 2) * 0.025 * span)
+    return shifts
 
 
 # --- hyperparameter sweeps -------------------------------------------------------------------
@@ -546,17 +595,17 @@ def plot_sharpness(setting: Setting, path: Path) -> Plot | None:
                 if math.isnan(correlation.coefficient)
                 else f"Spearman ρ_s = {correlation.coefficient:+.2f}, p = {correlation.p_value:.2g}"
             )
-            axes.text(
-                0.03, 0.04, f"{text}\n{correlation.n} runs", transform=axes.transAxes,
-                fontsize=7.5, va="bottom", bbox={"facecolor": "white", "alpha": 0.8, "lw": 0},
-            )  # fmt: skip
-            axes.set(xlabel=name, title=name)
+            axes.set(xlabel=name, title=f"{text} ({correlation.n} runs)")
         for axes in grid[len(measures) :]:
             axes.set_visible(False)
         for axes in grid[::columns]:
             axes.set_ylabel("final test accuracy (%)")
         handles, labels = grid[0].get_legend_handles_labels()
-        figure.legend(handles, labels, loc="outside right upper")
+        figure.legend(
+            handles, labels, loc="outside lower center", ncols=min(len(labels), 6),
+            markerscale=2, title="small: one run · large, outlined: the arm's mean",
+            title_fontsize=7.5,
+        )  # fmt: skip
         figure.suptitle(setting.plot_title, fontsize=9)
         _save(figure, path)
     plot.caption = (
@@ -571,7 +620,7 @@ def plot_sharpness(setting: Setting, path: Path) -> Plot | None:
 
 # --- landscape -------------------------------------------------------------------------------
 
-LANDSCAPE_ZOOM = 0.25
+LANDSCAPE_ZOOM = 0.2
 """The right panel of the landscape shows |α| ≤ this: the neighbourhood the optimizers saw."""
 
 
@@ -604,6 +653,7 @@ def plot_landscape(setting: Setting, path: Path) -> Plot | None:
                 axes.plot(
                     alphas[keep], mean[keep], color=style.color, linestyle=style.linestyle,
                     linewidth=1.8, label=f"{label} (n={len(by_seed)})",
+                    marker=style.marker if axes is zoom else None, markersize=4,
                 )  # fmt: skip
             plot.series[label] = {
                 "alphas": alphas,
@@ -611,14 +661,14 @@ def plot_landscape(setting: Setting, path: Path) -> Plot | None:
                 "seeds": {seed: np.array(line["losses"]) for seed, line in by_seed.items()},
             }
         axis_label = next(iter(next(iter(lines.values())).values()))["axis_label"]
-        full.set_yscale("log")
+        _log_axis(full)
         full.set(xlabel=axis_label, ylabel="training loss", title="whole slice (log scale)")
         zoom.set(
             xlabel=axis_label,
             ylabel="training loss",
             title=f"near the weights, |α| ≤ {LANDSCAPE_ZOOM:g}",
         )
-        full.legend(loc="upper center")
+        full.legend(loc="upper center", title="thick: mean · thin: each seed", title_fontsize=7.5)
         figure.suptitle(setting.plot_title, fontsize=9)
         _save(figure, path)
     examples = sorted({line["examples"] for s in lines.values() for line in s.values()})

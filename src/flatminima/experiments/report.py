@@ -92,7 +92,8 @@ class Report:
 
 def remove_earlier_plots(directory: Path) -> list[Path]:
     """Delete the files an earlier report wrote into a setting's directory, before it is
-    written again: every ``*.png`` directly in it and the landscape numbers. Without this a
+    written again: every ``*.png`` directly in it or in its ``sharpness-<i>`` views, the
+    landscape numbers, and the hidden partial files of a report killed while writing. Without this a
     figure the new report no longer draws (a sweep since removed, a setting now at another
     place in the order) would stay, and the landscape JSON would still be linked. Nothing
     else is touched: other files, subdirectories, and everything outside the directory stay."""
@@ -101,7 +102,9 @@ def remove_earlier_plots(directory: Path) -> list[Path]:
     owned = [*directory.glob("*.png"), directory / LANDSCAPE_NUMBERS]
     for view in directory.glob("sharpness-*"):  # the views of measurement_views
         owned += [*view.glob("*.png"), view / LANDSCAPE_NUMBERS]
-    removed = [path for path in owned if path.is_file()]
+    # Hidden partial files of a report killed while writing (see experiments/files.py).
+    owned += [*directory.glob(".*.partial*"), *directory.glob("sharpness-*/.*.partial*")]
+    removed = [path for path in dict.fromkeys(owned) if path.is_file()]  # once each
     for path in removed:
         path.unlink()
     return removed

@@ -4,10 +4,10 @@ The runner knows nothing about any particular method: it asks the registry for t
 spec, builds it around the base optimizer and calls ``step(closure)``. Forward/backward passes
 are counted by the closure itself, so the cost column of the report is measured, not declared.
 
-A grid runs its configurations one after another, or on ``jobs`` worker processes (one thread
-each: on a small machine one single-threaded process per core is both fastest and
-reproducible). Every worker writes its own run's rows in short transactions; the parent process
-only draws the progress bars.
+A grid runs its configurations one after another, or on ``jobs`` worker processes
+(:mod:`~flatminima.experiments.workers`; one thread each: on a small machine one
+single-threaded process per core is both fastest and reproducible). Every worker writes its own
+run's rows in short transactions; the parent process only draws the progress.
 
 Before training, a grid checks once that it can write the database and the weights folder, and
 that the data each dataset loads here is the data the database's runs trained on (its
@@ -20,10 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import multiprocessing
 import platform
-import queue
-import signal
 import sqlite3
 import subprocess
 import time
@@ -39,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flatminima.engine import Evaluation, SharpnessAwareOptimizer
 from flatminima.experiments.config import RunConfig
 from flatminima.experiments.data import (
     DATASETS,
@@ -57,7 +55,8 @@ from flatminima.experiments.store import (
     has_diverged,
     out_of_space,
 )
-from flatminima.registry import get_method
+from flatminima.experiments.workers import Emit, Event, WorkersExited, run_tasks
+from flatminima.registry import get_method, start_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +78,9 @@ class EpochMetrics:
     """The learning rate of the epoch's last step."""
     train_time_s: float
     """Training time so far (evaluation excluded)."""
-    passes: int
-    """Forward/backward passes so far."""
+    passes: float
+    """Forward/backward passes so far (a pass on part of the batch, or a forward without a
+    backward, counts its share: the optimizer's ``cost.passes`` where it keeps one)."""
 
 
 @dataclass
@@ -137,7 +137,7 @@ def train(
         if config.schedule == "cosine"
         else None
     )
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(reduction="none")  # per example: ESAM selects by them
     shuffle = torch.Generator().manual_seed(config.seed)
     passes = 0
     train_time = 0.0
@@ -148,21 +148,43 @@ def train(
         started = time.perf_counter()
         loss_sum = 0.0
         order = torch.randperm(len(data.y_train), generator=shuffle)
+        # A method that learns from data outside the step (Sparse SAM's mask) does it here.
+        start_epoch(
+            optimizer,
+            epoch - 1,
+            model=model,
+            loss_fn=criterion,
+            batches=lambda order=order: (
+                (data.x_train[b], data.y_train[b]) for b in order.split(config.batch_size)
+            ),
+        )
         for batch in order.split(config.batch_size):
             inputs, labels = data.x_train[batch], data.y_train[batch]
 
             # Default arguments bind this batch now (a closure must not see the next batch).
+            # A method's evaluation says which rows to run and whether a backward is needed
+            # (None: the plain base optimizer, every row with a backward); the per-example
+            # losses are returned, their mean is what the backward and the step report.
             def closure(
-                inputs: torch.Tensor = inputs, labels: torch.Tensor = labels
+                evaluation: Evaluation | None,
+                inputs: torch.Tensor = inputs,
+                labels: torch.Tensor = labels,
             ) -> torch.Tensor:
                 nonlocal passes
                 optimizer.zero_grad(set_to_none=True)
-                loss = criterion(model(inputs), labels)
-                loss.backward()
+                rows = None if evaluation is None else evaluation.examples_for(len(labels))
+                if rows is not None:
+                    inputs, labels = inputs[rows], labels[rows]
+                losses = criterion(model(inputs), labels)
+                if evaluation is None or evaluation.needs_gradient:
+                    losses.mean().backward()
                 passes += 1
-                return loss
+                return losses
 
-            loss = optimizer.step(closure)
+            if isinstance(optimizer, SharpnessAwareOptimizer):
+                loss = optimizer.step(closure)
+            else:
+                loss = optimizer.step(lambda: closure(None).mean())
             loss_sum += float(loss.detach()) * len(batch)
             learning_rate = optimizer.param_groups[0]["lr"]
             if scheduler is not None:
@@ -176,7 +198,7 @@ def train(
             test_accuracy=test_accuracy,
             learning_rate=learning_rate,
             train_time_s=train_time,
-            passes=passes,
+            passes=_passes_run(optimizer, passes),
         )
         history.append(metrics)
         if on_epoch is not None:
@@ -192,7 +214,7 @@ def train(
     last = history[-1]
     final = {
         "train_time_s": train_time,
-        "passes": passes,
+        "passes": _passes_run(optimizer, passes),
         "passes_per_step": spec.passes_per_step(config.hyperparameters),
         "final_test_accuracy": last.test_accuracy,
         "final_test_loss": last.test_loss,
@@ -202,6 +224,13 @@ def train(
     }
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     return TrainingOutcome(history, final, state)
+
+
+def _passes_run(optimizer: torch.optim.Optimizer, closure_calls: int) -> float:
+    """The compute run so far in full forward/backward passes: the optimizer's own count when
+    it keeps one (``cost``), else the closure's calls (each a full pass)."""
+    cost = getattr(optimizer, "cost", None)
+    return float(closure_calls) if cost is None else cost.passes
 
 
 def _weights_are_finite(model: nn.Module) -> bool:
@@ -335,7 +364,10 @@ def execute_run(
             data_fingerprint=data_fingerprint,
         )
     except sqlite3.Error as error:
-        raise _stop_if_storage_fault(error) from error
+        stop = _stop_if_storage_fault(error)
+        if stop is None:
+            raise
+        raise stop from error
     if run_id is None:
         return "skipped"
     try:
@@ -459,29 +491,52 @@ def run_grid(
     summary = GridSummary(total=len(todo), already_finished=len(todo) - len(pending))
     workers = max(1, min(jobs, len(pending)))
     bars = GridProgress(summary.total, summary.already_finished, workers, progress)
-    try:
-        if workers == 1:
-            with _torch_threads(threads), Store(db_path) as store:
-                for config in pending:
-                    bars.start(0, config.label, config.epochs)
-                    outcome = _attempt(
-                        config,
-                        store,
-                        data_dir,
-                        lambda m: bars.epoch(0, m.test_accuracy),
-                        stale_after_s,
-                    )
-                    _count(summary, config.label, *outcome)
-                    bars.end(0, outcome[0])
-                    if summary.stopped:
-                        break
+
+    def follow(event: Event) -> None:
+        config = pending[event.index]
+        if event.kind == "start":
+            bars.start(event.slot, config.label, config.epochs)
+        elif event.kind == "progress":
+            bars.epoch(event.slot, event.payload)
         else:
-            _run_in_workers(
-                pending, Path(db_path), data_dir, workers, threads, stale_after_s, bars, summary
-            )
+            _count(summary, config.label, *event.payload)
+            bars.end(event.slot, event.payload[0])
+
+    try:
+        run_tasks(
+            _train_task,
+            pending,
+            jobs=workers,
+            setup=_training_process,
+            setup_args=(Path(db_path), data_dir, threads, stale_after_s),
+            on_event=follow,
+            # A full disk (or another storage fault every later run would meet too) stops the
+            # grid: the other workers' runs stay `running` under dead processes, redone next time.
+            should_stop=lambda: bool(summary.stopped),
+        )
+    except WorkersExited as error:
+        summary.failed.append(
+            f"{error.remaining} run(s): worker processes exited before finishing them"
+        )
     finally:
         bars.close()
     return summary
+
+
+@contextmanager
+def _training_process(
+    db_path: Path, data_dir: Path | None, threads: int, stale_after_s: float
+) -> Iterator[tuple[Store, Path | None, float]]:
+    """What a training process holds for its runs: its database connection and settings."""
+    with _torch_threads(threads), Store(db_path) as store:
+        yield store, data_dir, stale_after_s
+
+
+def _train_task(
+    context: tuple[Store, Path | None, float], config: RunConfig, emit: Emit
+) -> tuple[str, str | None]:
+    store, data_dir, stale_after_s = context
+    return _attempt(config, store, data_dir, lambda m: emit(m.test_accuracy), stale_after_s)
 
 
 def _attempt(
@@ -516,98 +571,3 @@ def _count(summary: GridSummary, label: str, status: str, error: str | None) -> 
         summary.stopped = summary.stopped or error
     else:
         summary.failed.append(f"{label}: {error}")
-
-
-def _worker(
-    slot: int,
-    db_path: Path,
-    data_dir: Path | None,
-    threads: int,
-    stale_after_s: float,
-    tasks: multiprocessing.Queue,  # type: ignore[type-arg]
-    events: multiprocessing.Queue,  # type: ignore[type-arg]
-) -> None:
-    """A worker process: trains the configurations it takes from ``tasks`` until ``None``."""
-    # Ctrl-C reaches the whole process group: the parent handles it and stops the workers,
-    # which would otherwise each print a traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(threads)
-    parent = multiprocessing.parent_process()
-    with Store(db_path) as store:
-        while (config := tasks.get()) is not None:
-            if parent is not None and not parent.is_alive():
-                break  # the grid was killed: leave the rest to the next `compare`
-            events.put(("start", slot, config.label, config.epochs))
-            outcome = _attempt(
-                config,
-                store,
-                data_dir,
-                lambda m: events.put(("epoch", slot, m.test_accuracy)),
-                stale_after_s,
-            )
-            events.put(("end", slot, config.label, *outcome))
-            if outcome[0] == "stopped":
-                break
-
-
-def _run_in_workers(
-    pending: list[RunConfig],
-    db_path: Path,
-    data_dir: Path | None,
-    workers: int,
-    threads: int,
-    stale_after_s: float,
-    bars: GridProgress,
-    summary: GridSummary,
-) -> None:
-    # spawn, not fork: a forked copy of a process that already ran PyTorch's thread pools can
-    # deadlock, and spawn behaves the same on every platform.
-    context = multiprocessing.get_context("spawn")
-    tasks = context.Queue()
-    events = context.Queue()
-    for config in pending:
-        tasks.put(config)
-    for _ in range(workers):
-        tasks.put(None)
-    processes = [
-        context.Process(
-            target=_worker,
-            args=(slot, db_path, data_dir, threads, stale_after_s, tasks, events),
-            daemon=True,
-        )
-        for slot in range(workers)
-    ]
-    for process in processes:
-        process.start()
-    remaining = len(pending)
-    try:
-        while remaining:
-            try:
-                event = events.get(timeout=1.0)
-            except queue.Empty:
-                if not any(process.is_alive() for process in processes):
-                    summary.failed.append(
-                        f"{remaining} run(s): worker processes exited before finishing them"
-                    )
-                    return
-                continue
-            kind, slot, *payload = event
-            if kind == "start":
-                bars.start(slot, *payload)
-            elif kind == "epoch":
-                bars.epoch(slot, *payload)
-            else:
-                _count(summary, *payload)
-                bars.end(slot, payload[1])
-                remaining -= 1
-                if summary.stopped:
-                    # The other workers' runs meet the same fault: stop them (their runs stay
-                    # `running` under dead processes, and the next `compare` redoes them).
-                    return
-        for process in processes:
-            process.join()
-    finally:
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-                process.join()

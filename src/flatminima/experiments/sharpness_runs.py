@@ -26,7 +26,7 @@ averaged together. A run is measured only on the data it trained on (the fingerp
 with it), and a run that diverged (:func:`flatminima.experiments.store.has_diverged`, the
 runner's verdict) is not measured. Each measurement
 runs on one PyTorch thread, in the calling process or in ``jobs`` worker processes: the same
-settings and seed give the same numbers either way.
+settings and seed give the same numbers either way (:mod:`~flatminima.experiments.workers`).
 
 Example (a tiny run: two epochs on 256 MNIST-1D examples, measured on 128 of them)::
 
@@ -53,11 +53,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import multiprocessing
-import signal
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,6 +73,7 @@ from flatminima.experiments.data import (
 from flatminima.experiments.progress import CountProgress
 from flatminima.experiments.runner import WeightsFileError, environment, model_from_weights
 from flatminima.experiments.store import DataMismatchError, RunRecord, Store
+from flatminima.experiments.workers import Emit, Event, WorkersExited, run_tasks
 from flatminima.registry import canonical_method_name
 from flatminima.sharpness import landscape_1d, measure_sharpness
 
@@ -417,14 +415,34 @@ def measure_runs(
         selected = select_runs(store, runs, methods)
         summary = SharpnessSummary(selected=len(selected))
         tasks = _plan(store, selected, settings, landscape=landscape, force=force, summary=summary)
+        if tasks:
+            store.check_writable(weights=False)  # before measuring, not after
         bar = CountProgress(len(tasks), "sharpness", enabled=progress)
-        try:
-            for task, outcome in _measure_all(tasks, settings, data_dir, jobs):
-                bar.advance(task.label, "failed" if isinstance(outcome, str) else "measured")
-                if isinstance(outcome, str):
-                    summary.failed.append(f"{task.label}: {outcome}")
-                    continue
+
+        def record(event: Event) -> None:
+            # The parent alone writes the database: the workers only measure.
+            if event.kind != "end":
+                return
+            task, outcome = tasks[event.index], event.payload
+            bar.advance(task.label, "failed" if isinstance(outcome, str) else "measured")
+            if isinstance(outcome, str):
+                summary.failed.append(f"{task.label}: {outcome}")
+            else:
                 _record(store, task, outcome, settings, summary)
+
+        try:
+            run_tasks(
+                _measure_task,
+                tasks,
+                jobs=jobs,
+                setup=_measuring_process,
+                setup_args=(settings, data_dir),
+                on_event=record,
+            )
+        except WorkersExited as error:
+            summary.failed.append(
+                f"{error.remaining} run(s): worker processes exited before measuring them"
+            )
         finally:
             bar.close()
     return summary
@@ -457,21 +475,25 @@ def _record(
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
+def _measuring_process(
+    settings: SharpnessSettings, data_dir: Path | None
+) -> Iterator[tuple[SharpnessSettings, Path | None]]:
+    """A measuring process: one PyTorch thread, whatever the caller's count (restored after)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        yield settings, data_dir
     finally:
         torch.set_num_threads(previous)
 
 
-def _attempt(
-    task: _Task, settings: SharpnessSettings, data_dir: Path | None
-) -> tuple[_Task, RunMeasurement | str]:
+def _measure_task(
+    context: tuple[SharpnessSettings, Path | None], task: _Task, emit: Emit
+) -> RunMeasurement | str:
     """Measure one task: the measurement, or the error as text (it must not stop the others)."""
+    settings, data_dir = context
     try:
-        outcome = measure_run(
+        return measure_run(
             task.config,
             task.weights_path,
             settings,
@@ -483,39 +505,7 @@ def _attempt(
     except (WeightsFileError, DatasetUnavailableError, DataMismatchError) as error:
         # Damage or missing data, said in one line: no traceback to read.
         logger.error("measuring %s failed: %s", task.label, error)
-        return task, str(error)
+        return str(error)
     except Exception as error:
         logger.exception("measuring %s failed", task.label)
-        return task, f"{type(error).__name__}: {error}"
-    return task, outcome
-
-
-def _start_worker() -> None:
-    # Ctrl-C reaches the whole process group: the parent stops the pool; workers stay quiet.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
-
-
-def _measure_all(
-    tasks: list[_Task], settings: SharpnessSettings, data_dir: Path | None, jobs: int
-) -> Iterator[tuple[_Task, RunMeasurement | str]]:
-    """Each task with its outcome, as they finish; the parent alone writes the database."""
-    if jobs == 1 or len(tasks) <= 1:
-        with _one_thread():
-            for task in tasks:
-                yield _attempt(task, settings, data_dir)
-        return
-    # spawn, as in the runner: forking a process that already ran PyTorch can deadlock. An
-    # executor rather than a Pool: a worker that dies breaks it with an error (BrokenProcessPool)
-    # where a Pool would replace the worker and wait forever for the lost result.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        min(jobs, len(tasks)), mp_context=context, initializer=_start_worker
-    ) as executor:
-        futures = [executor.submit(_attempt, task, settings, data_dir) for task in tasks]
-        try:
-            for future in as_completed(futures):
-                yield future.result()
-        finally:
-            for future in futures:  # interrupted: do not start what is still queued
-                future.cancel()
+        return f"{type(error).__name__}: {error}"

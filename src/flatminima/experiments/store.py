@@ -19,9 +19,10 @@ foreign keys off may hold rows of runs that no longer exist: a writer deletes th
 The final weights of every finished run are saved beside the database, in
 ``<database stem>-weights/<configuration hash>.pt``, so that sharpness can be measured later.
 
-Schema changes are additive: opening a database written by an earlier version of flatminima
-adds the missing tables and columns (``PRAGMA user_version`` says which version wrote it) and
-leaves everything in it as it was; a database written by a newer version is refused.
+Schema changes keep every row: opening a database written by an earlier version of flatminima
+adds the missing tables and columns (``PRAGMA user_version`` says which version wrote it;
+version 3 keys the sharpness table by run and settings, copying its rows into the new table);
+a database written by a newer version is refused.
 
 Several processes may read and write the file at once (the workers of a grid, a report run
 while the grid trains): the database is in WAL mode, every write is one short transaction, a
@@ -31,7 +32,8 @@ reader never competes with the writers for the lock.
 
 The processes must run on one machine: WAL mode shares an index through memory, and SQLite
 does not support it over a network filesystem. Containers on one machine sharing a volume are
-fine, and they are why hostnames can differ. A run's owner (``hostname:pid``) refreshes the
+fine, and they are why hostnames can differ. A run's owner (``hostname:pid@start``, the
+process's start time where the system tells it) refreshes the
 run's ``heartbeat_at`` at every epoch. A run left ``running`` is taken over by another process
 when its owner is known to be dead (same hostname, and no such process, or a process of that
 PID that started at another time: the PID was reused) or when its heartbeat is older than
@@ -388,7 +390,6 @@ class Store:
             raise StoreError(f"{self.path} is not a regular file: give --db a database file")
         if not create and not self.path.exists():
             raise FileNotFoundError(f"no database at {self.path}")
-        self._read_only = not create
         self._connection = self._connect(read_only=not create)
         try:
             self._connection.row_factory = sqlite3.Row
@@ -497,9 +498,10 @@ class Store:
                         table,
                     )
 
-    def check_writable(self) -> None:
-        """Raise :class:`StoreError` unless this process can write the database and the
-        weights folder: asked once before training rather than discovered after it."""
+    def check_writable(self, *, weights: bool = True) -> None:
+        """Raise :class:`StoreError` unless this process can write the database and (with
+        ``weights``) the weights folder: asked once before the work rather than discovered
+        after it."""
         try:
             self._connection.execute("BEGIN IMMEDIATE")
             try:
@@ -509,6 +511,8 @@ class Store:
                 self._connection.execute("ROLLBACK")
         except sqlite3.OperationalError as error:
             raise StoreError(f"cannot write the database {self.path}: {error}") from error
+        if not weights:
+            return
         try:
             self.weights_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=self.weights_dir) as probe:
