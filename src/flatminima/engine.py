@@ -31,9 +31,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from flatminima import accumulation, amp
+from flatminima import accumulation, amp, sharded
 from flatminima import hyperparameters as hp
-from flatminima import sharded
 from flatminima.combiners import Combiner, PerturbedGradient
 from flatminima.directions import AscentDirection, GradientDirection
 from flatminima.groups import GroupView

@@ -511,6 +511,7 @@ def _flat_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     return torch.dot(a.to(acc).reshape(-1), b.to(acc).reshape(-1))
 
 
+@sharded.on_local_shards
 def add_squares_(targets: TensorList, sources: TensorList, *, foreach: bool) -> None:
     """target ← target + source ⊙ source, pairwise (Sparse SAM's empirical Fisher Σ g²)."""
     if not targets:

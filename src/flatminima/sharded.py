@@ -72,6 +72,12 @@ def check_parameters(params: Iterable[Any], owner: str) -> None:
         raise TypeError(_MIXED.format(owner=owner, where="its param groups"))
 
 
+def refuse_sharded(params: Iterable[Any], owner: str, reason: str) -> None:
+    """Refuses DTensor parameters for a method whose step cannot be split by shard yet."""
+    if DTensor is not None and any(isinstance(p, DTensor) for p in params):
+        raise TypeError(f"{owner} does not support FSDP2-sharded parameters yet: {reason}")
+
+
 # -- decorators for kernels.py ---------------------------------------------------------------
 
 
