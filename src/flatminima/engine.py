@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from flatminima import accumulation, amp
+from flatminima import accumulation, amp, sharded
 from flatminima import hyperparameters as hp
 from flatminima.combiners import Combiner, PerturbedGradient
 from flatminima.directions import AscentDirection, GradientDirection
@@ -161,8 +161,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     * Every parameter the step moves is restored by copy, whether or not it has a gradient on
       a later pass (P2, P3).
     * Sparse gradients, complex parameters and a base optimizer with ``maximize=True`` are
-      refused with a clear error (negate the loss instead of maximizing); FSDP / ZeRO sharded
-      gradients are not supported (the norm would be per shard, P4).
+      refused with a clear error (negate the loss instead of maximizing).
+    * FSDP2 (``fully_shard``) works: every norm and sum is global over the shards, so ε is the
+      unsharded model's (``sharded.py``; the README's "Sharded training"). FSDP1's flattened
+      parameters are refused; other sharding schemes (DeepSpeed ZeRO) are not detected and
+      would give per-shard norms (P4).
     """
 
     declaration: ClassVar[tuple[hp.Hyperparameter, ...]] = ()
@@ -265,8 +268,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         hp.check_values(cls.declaration, values)
 
     def _check_groups_agree(self, groups: list[dict[str, Any]]) -> None:
-        """Raises ``ValueError`` if a step-level hyperparameter differs between ``groups``."""
+        """Raises ``ValueError`` if a step-level hyperparameter differs between ``groups``, and
+        refuses parameters sharded in a way whose norms would be per shard (``sharded.py``)."""
         hp.check_groups_agree(self.declaration, groups, type(self).__name__)
+        sharded.check_parameters(
+            (p for group in groups for p in group.get("params", ())), type(self).__name__
+        )
 
     @classmethod
     def passes_per_step(
@@ -302,7 +309,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             loss = perturbed.loss
             plan.combiner.add(
                 step.params,
-                None if loss is None or not plan.combiner.needs_loss else _as_float(loss),
+                None if loss is None or not plan.combiner.needs_loss else _global_loss(loss, step),
                 foreach=step.foreach,
             )
             step.restore()
@@ -729,6 +736,14 @@ def _user_set(group: Mapping[str, Any], names: Mapping[str, Any]) -> dict[str, A
     """The method hyperparameters in ``group`` that the user set (not a wrapper's defaults)."""
     defaulted = set(group.get(DEFAULTED_KEY, ()))
     return {name: group[name] for name in names if name in group and name not in defaulted}
+
+
+def _global_loss(loss: Tensor | float, step: Step) -> float:
+    """A pass's loss for a combiner that weighs by it: under FSDP the mean over the processes,
+    so that every shard of the update gets the same weights (the gradients it weighs are
+    already averaged over the processes); the process's own loss otherwise (under DDP each
+    process combines its own gradients, which are averaged afterwards)."""
+    return sharded.mean_over_processes(_as_float(loss), step.params)
 
 
 def _as_float(loss: Tensor | float) -> float:

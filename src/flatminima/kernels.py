@@ -8,6 +8,10 @@ Each primitive has two paths that compute the same thing:
 
 Norms are accumulated in float32 at least (float64 for float64 tensors), per (device, dtype)
 group, so that half-precision gradients neither overflow nor lose the small entries.
+
+FSDP2's sharded tensors (DTensors) reach every primitive through a decorator from
+:mod:`flatminima.sharded`: entry-wise ones run on the local shards, sums are all-reduced over
+the shards, so a norm is the unsharded model's.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from flatminima import sharded
 
 TensorList = Sequence[Tensor]
 
@@ -67,6 +73,7 @@ def _groups(tensors: TensorList) -> list[tuple[torch.dtype, list[Tensor]]]:
     ]
 
 
+@sharded.summed_over_shards
 def squared_norm(tensors: TensorList, *, foreach: bool) -> Tensor:
     """Σ‖t‖² over all tensors, as a 0-d float64 tensor on the first tensor's device.
 
@@ -123,6 +130,7 @@ def global_norm(tensors: TensorList, *, foreach: bool) -> float:
     return _rescaled_global_norm(tensors)
 
 
+@sharded.on_shards_use(sharded.rescaled_global_norm)
 def _rescaled_global_norm(tensors: TensorList) -> float:
     """‖t‖ as peak·‖t/peak‖, per tensor and over the tensors, in float64: the slow path for
     sums of squares that overflow (it allocates a scaled copy of one tensor at a time)."""
@@ -165,6 +173,7 @@ def _factor_for(factor: float, dtype: torch.dtype, device: torch.device) -> Tens
     return factor
 
 
+@sharded.on_local_shards
 def scale_(tensors: TensorList, factor: float | Tensor, *, foreach: bool) -> None:
     """t ← factor · t for every tensor (the foreach path rounds ``factor`` as the loop does).
 
@@ -189,6 +198,7 @@ def scale_(tensors: TensorList, factor: float | Tensor, *, foreach: bool) -> Non
         torch._foreach_mul_(members, _factor_for(factor, dtype, device))
 
 
+@sharded.on_local_shards
 def add_(targets: TensorList, sources: TensorList, *, alpha: float = 1.0, foreach: bool) -> None:
     """target ← target + alpha · source, pairwise."""
     if not targets:
@@ -200,6 +210,7 @@ def add_(targets: TensorList, sources: TensorList, *, alpha: float = 1.0, foreac
             t.add_(s, alpha=alpha)
 
 
+@sharded.on_local_shards
 def add_scalar_(tensors: TensorList, value: float, *, foreach: bool) -> None:
     """t ← t + value for every tensor."""
     if not tensors:
@@ -211,6 +222,7 @@ def add_scalar_(tensors: TensorList, value: float, *, foreach: bool) -> None:
             t.add_(value)
 
 
+@sharded.on_local_shards
 def mul_(targets: TensorList, factors: TensorList, *, foreach: bool) -> None:
     """target ← target ⊙ factor, pairwise."""
     if not targets:
@@ -222,6 +234,7 @@ def mul_(targets: TensorList, factors: TensorList, *, foreach: bool) -> None:
             t.mul_(f)
 
 
+@sharded.on_local_shards
 def div_(targets: TensorList, divisors: TensorList, *, foreach: bool) -> None:
     """target ← target ⊘ divisor, pairwise."""
     if not targets:
@@ -233,6 +246,7 @@ def div_(targets: TensorList, divisors: TensorList, *, foreach: bool) -> None:
             t.div_(d)
 
 
+@sharded.on_local_shards
 def copy_(targets: TensorList, sources: TensorList, *, foreach: bool) -> None:
     """target ← source, pairwise, bit for bit."""
     if not targets:
@@ -244,6 +258,7 @@ def copy_(targets: TensorList, sources: TensorList, *, foreach: bool) -> None:
             t.copy_(s)
 
 
+@sharded.on_local_shards
 def abs_(tensors: TensorList, *, foreach: bool) -> None:
     """t ← |t| for every tensor."""
     if not tensors:
@@ -255,6 +270,7 @@ def abs_(tensors: TensorList, *, foreach: bool) -> None:
             t.abs_()
 
 
+@sharded.on_local_shards
 def sqrt_(tensors: TensorList, *, foreach: bool) -> None:
     """t ← √t for every tensor."""
     if not tensors:
@@ -266,6 +282,7 @@ def sqrt_(tensors: TensorList, *, foreach: bool) -> None:
             t.sqrt_()
 
 
+@sharded.on_local_shards
 def root_one_plus_scaled_square_(
     out: TensorList, tensors: TensorList, scale: float, *, foreach: bool
 ) -> None:
@@ -291,6 +308,7 @@ def root_one_plus_scaled_square_(
     sqrt_(rest_out, foreach=foreach)
 
 
+@sharded.on_local_shards
 def zero_(tensors: TensorList, *, foreach: bool) -> None:
     """t ← 0 for every tensor (also clears inf and NaN, which multiplying by 0 would not)."""
     if not tensors:
@@ -300,6 +318,14 @@ def zero_(tensors: TensorList, *, foreach: bool) -> None:
     else:
         for t in tensors:
             t.zero_()
+
+
+@sharded.on_shards_use(sharded.normal_drawn_whole_)
+def normal_(tensors: TensorList, *, generator: torch.Generator | None) -> None:
+    """t ← samples of N(0, 1), tensor by tensor in list order from ``generator`` (the default
+    generator when ``None``): the stream of ``t.normal_(generator=generator)`` per tensor."""
+    for t in tensors:
+        t.normal_(generator=generator)
 
 
 def empty_like(tensors: TensorList) -> list[Tensor]:
@@ -347,6 +373,7 @@ def _work_buffer(reference: Tensor, count: int = 1) -> list[Tensor]:
     return [torch.empty(size, dtype=dtype, device=reference.device) for _ in range(count)]
 
 
+@sharded.summed_over_shards
 def fisher_precondition_(grads: TensorList, eta: float, *, foreach: bool) -> float | Tensor:
     """g ← u = g/(1 + η·g²) in place, and returns gᵀF⁻¹g = Σ g·u: Fisher SAM's F⁻¹g and its
     normaliser for the diagonal F = 1 + η·g², in one sweep over the gradients.
@@ -408,6 +435,7 @@ def _index_groups(tensors: TensorList, indices: list[int]) -> list[list[int]]:
     return list(groups.values())
 
 
+@sharded.on_local_shards
 def friendly_direction_(
     grads: TensorList, emas: TensorList, sigma: float, lmbda: float, *, foreach: bool
 ) -> None:
@@ -442,6 +470,7 @@ def friendly_direction_(
         add_(small_grads, previous, alpha=-sigma, foreach=True)
 
 
+@sharded.summed_over_shards
 def dot(first: TensorList, second: TensorList, *, foreach: bool) -> Tensor:
     """Σᵢ ⟨firstᵢ, secondᵢ⟩ over all pairs, as a 0-d float64 tensor on the first tensor's device.
 
@@ -482,6 +511,7 @@ def _flat_dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     return torch.dot(a.to(acc).reshape(-1), b.to(acc).reshape(-1))
 
 
+@sharded.on_local_shards
 def add_squares_(targets: TensorList, sources: TensorList, *, foreach: bool) -> None:
     """target ← target + source ⊙ source, pairwise (Sparse SAM's empirical Fisher Σ g²)."""
     if not targets:

@@ -47,6 +47,10 @@ def pass_context(
     ``synchronise=False`` enters ``model.no_sync()`` when ``model`` is DistributedDataParallel:
     the engine holds this context across the whole pass, so the forward *and* the backward run
     inside it, as DDP requires (PITFALLS P18).
+
+    An FSDP2 module (``fully_shard``) gets nothing here: every pass reduce-scatters its
+    gradient, so the ascent gradient, and ε, are global. Its ``set_requires_gradient_sync(False)``
+    is no ``no_sync``: it keeps the unsharded gradient aside and leaves ``p.grad`` empty.
     """
     with ExitStack() as stack:
         if model is not None and freeze_statistics:

@@ -40,8 +40,7 @@ class RandomSphereStart(StartPoint):
 
     def move_(self, params: list[Tensor], backup: list[Tensor]) -> None:
         """Sets params ← backup + ζ."""
-        for p in params:
-            p.normal_(mean=0.0, std=1.0, generator=self.generator)
+        kernels.normal_(params, generator=self.generator)
         kernels.scale_(params, self.noise_scale, foreach=self.foreach)
         noise_norm = kernels.global_norm(params, foreach=self.foreach)
         factor = min(noise_norm, self.radius) / noise_norm if noise_norm > 0.0 else 0.0

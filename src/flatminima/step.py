@@ -387,7 +387,8 @@ class Step:
 
     def all_reduce(self, tensors: list[Tensor]) -> None:
         """Averages ``tensors`` over DDP's processes (nothing without DDP): for a kept
-        gradient that enters the update outside ``p.grad`` (WSAM's decoupled correction)."""
+        gradient that enters the update outside ``p.grad`` (WSAM's decoupled correction).
+        Nothing under FSDP either: every pass's gradient is already averaged there."""
         model = self._optimizer.model
         from torch.nn.parallel import DistributedDataParallel
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from flatminima import hyperparameters as hp
-from flatminima import kernels
+from flatminima import kernels, sharded
 from flatminima.directions import GradientDirection
 from flatminima.engine import SharpnessAwareOptimizer
 from flatminima.neighborhoods import MaskedBall
@@ -246,6 +246,11 @@ class SparseSAM(SharpnessAwareOptimizer):
             neighborhood=MaskedBall(self._masks_of),
             model=model,
             foreach=foreach,
+        )
+        sharded.refuse_sharded(
+            (p for group in self.param_groups for p in group["params"]),
+            type(self).__name__,
+            "its mask is chosen by a top-k over the whole model's flattened scores",
         )
         self.generator = generator
 
