@@ -201,6 +201,7 @@ def test_an_abandoned_perturbed_pass_restores_the_weights():
 
 
 def test_a_run_config_without_momentum_is_refused_up_front():
+    pytest.importorskip("numpy")  # the runner is the experiments extra (the fresh-venv check)
     from flatminima.experiments.config import ConfigError, make_run_config
 
     with pytest.raises(ConfigError, match="momentum"):
