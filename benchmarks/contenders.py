@@ -104,7 +104,8 @@ def setup(workload: Workload, hooks: Hooks) -> Setup:
                 value = loss(model(x), y)
                 value.backward()
                 return value
-            rows = slice(None) if evaluation.examples is None else evaluation.examples
+            rows = evaluation.examples_for(len(y))
+            rows = slice(None) if rows is None else rows
             losses = loss(model(x[rows]), y[rows], reduction="none")
             if evaluation.needs_gradient:
                 losses.mean().backward()
