@@ -16,7 +16,6 @@ Authors' code:
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -26,56 +25,20 @@ from torch import nn
 from torch.nn import functional as F
 
 import flatminima
-
-STEPS = 8
-LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-# -- shared by every method ---------------------------------------------------------------------
-
-
-def small_mlp(seed: int = 0) -> nn.Module:
-    """10 → 16 → 16 → 3, tanh, float64 (six parameter tensors)."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
-    ).double()
-
-
-def fixed_batches(count: int = STEPS, size: int = 32, seed: int = 1) -> list[Batch]:
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        (
-            torch.randn(size, 10, generator=generator, dtype=torch.float64),
-            torch.randint(0, 3, (size,), generator=generator),
-        )
-        for _ in range(count)
-    ]
-
-
-def sgd(model: nn.Module) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-
-
-def largest_difference(a: nn.Module, b: nn.Module) -> float:
-    return max(
-        float((x.detach() - y.detach()).abs().max())
-        for x, y in zip(a.parameters(), b.parameters(), strict=True)
-    )
-
-
-def import_from(authors_dir: str, module: str) -> Any:
-    sys.path.insert(0, authors_dir)
-    try:
-        return __import__(module, fromlist=["*"])
-    except ImportError as error:
-        raise SystemExit(
-            f"cannot import {module!r} from {authors_dir}: {error} (see this script's docstring "
-            "for the files it needs)"
-        ) from None
-
+from authors.common import (  # noqa: F401 - the helpers every comparison shares
+    LR,
+    MOMENTUM,
+    STEPS,
+    WEIGHT_DECAY,
+    Batch,
+    closure_for,
+    fixed_batches,
+    import_from,
+    largest_difference,
+    run_side_by_side,
+    sgd,
+    small_mlp,
+)
 
 # -- ESAM (dydjw9/Efficient_SAM) ----------------------------------------------------------------
 
