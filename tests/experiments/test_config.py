@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 
-from flatminima.experiments.config import ConfigError, make_run_config
+from flatminima.experiments.config import ConfigError, RunConfig, make_run_config
 from flatminima.registry import get_method, method_names
 
 
@@ -69,3 +72,34 @@ def test_integer_hyperparameters_reject_fractions(tiny: dict) -> None:
         make_run_config(method="tilted-sam", hyperparameters={"num_samples": "2.5"}, **tiny)
     config = make_run_config(method="tilted-sam", hyperparameters={"num_samples": "2"}, **tiny)
     assert config.hyperparameters["num_samples"] == 2
+
+
+def test_fields_added_later_leave_older_configurations_hashes_unchanged() -> None:
+    # The hash of a configuration that could be written before validation splits, sharpness
+    # tracking and multi-process runs existed: those fields are absent from its dictionary.
+    config = make_run_config(dataset="digits", model="mlp", method="sam", epochs=3)
+    assert not {"validation_size", "track_sharpness", "processes"} & set(config.to_dict())
+    older = dict(config.to_dict())
+    canonical = json.dumps(older, sort_keys=True, separators=(",", ":"))
+    assert config.config_hash == hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    # Used, each one is part of the configuration and changes the hash.
+    used = [
+        make_run_config(dataset="digits", model="mlp", method="sam", epochs=3, **change)
+        for change in ({"validation_size": 100}, {"track_sharpness": 1}, {"processes": 2})
+    ]
+    assert len({config.config_hash} | {variant.config_hash for variant in used}) == 4
+    assert RunConfig(**used[0].to_dict()) == used[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"validation_size": -1}, "validation size must be between 0 and"),
+        ({"validation_size": 100, "train_size": 1700}, "train size must be between 1 and"),
+        ({"track_sharpness": 4}, "track sharpness takes a number of epochs between 0"),
+        ({"processes": 0}, "processes must be between 1 and the batch size"),
+    ],
+)
+def test_added_fields_are_validated(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_run_config(dataset="digits", model="mlp", method="sam", epochs=3, **change)

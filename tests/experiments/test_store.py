@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from flatminima.experiments.store import SCHEMA_VERSION, RunLostError, Store, StoreError
+from flatminima.experiments.store import (
+    OPTIONAL_EPOCH_COLUMNS,
+    SCHEMA_VERSION,
+    RunLostError,
+    Store,
+    StoreError,
+)
 
 CONFIG = {"dataset": "mnist1d", "model": "cnn1d", "method": "sgd", "seed": 0, "label_noise": 0.0}
 EPOCH = {
@@ -57,9 +63,15 @@ def test_a_finished_run_is_not_claimed_again(db_path: Path) -> None:
         assert store.claim("abc", CONFIG, {}, 1) is None
         [run] = store.runs()
         assert run.status == "finished" and run.attempts == 1
-        assert run.final == {**FINAL, "diverged_at_epoch": None}
+        assert run.final == {
+            **FINAL,
+            "diverged_at_epoch": None,
+            "final_validation_accuracy": None,
+        }
         assert torch.equal(torch.load(db_path.parent / run.weights_path)["w"], torch.ones(2))
-        assert store.epochs(run_id) == [EPOCH]
+        # Columns an epoch may leave out come back as None.
+        [stored] = store.epochs(run_id)
+        assert stored == {**dict.fromkeys(OPTIONAL_EPOCH_COLUMNS), **EPOCH}
 
 
 def test_a_run_left_running_by_a_dead_process_is_redone_from_scratch(db_path: Path) -> None:

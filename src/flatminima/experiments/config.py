@@ -29,6 +29,10 @@ LARGEST_INTEGER = 2**63 - 1
 integer hyperparameters beyond it are refused rather than overflowing on the way in."""
 
 
+ADDED_LATER: dict[str, Any] = {"validation_size": 0, "track_sharpness": 0, "processes": 1}
+"""Fields added to :class:`RunConfig` later, with the value that means "not used"."""
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the argument and what it accepts."""
 
@@ -54,9 +58,24 @@ class RunConfig:
     label_noise: float = 0.0
     train_size: int = 4000
     seed: int = 0
+    validation_size: int = 0
+    """Training examples held out (seeded, disjoint from the training subset, labels as noisy
+    as the training labels) and evaluated every epoch; 0 for none."""
+    track_sharpness: int = 0
+    """Measure λ_max every this many epochs during training; 0 for never."""
+    processes: int = 1
+    """Processes training the run together (DistributedDataParallel, each a shard of every
+    batch); more than one changes SAM-type methods' numbers (each process its own ε)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, without those added after the first release when they hold their
+        "absent" value: the hash of every configuration that existed before stays the same,
+        so older databases resume instead of training everything again."""
+        fields = asdict(self)
+        for name, absent in ADDED_LATER.items():
+            if fields[name] == absent:
+                del fields[name]
+        return fields
 
     @property
     def config_hash(self) -> str:
@@ -152,6 +171,9 @@ def make_run_config(
     label_noise: float = 0.0,
     train_size: int | None = None,
     seed: int = 0,
+    validation_size: int = 0,
+    track_sharpness: int = 0,
+    processes: int = 1,
 ) -> RunConfig:
     """A validated :class:`RunConfig`; :class:`ConfigError` names the first bad argument.
 
@@ -192,10 +214,27 @@ def make_run_config(
     _require(epochs >= 1, f"epochs must be >= 1, got {epochs}")
     _require(batch_size >= 1, f"batch size must be >= 1, got {batch_size}")
     _require(0 <= seed <= LARGEST_INTEGER, f"seed must be between 0 and 2**63 - 1, got {seed}")
-    train_size = source.num_train if train_size is None else train_size
     _require(
-        1 <= train_size <= source.num_train,
-        f"train size must be between 1 and {source.num_train} for {dataset}, got {train_size}",
+        isinstance(validation_size, int) and 0 <= validation_size < source.num_train,
+        f"validation size must be between 0 and {source.num_train - 1} for {dataset}, "
+        f"got {validation_size}",
+    )
+    available = source.num_train - validation_size
+    train_size = available if train_size is None else train_size
+    _require(
+        1 <= train_size <= available,
+        f"train size must be between 1 and {available} for {dataset}"
+        + (f" with {validation_size} validation examples" if validation_size else "")
+        + f", got {train_size}",
+    )
+    _require(
+        isinstance(track_sharpness, int) and 0 <= track_sharpness <= epochs,
+        f"track sharpness takes a number of epochs between 0 (never) and {epochs}, "
+        f"got {track_sharpness}",
+    )
+    _require(
+        isinstance(processes, int) and 1 <= processes <= batch_size,
+        f"processes must be between 1 and the batch size {batch_size}, got {processes}",
     )
     return RunConfig(
         dataset=dataset,
@@ -215,6 +254,9 @@ def make_run_config(
         label_noise=float(label_noise),
         train_size=int(train_size),
         seed=int(seed),
+        validation_size=int(validation_size),
+        track_sharpness=int(track_sharpness),
+        processes=int(processes),
     )
 
 

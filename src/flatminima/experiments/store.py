@@ -72,7 +72,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 BUSY_TIMEOUT_S = 60.0
 """How long a connection waits for another process's write to end before giving up."""
@@ -109,7 +109,8 @@ CREATE TABLE IF NOT EXISTS runs (
     weights_path TEXT,
     heartbeat_at TEXT,
     diverged_at_epoch INTEGER,
-    data_fingerprint TEXT
+    data_fingerprint TEXT,
+    final_validation_accuracy REAL
 );
 CREATE TABLE IF NOT EXISTS epochs (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -120,6 +121,11 @@ CREATE TABLE IF NOT EXISTS epochs (
     learning_rate REAL,
     train_time_s REAL,
     passes INTEGER,
+    train_accuracy_noisy REAL,
+    validation_loss REAL,
+    validation_accuracy REAL,
+    top_eigenvalue REAL,
+    sharpness_time_s REAL,
     PRIMARY KEY (run_id, epoch)
 );
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status);
@@ -182,6 +188,19 @@ MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] = 
         lambda db: _add_column(db, "runs", "data_fingerprint TEXT"),
         _key_sharpness_by_settings,
     ),
+    # Per-epoch accuracy on the (noisy) training labels, the validation split, and the
+    # sharpness tracked during training; the run's final validation accuracy.
+    3: tuple(
+        (lambda db, table=table, column=column: _add_column(db, table, column))
+        for table, column in (
+            ("epochs", "train_accuracy_noisy REAL"),
+            ("epochs", "validation_loss REAL"),
+            ("epochs", "validation_accuracy REAL"),
+            ("epochs", "top_eigenvalue REAL"),
+            ("epochs", "sharpness_time_s REAL"),
+            ("runs", "final_validation_accuracy REAL"),
+        )
+    ),
 }
 
 EPOCH_COLUMNS = (
@@ -192,7 +211,15 @@ EPOCH_COLUMNS = (
     "learning_rate",
     "train_time_s",
     "passes",
+    "train_accuracy_noisy",
+    "validation_loss",
+    "validation_accuracy",
+    "top_eigenvalue",
+    "sharpness_time_s",
 )
+OPTIONAL_EPOCH_COLUMNS = frozenset(EPOCH_COLUMNS[7:])
+"""Columns an epoch may leave out (stored as NULL): no validation split, sharpness not
+measured at that epoch."""
 FINAL_COLUMNS = (
     "train_time_s",
     "passes",
@@ -202,6 +229,7 @@ FINAL_COLUMNS = (
     "final_train_accuracy_noisy",
     "final_train_accuracy_clean",
     "diverged_at_epoch",
+    "final_validation_accuracy",
 )
 
 SHARPNESS_COLUMNS = (
@@ -738,7 +766,10 @@ class Store:
         """Store one epoch's metrics (keys: ``EPOCH_COLUMNS``) and refresh the run's heartbeat.
         :class:`RunLostError` when the run is no longer this process's."""
         values = [metrics["epoch"]] + [
-            _finite_or_none(metrics[column]) for column in EPOCH_COLUMNS[1:]
+            _finite_or_none(
+                metrics.get(column) if column in OPTIONAL_EPOCH_COLUMNS else metrics[column]
+            )
+            for column in EPOCH_COLUMNS[1:]
         ]
         placeholders = ", ".join("?" for _ in EPOCH_COLUMNS)
         with self._transaction("IMMEDIATE") as db:
@@ -782,9 +813,10 @@ class Store:
 
     def finish(self, run_id: int, final: Mapping[str, Any], weights_path: str) -> None:
         """Mark the run finished with its final metrics (keys: ``FINAL_COLUMNS``;
-        ``diverged_at_epoch`` may be left out for a run that did not diverge).
+        ``diverged_at_epoch`` may be left out for a run that did not diverge, and
+        ``final_validation_accuracy`` for a run without a validation split).
         :class:`RunLostError` when the run is no longer this process's."""
-        final = {"diverged_at_epoch": None, **final}
+        final = {"diverged_at_epoch": None, "final_validation_accuracy": None, **final}
         assignments = ", ".join(f"{column} = ?" for column in FINAL_COLUMNS)
         values = [_finite_or_none(final[column]) for column in FINAL_COLUMNS]
         with self._transaction("IMMEDIATE") as db:
