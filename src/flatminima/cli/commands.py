@@ -162,8 +162,8 @@ def sharpness_table(runs: list[RunRecord], rows: dict[str, Any]) -> str:
     return text_table(SHARPNESS_TABLE_HEADERS, lines)
 
 
-def _print_report(db: Path, out: Path) -> None:
-    report = write_report(db, out)
+def _print_report(db: Path, out: Path, select_by: str | None = None) -> None:
+    report = write_report(db, out, select_by=select_by)
     print()
     print(report.text)
     print()
@@ -219,10 +219,29 @@ def command_compare(args: argparse.Namespace) -> int:
         _training(args),
     )
     _check_output_directory(args.report, "--report")
+    _check_selection(args.select_by, configs, args.report)
     status = _train(configs, args, args.jobs)
     if args.report is not None:
-        _print_report(args.db, args.report)
+        _print_report(args.db, args.report, args.select_by)
     return status
+
+
+def _check_selection(
+    select_by: str | None, configs: Sequence[RunConfig], report: Path | None
+) -> None:
+    """Before anything trains: a choice on validation data needs a validation split in every
+    run, and a report to show it in."""
+    if select_by is None:
+        return
+    if report is None:
+        raise ConfigError(
+            f"--select-by {select_by} chooses what the report shows: give --report DIR too"
+        )
+    if any(config.validation_size == 0 for config in configs):
+        raise ConfigError(
+            f"--select-by {select_by} needs a validation split: give --validation-size N "
+            "(training examples held out and evaluated every epoch)"
+        )
 
 
 def command_demo(args: argparse.Namespace) -> int:
@@ -321,7 +340,7 @@ def command_sharpness(args: argparse.Namespace) -> int:
 
 def command_report(args: argparse.Namespace) -> int:
     _check_output_directory(args.out, "--out")
-    _print_report(args.db, args.out)
+    _print_report(args.db, args.out, args.select_by)
     return 0
 
 

@@ -11,6 +11,7 @@ from flatminima.experiments import demo
 from flatminima.experiments.config import BASE_OPTIMIZERS, SCHEDULES
 from flatminima.experiments.sharpness_runs import SharpnessSettings
 from flatminima.experiments.store import DEFAULT_STALE_AFTER_S
+from flatminima.experiments.summary import SELECTION_RULES
 from flatminima.registry import BASE_OPTIMIZER
 
 EXIT_BAD_INPUT = 2
@@ -121,6 +122,17 @@ def _add_methods(parser: argparse.ArgumentParser, *, required: bool, what: str) 
         metavar="M1,M2,...",
         help=f"{what} (repeatable; `flatminima methods` lists them; {BASE_OPTIMIZER} is the "
         "base optimizer alone)",
+    )
+
+
+def _add_select_by(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--select-by",
+        choices=SELECTION_RULES,
+        default=None,
+        help="validation: the report's main table gives each method at the hyperparameters "
+        "with the best mean validation accuracy among those run (needs runs with a validation "
+        "split); default: every setting as run",
     )
 
 
@@ -259,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write the report to DIR when the grid is done",
     )
+    _add_select_by(compare)
     _add_training_options(compare)
     _add_training_runtime(compare)
 
@@ -267,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="tables and plots from the database")
     _add_db(report)
     _add_out(report, "directory for report.md and the plots")
+    _add_select_by(report)
 
     forget = commands.add_parser(
         "forget",

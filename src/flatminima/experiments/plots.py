@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -463,11 +463,18 @@ def _symbol(name: str) -> str:
     return SYMBOLS.get(name, name)
 
 
-def plot_sweep(setting: Setting, name: str, lines: dict[str, list[Arm]], path: Path) -> Plot:
+def plot_sweep(
+    setting: Setting,
+    name: str,
+    lines: dict[str, list[Arm]],
+    path: Path,
+    chosen: Collection[str] = (),
+) -> Plot:
     """Final test accuracy (mean, 95% interval) against a swept hyperparameter, a line per
     group of arms swept together; ticks at the swept values; the base optimizer's mean and
     interval as a band; arms of other methods that take this hyperparameter at a single value,
-    a point each."""
+    a point each. The arms labelled in ``chosen`` (the settings chosen on validation data) are
+    ringed: every value run stays visible beside the one the report's main table gives."""
     styles = arm_styles(setting)
     plot = Plot(path, "")
     swept_labels = {arm.label for arms in lines.values() for arm in arms}
@@ -479,6 +486,7 @@ def plot_sweep(setting: Setting, name: str, lines: dict[str, list[Arm]], path: P
         and not isinstance(arm.hyperparameters.get(name), bool)
     ]
     ticks: set[float] = set()
+    ringed: list[str] = []
     with _figure(1) as figure:
         figure.set_size_inches(PANEL_SIZE[0] + 1.6, PANEL_SIZE[1] + 0.5)
         axes = figure.subplots()
@@ -500,6 +508,18 @@ def plot_sweep(setting: Setting, name: str, lines: dict[str, list[Arm]], path: P
                 "low": np.array([i.low for i in intervals]),
                 "high": np.array([i.high for i in intervals]),
             }
+            for arm, value, mean in zip(arms, values, means, strict=True):
+                if arm.label in chosen:
+                    axes.plot(
+                        [value], [mean], marker="o", markersize=13, markerfacecolor="none",
+                        markeredgecolor=style.color, markeredgewidth=1.4, linestyle="none",
+                        label="chosen on validation" if not ringed else None,
+                    )  # fmt: skip
+                    ringed.append(arm.label)
+                    plot.series[f"chosen: {arm.label}"] = {
+                        "x": np.array([value]),
+                        "mean": np.array([mean]),
+                    }
         for arm in singles:
             style = styles[arm.label]
             value = float(arm.hyperparameters[name])
@@ -535,9 +555,15 @@ def plot_sweep(setting: Setting, name: str, lines: dict[str, list[Arm]], path: P
     single_words = (
         f" Single points: methods run at one value of {_symbol(name)}." if singles else ""
     )
+    chosen_words = (
+        f" Ringed: the value of {_symbol(name)} chosen on validation data for each method (the "
+        "report's main table gives its test accuracy)."
+        if ringed
+        else ""
+    )
     plot.caption = (
         f"Final test accuracy against {_symbol(name)} ({name}), ticks at the values run: mean "
-        f"and {INTERVAL_WORDS} for each value.{base_words}{single_words}"
+        f"and {INTERVAL_WORDS} for each value.{base_words}{single_words}{chosen_words}"
     )
     plot.series["ticks"] = {"x": np.array(sorted(ticks))}
     return plot
@@ -687,16 +713,20 @@ def sweep_file_name(name: str) -> str:
 
 
 def draw_all(
-    setting: Setting, directory: Path, sweeps: dict[str, dict[str, list[Arm]]]
+    setting: Setting,
+    directory: Path,
+    sweeps: dict[str, dict[str, list[Arm]]],
+    chosen: Collection[str] = (),
 ) -> list[Plot]:
-    """Every figure of a setting that has numbers to draw, in the report's order."""
+    """Every figure of a setting that has numbers to draw, in the report's order; the arms
+    labelled in ``chosen`` are marked in the sweep plots."""
     plots: list[Plot | None] = [
         plot_curves(setting, directory / "curves.png"),
         plot_final_accuracy(setting, directory / "final_accuracy.png"),
         plot_accuracy_vs_cost(setting, directory / "accuracy_vs_cost.png"),
     ]
     plots += [
-        plot_sweep(setting, name, lines, directory / sweep_file_name(name))
+        plot_sweep(setting, name, lines, directory / sweep_file_name(name), chosen)
         for name, lines in sweeps.items()
     ]
     plots += [

@@ -11,7 +11,8 @@ left there by an earlier report, so that no stale figure survives beside the new
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,21 +21,26 @@ from flatminima.experiments.plots import Plot, draw_all, plot_landscape, plot_sh
 from flatminima.experiments.store import Store
 from flatminima.experiments.summary import (
     REFERENCE_METHOD,
+    Selection,
     Setting,
+    check_selection_rule,
     landscapes,
     measurement_differences,
     measurement_views,
+    select_by_validation,
     summarize,
     swept_hyperparameters,
     unfinished_runs,
 )
 from flatminima.experiments.tables import (
     CORRELATION_HEADERS,
+    SELECTION_HEADERS,
     TABLE_HEADERS,
     correlation_rows,
     failure_lines,
     markdown_table,
     measured_on,
+    selection_rows,
     sharpness_headers,
     sharpness_rows,
     table_rows,
@@ -73,6 +79,22 @@ differ in more than flatness, it describes these runs, it does not show that fla
 accuracy. The landscape is the training loss along one random filter-normalised direction (Li
 et al., 2018) through each measured run, the same random draw for every run."""
 
+SELECTION_NOTES = f"""\
+Hyperparameters chosen on validation data (`--select-by validation`): within a setting, the
+runs of one method that differ only in their hyperparameters are that method's sweep. Each
+setting of the sweep is scored by its mean final validation accuracy (the last epoch's, on
+examples held out from the training set, disjoint from the training subset) over the seeds
+every setting of the sweep finished with a validation accuracy, so that every mean is over the
+same seeds; the highest mean is chosen, an exact tie going to the setting listed first (the
+smaller values of the swept hyperparameters). The test set takes no part in the choice. The
+main table then gives the chosen setting's test accuracy over all its finished seeds, and its
+paired differences to the {BASE_OPTIMIZER} and {REFERENCE_METHOD} arms each at their own chosen
+setting; "validation acc." is the chosen setting's score and the number of seeds it is over.
+The validation labels carry the same label noise as the training labels (the held-out examples
+are training examples, corrupted alike), as a practitioner's own validation data would: a
+choice made on them is one a user could make, and it can differ from the setting that is best
+on the clean test set. The sweep plots keep every value run, the chosen one ringed."""
+
 LANDSCAPE_NUMBERS = "landscape_1d.json"
 """The one non-PNG file the report writes into a setting's directory (beside its figures)."""
 
@@ -88,6 +110,9 @@ class Report:
     """Runs in the database that are in no arm's statistics: running or interrupted."""
     figures: list[Plot]
     """What each figure drew (its numbers and caption), in the order of ``plots``."""
+    selections: dict[str, list[Selection]] = field(default_factory=dict)
+    """The hyperparameters chosen on validation data, by setting slug (empty lists without
+    ``select_by``)."""
 
 
 def remove_earlier_plots(directory: Path) -> list[Path]:
@@ -128,14 +153,15 @@ def write_landscape(setting: Setting, directory: Path) -> list[Path]:
     return [plot.path, *([numbers] if numbers else [])]
 
 
-def write_plots(setting: Setting, directory: Path) -> list[Plot]:
+def write_plots(setting: Setting, directory: Path, chosen: Sequence[str] = ()) -> list[Plot]:
     """The setting's figures, in ``directory`` after clearing the earlier ones out of it
-    (:func:`remove_earlier_plots`); none for a setting whose runs all failed."""
+    (:func:`remove_earlier_plots`); none for a setting whose runs all failed. The arms
+    labelled in ``chosen`` are marked in the sweep plots."""
     remove_earlier_plots(directory)
     if not setting.finished_arms:
         return []
     directory.mkdir(parents=True, exist_ok=True)
-    plots = draw_all(setting, directory, swept_hyperparameters(setting))
+    plots = draw_all(setting, directory, swept_hyperparameters(setting), chosen)
     _write_landscape_numbers(setting, directory)
     return plots
 
@@ -201,13 +227,35 @@ def unfinished_line(unfinished: dict[str, int]) -> str:
     return f"Not in the statistics: {counts}."
 
 
-def write_report(db_path: str | Path, out_dir: str | Path) -> Report:
-    """Summarise ``db_path`` into ``out_dir/report.md`` and its figures."""
+def _selection_section(selections: list[Selection]) -> tuple[list[str], list[str]]:
+    """The main table of a report with hyperparameters chosen on validation data, as markdown
+    and as text lines."""
+    rows = selection_rows(selections)
+    title = "Hyperparameters chosen on validation data (test accuracy of each choice)"
+    markdown = [f"### {title}", "", markdown_table(SELECTION_HEADERS, rows), ""]
+    text = [f"{title}:", text_table(SELECTION_HEADERS, rows), ""]
+    return markdown, text
+
+
+def write_report(
+    db_path: str | Path, out_dir: str | Path, *, select_by: str | None = None
+) -> Report:
+    """Summarise ``db_path`` into ``out_dir/report.md`` and its figures; with
+    ``select_by="validation"`` each setting's main table gives every method at the
+    hyperparameters chosen on validation data (:func:`~flatminima.experiments.summary.
+    select_by_validation`), the table of every arm run after it."""
+    check_selection_rule(select_by)
     db_path, out_dir = Path(db_path), Path(out_dir)
     # A missing file: FileNotFoundError; an empty or foreign one: StoreError.
     with Store(db_path, create=False) as store:
         settings = summarize(store)
         unfinished = unfinished_runs(store)
+    # Every selection is made before anything is written: a setting without a validation
+    # split is one error, not a half-written report.
+    selections = {
+        setting.slug: select_by_validation(setting) if select_by == "validation" else []
+        for setting in settings
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     finished = sum(len(a.runs) for s in settings for a in s.arms)
     markdown = [
@@ -224,13 +272,20 @@ def write_report(db_path: str | Path, out_dir: str | Path) -> Report:
     figure_number = 0
     for setting in settings:
         rows = table_rows(setting)
-        setting_figures = write_plots(setting, out_dir / setting.slug)
+        selected = selections[setting.slug]
+        chosen = [selection.chosen.label for selection in selected]
+        setting_figures = write_plots(setting, out_dir / setting.slug, chosen)
         figures += setting_figures
         hyperparameters = [f"{arm.label}: {arm.settings}" for arm in setting.arms if arm.settings]
         markdown += ["", f"## {setting.title}", "", f"{setting.training}.", ""]
+        text += [setting.title, setting.training, ""]
+        if selected:
+            markdown_part, text_part = _selection_section(selected)
+            markdown += [*markdown_part, "### Every setting run", ""]
+            text += [*text_part, "every setting run:"]
         markdown += [markdown_table(TABLE_HEADERS, rows), "", "Hyperparameters:", ""]
         markdown += [f"- {line}" for line in hyperparameters] + [""]
-        text += [setting.title, setting.training, "", text_table(TABLE_HEADERS, rows), ""]
+        text += [text_table(TABLE_HEADERS, rows), ""]
         text += ["hyperparameters:", *(f"  {line}" for line in hyperparameters), ""]
         if len(setting.arms_of(REFERENCE_METHOD)) > 1:
             # Several SAM arms (a ρ sweep): say which one each Δ is against, here and not
@@ -274,6 +329,8 @@ def write_report(db_path: str | Path, out_dir: str | Path) -> Report:
         markdown += ["", "No finished or failed runs yet."]
         text.append("No finished or failed runs yet.")
     markdown += ["", NOTES.replace("\n", " "), ""]
+    if any(selections.values()):
+        markdown += [SELECTION_NOTES.replace("\n", " "), ""]
     if any(measurement_views(setting) for setting in settings):
         markdown += [SHARPNESS_NOTES.replace("\n", " "), ""]
     markdown_path = out_dir / "report.md"
@@ -285,4 +342,5 @@ def write_report(db_path: str | Path, out_dir: str | Path) -> Report:
         "\n".join(text).rstrip(),
         unfinished,
         figures,
+        selections,
     )

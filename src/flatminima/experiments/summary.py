@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from flatminima.experiments.labels import arm_labels
+from flatminima.experiments.config import ConfigError
+from flatminima.experiments.labels import arm_labels, describe_hyperparameter
 from flatminima.experiments.statistics import Interval, paired_difference, sample_std, spearman
 from flatminima.experiments.store import RunRecord, SharpnessRecord, Store, settings_key
 from flatminima.registry import BASE_OPTIMIZER, METHODS, canonical_method_name, method_names
@@ -480,3 +481,117 @@ def landscapes(setting: Setting) -> dict[str, dict[int, dict[str, Any]]]:
         if measured:
             lines[arm.label] = measured
     return lines
+
+
+# --- hyperparameters chosen on validation data ------------------------------------------------
+
+SELECTION_RULES = ("validation",)
+"""How ``--select-by`` may choose each method's hyperparameters (``None``: no choice, every
+arm shown as run)."""
+
+
+class SelectionError(ConfigError):
+    """A selection that cannot be made (no validation split, no seed shared by a sweep)."""
+
+
+@dataclass
+class Selection:
+    """One method's sweep in a setting and the setting of it chosen on validation data.
+
+    The choice reads nothing but the runs' final validation accuracy: ``chosen`` is the
+    candidate with the highest mean over ``seeds``, the seeds every candidate finished with a
+    validation accuracy (so each mean is over the same seeds, the comparison paired); exact
+    ties go to the candidate first in the report's order (smaller values of the swept
+    hyperparameters first). Test accuracy enters only afterwards, as what is reported of the
+    choice: ``versus_base`` and ``versus_reference`` are its paired test-accuracy differences
+    to the base optimizer's and SAM's own chosen settings."""
+
+    method: str
+    candidates: list[Arm]
+    """The method's arms with at least one finished run, in the report's order."""
+    seeds: tuple[int, ...]
+    validation: dict[str, float]
+    """Mean final validation accuracy over ``seeds``, by candidate label."""
+    chosen: Arm
+    versus_base: Interval | None = None
+    versus_reference: Interval | None = None
+
+    @property
+    def swept(self) -> list[str]:
+        """The hyperparameters whose values differ among the candidates."""
+        names = [name for arm in self.candidates for name in arm.hyperparameters]
+        return [
+            name
+            for name in dict.fromkeys(names)
+            if len({json.dumps(arm.hyperparameters.get(name)) for arm in self.candidates}) > 1
+        ]
+
+    @property
+    def choice(self) -> str:
+        """The chosen values of the swept hyperparameters, e.g. ``ρ=0.1``; ``""`` when the
+        method ran with one setting only."""
+        return " ".join(
+            describe_hyperparameter(name, self.chosen.hyperparameters.get(name))
+            for name in self.swept
+        )
+
+
+def _validation_accuracy(arm: Arm) -> dict[int, float]:
+    """Final validation accuracy by seed, over the finished runs that recorded one."""
+    return {
+        run.config["seed"]: float(value)
+        for run in arm.runs
+        if (value := run.final.get("final_validation_accuracy")) is not None
+    }
+
+
+def select_by_validation(setting: Setting) -> list[Selection]:
+    """For each method of the setting (in the report's order), its hyperparameters chosen on
+    validation data (see :class:`Selection`). :class:`SelectionError` when the setting's runs
+    hold out no validation split, or a method's candidates share no seed with a validation
+    accuracy (their means would not be comparable)."""
+    if not setting.config.get("validation_size"):
+        raise SelectionError(
+            f"--select-by validation needs runs with a validation split; those of "
+            f"{setting.title} have none (train them with a validation size above 0)"
+        )
+    selections = []
+    for method in dict.fromkeys(arm.method for arm in setting.finished_arms):
+        candidates = [arm for arm in setting.arms_of(method) if arm.runs]
+        scores = [_validation_accuracy(arm) for arm in candidates]
+        seeds = tuple(sorted(set.intersection(*(set(score) for score in scores))))
+        if not seeds:
+            raise SelectionError(
+                f"--select-by validation: the {len(candidates)} setting(s) of {method} in "
+                f"{setting.title} share no seed finished with a validation accuracy; finish "
+                "the grid (or forget the runs that break it) first"
+            )
+        means = [float(np.mean([score[seed] for seed in seeds])) for score in scores]
+        best = means.index(max(means))  # the first of equal means: report order breaks ties
+        selections.append(
+            Selection(
+                method,
+                candidates,
+                seeds,
+                {arm.label: mean for arm, mean in zip(candidates, means, strict=True)},
+                candidates[best],
+            )
+        )
+    chosen = {selection.method: selection.chosen for selection in selections}
+    base, reference = chosen.get(BASE_OPTIMIZER), chosen.get(REFERENCE_METHOD)
+    for selection in selections:
+        if base is not None and selection.method != BASE_OPTIMIZER:
+            selection.versus_base = paired_difference(
+                selection.chosen.final_accuracy, base.final_accuracy
+            )
+        if reference is not None and selection.method != REFERENCE_METHOD:
+            selection.versus_reference = paired_difference(
+                selection.chosen.final_accuracy, reference.final_accuracy
+            )
+    return selections
+
+
+def check_selection_rule(rule: str | None) -> None:
+    """A one-line error for a rule ``--select-by`` does not know."""
+    if rule is not None and rule not in SELECTION_RULES:
+        raise SelectionError(f"--select-by takes {', '.join(SELECTION_RULES)}, got {rule!r}")

@@ -14,10 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from flatminima.experiments.labels import describe_hyperparameter
 from flatminima.experiments.statistics import Interval
 from flatminima.experiments.summary import (
     REFERENCE_METHOD,
     Arm,
+    Selection,
     Setting,
     sharpness_correlations,
 )
@@ -100,6 +102,66 @@ def table_rows(setting: Setting) -> list[list[str]]:
                 interval,
                 "—" if arm.method == BASE_OPTIMIZER else _difference(arm.versus_base),
                 _difference(arm.versus_reference),
+                "—" if math.isnan(arm.passes_ratio) else f"{arm.passes_ratio:.2f}",
+                "—" if math.isnan(arm.time_ratio) else f"{arm.time_ratio:.2f}",
+                _notes(arm),
+            ]
+        )
+    return rows
+
+
+SELECTION_HEADERS = (
+    "method",
+    "chosen on validation",
+    "validation acc. % (seeds)",
+    "seeds",
+    "test acc. % (mean ± std)",
+    "95% CI",
+    f"Δ vs {BASE_OPTIMIZER} (pts, 95% CI)",
+    f"Δ vs {REFERENCE_METHOD} (pts, 95% CI)",
+    "passes ×",
+    "time ×",
+    "notes",
+)
+
+
+def _chosen(selection: Selection) -> str:
+    """``ρ=0.1 of 0.05, 0.1, 0.2``: the chosen values and the values they were chosen from."""
+    if len(selection.candidates) == 1:
+        return "one setting run"
+    if len(selection.swept) == 1:
+        [name] = selection.swept
+        values = ", ".join(
+            describe_hyperparameter(name, arm.hyperparameters.get(name)).split("=", 1)[1]
+            for arm in selection.candidates
+        )
+        return f"{selection.choice} of {values}"
+    return f"{selection.choice} of {len(selection.candidates)} settings"
+
+
+def selection_rows(selections: Sequence[Selection]) -> list[list[str]]:
+    """The main table of a report whose hyperparameters were chosen on validation data
+    (``SELECTION_HEADERS`` columns): one row per method, the test accuracy of its chosen
+    setting and the paired differences to the base optimizer's and SAM's chosen settings."""
+    rows = []
+    for selection in selections:
+        arm = selection.chosen
+        accuracy = arm.accuracy
+        spread = "" if math.isnan(arm.std) else f" ± {100 * arm.std:.2f}"
+        interval = (
+            "—" if accuracy.n < 2 else f"[{_percent(accuracy.low)}, {_percent(accuracy.high)}]"
+        )
+        validation = selection.validation[arm.label]
+        rows.append(
+            [
+                selection.method,
+                _chosen(selection),
+                f"{_percent(validation)} ({len(selection.seeds)})",
+                _seeds(arm),
+                f"{_percent(accuracy.mean)}{spread}",
+                interval,
+                "—" if selection.method == BASE_OPTIMIZER else _difference(selection.versus_base),
+                _difference(selection.versus_reference),
                 "—" if math.isnan(arm.passes_ratio) else f"{arm.passes_ratio:.2f}",
                 "—" if math.isnan(arm.time_ratio) else f"{arm.time_ratio:.2f}",
                 _notes(arm),
