@@ -54,7 +54,11 @@ def test_core_requirement_is_a_torch_range_and_nothing_else():
 def test_extras_hold_the_runner_and_the_integrations():
     extras = PYPROJECT["project"]["optional-dependencies"]
     experiments = {re.split(r"[<>=!~\[ ]", r)[0] for r in extras["experiments"]}
-    assert experiments == {"numpy", "tqdm", "matplotlib", "scikit-learn", "scipy", "mnist1d"}
+    assert experiments == {
+        "numpy", "tqdm", "matplotlib", "scikit-learn", "scipy", "mnist1d", "tomli"
+    }  # fmt: skip
+    # tomli only where tomllib is missing (Python 3.10): study files are TOML.
+    assert "tomli>=1.1; python_version < '3.11'" in extras["experiments"]
     for extra in ("lightning", "transformers", "accelerate", "docs", "test"):
         assert extras[extra], extra
     # No extra may pin torch: the exact pin lives in scripts/constraints.txt only.
@@ -202,6 +206,8 @@ def test_wheel_requires_torch_as_a_range_and_ships_the_license(dist):
     unconditional = [r for r in requires if "extra ==" not in r]
     assert unconditional == ["torch>=2.13"], requires
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    # The demo's study files, which `flatminima demo` reads.
+    assert {"flatminima/studies/demo.toml", "flatminima/studies/demo-quick.toml"} <= set(names)
 
 
 @pytest.mark.slow

@@ -7,16 +7,15 @@ validation and test accuracies are planted, so that what the selection must choo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import matplotlib.image
 import numpy as np
 import pytest
+from planted_runs import SEEDS, SETTING, TEST, VALIDATION, plant, write_run
 
 from flatminima.cli import main
-from flatminima.experiments.config import make_run_config
 from flatminima.experiments.report import write_report
 from flatminima.experiments.store import Store
 from flatminima.experiments.summary import (
@@ -26,99 +25,11 @@ from flatminima.experiments.summary import (
 )
 from flatminima.experiments.tables import SELECTION_HEADERS, selection_rows
 
-SETTING: dict[str, Any] = {
-    "dataset": "mnist1d",
-    "model": "cnn1d",
-    "epochs": 2,
-    "batch_size": 64,
-    "train_size": 256,
-    "label_noise": 0.4,
-    "validation_size": 100,
-}
-SEEDS = (0, 1, 2)
-
-
-def _write_run(
-    store: Store,
-    method: str,
-    hyperparameters: Mapping[str, Any],
-    seed: int,
-    *,
-    test: float,
-    validation: float | None,
-    setting: Mapping[str, Any] = SETTING,
-) -> None:
-    """A finished run of two epochs whose final accuracies are ``test`` and ``validation``."""
-    config = make_run_config(
-        method=method, hyperparameters=dict(hyperparameters), seed=seed, **setting
-    )
-    passes = 2 if method != "base" else 1
-    run_id = store.claim(config.config_hash, config.to_dict(), {}, passes)
-    assert run_id is not None
-    for epoch in (1, 2):
-        store.record_epoch(
-            run_id,
-            {
-                "epoch": epoch,
-                "train_loss": 1.0 / epoch,
-                "test_loss": 1.5,
-                "test_accuracy": test,
-                "learning_rate": 0.05,
-                "train_time_s": 0.1,
-                "passes": 10 * passes * epoch,
-                "validation_accuracy": validation,
-            },
-        )
-    final = {
-        "train_time_s": 0.2,
-        "passes": 20 * passes,
-        "passes_per_step": passes,
-        "final_test_accuracy": test,
-        "final_test_loss": 1.5,
-        "final_train_accuracy_noisy": 0.5,
-        "final_train_accuracy_clean": 0.6,
-        "final_validation_accuracy": validation,
-    }
-    store.finish(run_id, final, f"weights/{config.config_hash}.pt")
-
-
-# Planted disagreement: on validation data ρ = 0.05 is best for SAM, on the test set ρ = 0.2
-# (by far). Friendly SAM: validation prefers ρ = 0.2, the test set ρ = 0.05.
-VALIDATION = {
-    ("base", None): [0.60, 0.62, 0.61],
-    ("sam", 0.05): [0.70, 0.71, 0.72],
-    ("sam", 0.2): [0.65, 0.66, 0.64],
-    ("friendly-sam", 0.05): [0.66, 0.67, 0.65],
-    ("friendly-sam", 0.2): [0.69, 0.70, 0.71],
-}
-TEST = {
-    ("base", None): [0.50, 0.52, 0.51],
-    ("sam", 0.05): [0.55, 0.56, 0.54],
-    ("sam", 0.2): [0.80, 0.81, 0.82],
-    ("friendly-sam", 0.05): [0.90, 0.91, 0.92],
-    ("friendly-sam", 0.2): [0.58, 0.60, 0.59],
-}
-
-
-def _plant(db_path: Path, test: Mapping[tuple[str, float | None], list[float]] = TEST) -> None:
-    with Store(db_path) as store:
-        for (method, rho), validation in VALIDATION.items():
-            hyperparameters = {} if rho is None else {"rho": rho}
-            for index, seed in enumerate(SEEDS):
-                _write_run(
-                    store,
-                    method,
-                    hyperparameters,
-                    seed,
-                    test=test[(method, rho)][index],
-                    validation=validation[index],
-                )
-
 
 @pytest.fixture
 def planted_db(tmp_path: Path) -> Path:
     db_path = tmp_path / "planted.db"
-    _plant(db_path)
+    plant(db_path)
     return db_path
 
 
@@ -159,8 +70,8 @@ def test_the_choice_does_not_move_when_test_accuracies_are_reshuffled(
     """Every test accuracy of the database replaced (rank order reversed, values changed):
     the same settings are chosen, and only what is reported of them changes."""
     reversed_test = {key: [1.0 - value for value in values] for key, values in TEST.items()}
-    _plant(tmp_path / "a.db")
-    _plant(tmp_path / "b.db", reversed_test)
+    plant(tmp_path / "a.db")
+    plant(tmp_path / "b.db", reversed_test)
     first, second = _selections(tmp_path / "a.db"), _selections(tmp_path / "b.db")
     for method in first:
         assert first[method].chosen.label == second[method].chosen.label
@@ -174,13 +85,13 @@ def test_ties_go_to_the_first_setting_and_only_shared_seeds_count(tmp_path: Path
     db_path = tmp_path / "ties.db"
     with Store(db_path) as store:
         for seed in SEEDS:
-            _write_run(store, "sam", {"rho": 0.05}, seed, test=0.5, validation=0.7)
-            _write_run(store, "sam", {"rho": 0.1}, seed, test=0.6, validation=0.7)
+            write_run(store, "sam", {"rho": 0.05}, seed, test=0.5, validation=0.7)
+            write_run(store, "sam", {"rho": 0.1}, seed, test=0.6, validation=0.7)
             # ρ = 0.2 has no seed 1: only seeds 0 and 2 are shared by all three settings
             # (its seed-1 run would otherwise be averaged against nothing).
             if seed != 1:
                 validation = 0.69 if seed == 0 else 0.71
-                _write_run(store, "sam", {"rho": 0.2}, seed, test=0.9, validation=validation)
+                write_run(store, "sam", {"rho": 0.2}, seed, test=0.9, validation=validation)
     [sam] = _selections(db_path).values()
     assert sam.seeds == (0, 2)
     # 0.7 = 0.7 = mean(0.69, 0.71): an exact tie, broken by order: the smallest ρ.
@@ -193,7 +104,7 @@ def test_without_a_validation_split_the_selection_is_a_one_line_error(tmp_path: 
     plain = {**SETTING, "validation_size": 0}
     with Store(db_path) as store:
         for rho in (0.05, 0.2):
-            _write_run(store, "sam", {"rho": rho}, 0, test=0.5, validation=None, setting=plain)
+            write_run(store, "sam", {"rho": rho}, 0, test=0.5, validation=None, setting=plain)
     with Store(db_path, create=False) as store:
         [setting] = summarize(store)
     with pytest.raises(SelectionError, match=r"--select-by validation needs runs with a valid"):
@@ -208,7 +119,7 @@ def test_report_command_without_a_validation_split_says_so_in_one_line(
 ) -> None:
     db_path = tmp_path / "plain.db"
     with Store(db_path) as store:
-        _write_run(
+        write_run(
             store,
             "sam",
             {},
@@ -226,8 +137,8 @@ def test_report_command_without_a_validation_split_says_so_in_one_line(
 def test_a_sweep_sharing_no_seed_is_refused(tmp_path: Path) -> None:
     db_path = tmp_path / "apart.db"
     with Store(db_path) as store:
-        _write_run(store, "sam", {"rho": 0.05}, 0, test=0.5, validation=0.7)
-        _write_run(store, "sam", {"rho": 0.2}, 1, test=0.5, validation=0.7)
+        write_run(store, "sam", {"rho": 0.05}, 0, test=0.5, validation=0.7)
+        write_run(store, "sam", {"rho": 0.2}, 1, test=0.5, validation=0.7)
     with pytest.raises(SelectionError, match="share no seed"):
         _selections(db_path)
 

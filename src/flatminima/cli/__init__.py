@@ -5,8 +5,9 @@ all of them.
     flatminima demo                                   # the main job (see the README for times)
     flatminima run --method sam --param rho=0.1 --label-noise 0.4 --seed 0
     flatminima compare --methods base,sam --sweep rho=0.05,0.1,0.2 --seeds 0-2 --jobs 2
+    flatminima compare --study noisy-digits.toml --jobs 2   # the grid as a TOML file
     flatminima sharpness --db flatminima.db --landscape --jobs 2
-    flatminima report --db flatminima.db --out flatminima-report
+    flatminima report --db flatminima.db --out flatminima-report --select-by validation
     flatminima forget 3f2a --db flatminima.db          # a run, its rows and weights (or --failed)
     flatminima methods                                # every method and its hyperparameters
 
@@ -41,6 +42,7 @@ from flatminima.cli.options import (
     EXIT_INTERRUPTED,
     EXIT_RUN_FAILED,
     build_parser,
+    given_options,
 )
 from flatminima.experiments.config import ConfigError
 from flatminima.experiments.data import DatasetUnavailableError
@@ -112,7 +114,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.given = given_options(parser, argv, args)
     logging.basicConfig(level=logging.WARNING, format="flatminima: %(levelname)s: %(message)s")
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
     try:

@@ -29,6 +29,7 @@ from flatminima.experiments.sharpness_runs import (
     select_runs,
 )
 from flatminima.experiments.store import RunRecord, Store
+from flatminima.experiments.study import Study, load_study
 from flatminima.experiments.summary import measurement_views, summarize
 from flatminima.experiments.tables import text_table
 from flatminima.registry import get_method, method_names
@@ -210,19 +211,77 @@ def selected_methods(args: argparse.Namespace) -> list[str] | None:
     return [name for text in args.methods for name in parse_list(text, "--methods")]
 
 
-def command_compare(args: argparse.Namespace) -> int:
-    configs = expand_grid(
+STUDY_DEFINES = {
+    "methods": "--methods",
+    "seeds": "--seeds",
+    "param": "--param",
+    "sweep": "--sweep",
+    "select_by": "--select-by",
+    "dataset": "--dataset",
+    "model": "--model",
+    "optimizer": "--optimizer",
+    "lr": "--lr",
+    "momentum": "--momentum",
+    "weight_decay": "--weight-decay",
+    "schedule": "--schedule",
+    "epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "label_noise": "--label-noise",
+    "train_size": "--train-size",
+    "validation_size": "--validation-size",
+    "track_sharpness": "--track-sharpness",
+}
+"""Options a study file defines (destination → option): refused beside ``--study``, so that
+the file alone says what was run. Where and how it runs (``--db``, ``--jobs``, ``--quiet``,
+``--out``, ``--report``, ``--threads``...) stays on the command line."""
+
+
+def _load_study(args: argparse.Namespace) -> Study:
+    """The study of ``--study``, after refusing the options it defines."""
+    given = sorted(set(STUDY_DEFINES) & getattr(args, "given", set()))
+    if given:
+        option = STUDY_DEFINES[given[0]]
+        raise ConfigError(
+            f"{option} cannot be given with --study: {args.study} defines it (edit the file, "
+            "or drop --study)"
+        )
+    return load_study(args.study)
+
+
+def _given(args: argparse.Namespace, dest: str) -> bool:
+    return dest in getattr(args, "given", set())
+
+
+def grid_configs(args: argparse.Namespace) -> list[RunConfig]:
+    """The runs ``compare``'s options (without ``--study``) plan."""
+    if not args.methods:
+        raise ConfigError("compare needs --methods (or a --study file)")
+    return expand_grid(
         selected_methods(args) or [],
         parse_seeds(args.seeds or ["0,1,2"]),
         [Assignment.parse(text, "--param") for text in args.param],
         [Assignment.parse(text, "--sweep") for text in args.sweep],
         _training(args),
     )
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    if args.study is not None:
+        study = _load_study(args)
+        configs = study.configs()
+        if not _given(args, "db") and study.database is not None:
+            args.db = study.database
+        if args.report is None:
+            args.report = study.report
+        select_by = study.select_by
+    else:
+        configs = grid_configs(args)
+        select_by = args.select_by
+        _check_selection(select_by, configs, args.report)
     _check_output_directory(args.report, "--report")
-    _check_selection(args.select_by, configs, args.report)
     status = _train(configs, args, args.jobs)
     if args.report is not None:
-        _print_report(args.db, args.report, args.select_by)
+        _print_report(args.db, args.report, select_by)
     return status
 
 
@@ -339,8 +398,16 @@ def command_sharpness(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
+    select_by = args.select_by
+    if args.study is not None:
+        study = _load_study(args)
+        if not _given(args, "db") and study.database is not None:
+            args.db = study.database
+        if not _given(args, "out") and study.report is not None:
+            args.out = study.report
+        select_by = study.select_by
     _check_output_directory(args.out, "--out")
-    _print_report(args.db, args.out, args.select_by)
+    _print_report(args.db, args.out, select_by)
     return 0
 
 

@@ -4,6 +4,7 @@ one-line usage error, and the options several commands share, each declared once
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,8 +27,32 @@ DEFAULT_REPORT_DIR = "flatminima-report"
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (no usage dump) like every other bad input."""
 
+    command_parsers: dict[str, argparse.ArgumentParser]
+    """The parser of each command (set on the top-level parser by :func:`build_parser`)."""
+
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+class _NotGiven(list):  # type: ignore[type-arg]
+    """An option's value before the command line sets it: a list, so that ``append`` options
+    can add to it like to their default (:func:`given_options` then sees them non-empty)."""
+
+
+def given_options(parser: OneLineParser, argv: Sequence[str], args: argparse.Namespace) -> set[str]:
+    """The destinations (``epochs``, ``select_by``...) of the options ``argv`` gives
+    explicitly, whatever their value: parsed again from a namespace where every option is
+    "not given", which argparse leaves alone unless the command line sets it (abbreviations
+    and ``--name=value`` included). ``--epochs 100`` is given even though 100 is the default."""
+    command = parser.command_parsers[args.command]
+    rest = list(argv)[list(argv).index(args.command) + 1 :]
+    untouched = argparse.Namespace(**{dest: _NotGiven() for dest in vars(args)})
+    parsed = command.parse_args(rest, untouched)
+    return {
+        dest
+        for dest, value in vars(parsed).items()
+        if not isinstance(value, _NotGiven) or len(value) > 0
+    }
 
 
 # --- option types: a bad value is a one-line usage error ------------------------------------
@@ -136,6 +161,16 @@ def _add_select_by(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_study(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--study",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"a study file (TOML, see docs/runner.md): {what}",
+    )
+
+
 def _add_training_runtime(parser: argparse.ArgumentParser, db_default: str = DEFAULT_DB) -> None:
     """Where and how training runs: database, threads, progress, takeover, data."""
     _add_db(parser, db_default)
@@ -209,7 +244,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 # --- the parser ------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineParser:
     parser = OneLineParser(
         prog="flatminima",
         description="Train and compare sharpness-aware optimizers on real data.",
@@ -238,7 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser(
         "compare", help="a grid of runs: methods × seeds × swept hyperparameters (resumable)"
     )
-    _add_methods(compare, required=True, what="methods to compare")
+    _add_study(
+        compare,
+        "its methods, seeds, data and training settings and selection rule replace those "
+        "options (which may not be given with it); its [output] gives --db and --report "
+        "defaults",
+    )
+    _add_methods(compare, required=False, what="methods to compare (required without --study)")
     compare.add_argument(
         "--seeds",
         "--seed",
@@ -281,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(report)
     _add_out(report, "directory for report.md and the plots")
     _add_select_by(report)
+    _add_study(
+        report,
+        "report its database ([output] database, unless --db) into its [output] report "
+        "(unless --out) with its selection rule",
+    )
 
     forget = commands.add_parser(
         "forget",
@@ -294,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(forget)
 
     commands.add_parser("methods", help="every registered method, its hyperparameters and cost")
+    parser.command_parsers = dict(commands.choices)
     return parser
 
 

@@ -555,6 +555,11 @@ def select_by_validation(setting: Setting) -> list[Selection]:
             f"--select-by validation needs runs with a validation split; those of "
             f"{setting.title} have none (train them with a validation size above 0)"
         )
+    if not any(_validation_accuracy(arm) for arm in setting.arms):
+        raise SelectionError(
+            f"--select-by validation: no run of {setting.title} recorded a validation accuracy "
+            "(trained before the validation split was evaluated?)"
+        )
     selections = []
     for method in dict.fromkeys(arm.method for arm in setting.finished_arms):
         candidates = [arm for arm in setting.arms_of(method) if arm.runs]
