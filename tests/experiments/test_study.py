@@ -16,7 +16,14 @@ from flatminima.cli.commands import STUDY_DEFINES, grid_configs
 from flatminima.experiments.config import ConfigError
 from flatminima.experiments.demo import demo_configs
 from flatminima.experiments.store import Store
-from flatminima.experiments.study import key_lines, load_study, packaged_study, parse_study
+from flatminima.experiments.study import (
+    TOP_LEVEL,
+    TRAINING_TYPES,
+    key_lines,
+    load_study,
+    packaged_study,
+    parse_study,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,22 +65,38 @@ EQUIVALENT_COMMAND = [
 ]  # fmt: skip
 
 
+def _hashes(configs: list) -> list[str]:
+    return [config.config_hash for config in configs]
+
+
 def test_a_study_plans_exactly_the_runs_of_its_command_line() -> None:
-    study = parse_study(STUDY, "digits.toml")
-    args = build_parser().parse_args(EQUIVALENT_COMMAND)
-    # The command line has no validation split yet on this branch's parser; the study's is
-    # part of the configuration, so compare it with the command line's plus that split.
-    from_command = grid_configs(args)
-    planned = study.configs()
+    planned = parse_study(STUDY, "digits.toml").configs()
     assert len(planned) == 3 * (1 + 3 + 2)
     assert [config.validation_size for config in planned] == [200] * len(planned)
-    assert [config.to_dict() | {"validation_size": 0} for config in planned] == [
-        config.to_dict() | {"validation_size": 0} for config in from_command
-    ]
     without_split = parse_study(STUDY.replace("validation_size = 200\n", ""), "digits.toml")
-    assert [config.config_hash for config in without_split.configs()] == [
-        config.config_hash for config in from_command
-    ]
+    args = build_parser().parse_args(EQUIVALENT_COMMAND)
+    assert _hashes(without_split.configs()) == _hashes(grid_configs(args))
+    if "validation_size" in vars(args):  # the command line's --validation-size, once it has one
+        args = build_parser().parse_args([*EQUIVALENT_COMMAND, "--validation-size", "200"])
+        assert _hashes(planned) == _hashes(grid_configs(args))
+
+
+def test_keys_a_study_leaves_out_take_the_command_line_defaults() -> None:
+    minimal = 'seeds = [0, 1]\n[training]\ndataset = "digits"\nmodel = "mlp"\nepochs = 4\n'
+    minimal += "[methods.base]\n[methods.sam]\n"
+    command = ["compare", "--methods", "base,sam", "--seeds", "0,1", "--dataset", "digits"]
+    args = build_parser().parse_args([*command, "--model", "mlp", "--epochs", "4"])
+    assert _hashes(parse_study(minimal).configs()) == _hashes(grid_configs(args))
+
+
+def test_every_option_that_changes_a_run_is_one_a_study_defines() -> None:
+    """An option that reaches the run's configuration but that a study cannot set would be
+    silently ignored beside --study: every one is refused there, and a study key."""
+    from flatminima.cli.commands import _training
+
+    args = build_parser().parse_args(["compare", "--methods", "sam"])
+    assert set(_training(args)) <= set(STUDY_DEFINES)
+    assert set(_training(args)) <= set(TRAINING_TYPES)
 
 
 DEMO_HASHES = [
@@ -229,8 +252,6 @@ def test_options_a_study_defines_are_refused_beside_it(
 
 
 def test_every_option_a_study_defines_is_a_study_key() -> None:
-    from flatminima.experiments.study import TOP_LEVEL, TRAINING_TYPES
-
     keys = set(TRAINING_TYPES) | set(TOP_LEVEL) | {"param", "sweep"}
     assert set(STUDY_DEFINES) <= keys
     assert set(TRAINING_TYPES) <= set(STUDY_DEFINES)
@@ -308,8 +329,6 @@ def test_a_missing_study_file_is_one_line(
 
 def test_the_documented_study_is_valid_and_complete() -> None:
     """docs/runner.md's example study parses, and names every key a study takes."""
-    from flatminima.experiments.study import TRAINING_TYPES
-
     docs = (ROOT / "docs" / "runner.md").read_text()
     [example] = re.findall(r"```toml\n(.*?)```", docs, re.DOTALL)
     study = parse_study(example, "docs/runner.md", Path("/studies"))

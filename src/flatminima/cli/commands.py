@@ -230,6 +230,7 @@ STUDY_DEFINES = {
     "train_size": "--train-size",
     "validation_size": "--validation-size",
     "track_sharpness": "--track-sharpness",
+    "processes": "--processes",
 }
 """Options a study file defines (destination → option): refused beside ``--study``, so that
 the file alone says what was run. Where and how it runs (``--db``, ``--jobs``, ``--quiet``,

@@ -513,13 +513,18 @@ def plot_sweep(
                     axes.plot(
                         [value], [mean], marker="o", markersize=13, markerfacecolor="none",
                         markeredgecolor=style.color, markeredgewidth=1.4, linestyle="none",
-                        label="chosen on validation" if not ringed else None,
                     )  # fmt: skip
                     ringed.append(arm.label)
                     plot.series[f"chosen: {arm.label}"] = {
                         "x": np.array([value]),
                         "mean": np.array([mean]),
                     }
+        if ringed:  # one legend entry for every ring, in a neutral colour
+            axes.plot(
+                [], [], marker="o", markersize=13, markerfacecolor="none",
+                markeredgecolor=BASE_COLOR, markeredgewidth=1.4, linestyle="none",
+                label="chosen on validation",
+            )  # fmt: skip
         for arm in singles:
             style = styles[arm.label]
             value = float(arm.hyperparameters[name])

@@ -68,6 +68,7 @@ TRAINING_TYPES: dict[str, tuple[type, ...]] = {
     "train_size": (int,),
     "validation_size": (int,),
     "track_sharpness": (int,),
+    "processes": (int,),
 }
 """The keys of ``[training]`` (``make_run_config``'s arguments) and the TOML types they take."""
 
