@@ -170,6 +170,10 @@ def test_the_report_leads_with_the_chosen_settings_and_rings_them_in_the_sweep_p
     )
     for row in rows:
         assert "| " + " | ".join(row) + " |" in markdown
+    # The numbers the choice was made on, every setting's, beside the table.
+    assert "- sam (seeds 0, 1, 2): ρ=0.05 71.00 (chosen), ρ=0.2 65.00" in markdown
+    assert "friendly-sam (seeds 0, 1, 2): ρ=0.05 66.00, ρ=0.2 70.00 (chosen)" in report.text
+    assert "base (seeds" not in markdown  # one setting: nothing was chosen
     assert "validation labels carry the same label noise" in markdown.replace("\n", " ")
     assert "Hyperparameters chosen on validation data" in report.text
     # The sweep plot: every value run, the chosen one ringed.

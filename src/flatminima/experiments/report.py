@@ -45,6 +45,7 @@ from flatminima.experiments.tables import (
     sharpness_rows,
     table_rows,
     text_table,
+    validation_lines,
 )
 from flatminima.registry import BASE_OPTIMIZER
 
@@ -234,6 +235,11 @@ def _selection_section(selections: list[Selection]) -> tuple[list[str], list[str
     title = "Hyperparameters chosen on validation data (test accuracy of each choice)"
     markdown = [f"### {title}", "", markdown_table(SELECTION_HEADERS, rows), ""]
     text = [f"{title}:", text_table(SELECTION_HEADERS, rows), ""]
+    scores = validation_lines(selections)
+    if scores:
+        intro = "Mean final validation accuracy (%) of every setting, the choice made on it"
+        markdown += [f"{intro}:", "", *(f"- {line}" for line in scores), ""]
+        text += [f"{intro}:", *(f"  {line}" for line in scores), ""]
     return markdown, text
 
 

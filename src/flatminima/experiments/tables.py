@@ -170,6 +170,27 @@ def selection_rows(selections: Sequence[Selection]) -> list[list[str]]:
     return rows
 
 
+def validation_lines(selections: Sequence[Selection]) -> list[str]:
+    """For each swept method, every setting's validation score, the chosen one marked: the
+    numbers the choice was made on, e.g. ``sam (seeds 0, 1, 2): ρ=0.05 71.00 (chosen), ρ=0.2
+    65.00``."""
+    lines = []
+    for selection in selections:
+        if len(selection.candidates) < 2:
+            continue
+        scores = []
+        for arm in selection.candidates:
+            values = " ".join(
+                describe_hyperparameter(name, arm.hyperparameters.get(name))
+                for name in selection.swept
+            )
+            chosen = " (chosen)" if arm is selection.chosen else ""
+            scores.append(f"{values} {_percent(selection.validation[arm.label])}{chosen}")
+        seeds = ", ".join(map(str, selection.seeds))
+        lines.append(f"{selection.method} (seeds {seeds}): " + ", ".join(scores))
+    return lines
+
+
 ERROR_SHOWN = 200
 """How many characters of a failed run's error the report quotes (its first line)."""
 
