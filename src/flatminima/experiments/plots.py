@@ -38,6 +38,7 @@ from flatminima.experiments.summary import (
     sharpness_correlations,
     tracked_sharpness,
 )
+from flatminima.experiments.tracking import stability_threshold
 from flatminima.registry import BASE_OPTIMIZER, method_names
 
 STYLE: dict[str, Any] = {
@@ -782,15 +783,20 @@ def plot_sharpness_during_training(setting: Setting, path: Path) -> Plot | None:
                 plot.series[f"SAM edge: {curve.arm.label}"] = {"epoch": curve.epochs, "mean": edge}
         first = tracked[0]
         if first.threshold is not None:
-            threshold = first.threshold.mean(axis=0)
+            # At every epoch, not only the measured ones: the learning rate of each is stored
+            # (the same in every run of the setting: one schedule).
+            rates = np.array(first.arm.epochs[first.seeds[0]]["learning_rate"], dtype=float)
+            momentum = setting.config.get("momentum") or 0.0
+            threshold = np.array([stability_threshold(rate, momentum) for rate in rates])
+            every_epoch = np.arange(1, len(rates) + 1)
             axes.plot(
-                first.epochs, threshold, color=BASE_COLOR, linestyle="--", linewidth=1.2,
+                every_epoch, threshold, color=BASE_COLOR, linestyle="--", linewidth=1.2,
                 label="stability threshold 2(1+β)/η",
             )  # fmt: skip
-            plot.series["threshold"] = {"epoch": first.epochs, "values": threshold}
+            plot.series["threshold"] = {"epoch": every_epoch, "values": threshold}
         positive = [value for value in drawn_values if value > 0]
         if positive:
-            axes.set_yscale("log")
+            _log_axis(axes)
             # Under a cosine schedule η → 0 and the thresholds leave for infinity: keep the
             # measured curves readable and the thresholds visible where they bind.
             top = max(positive) * 4
