@@ -84,6 +84,7 @@ def test_every_epoch_stores_the_accuracy_on_the_noisy_training_labels(
         accuracy, loss = _accuracy_and_loss(model, data.x_validation, data.y_validation)
         assert row["validation_accuracy"] == accuracy
         assert row["validation_loss"] == pytest.approx(loss, rel=1e-5)
+    # Computed apart (other batch sizes), the same model: the same accuracy.
     assert final["final_train_accuracy_noisy"] == epochs[-1]["train_accuracy_noisy"]
     assert final["final_validation_accuracy"] == epochs[-1]["validation_accuracy"]
     # Under 40% noise the noisy labels disagree with the clean ones: they are the ones scored.

@@ -66,6 +66,10 @@ from flatminima.registry import get_method, start_epoch
 logger = logging.getLogger(__name__)
 
 EVALUATION_BATCH_SIZE = 1000
+TRAINING_EVALUATION_BATCH_SIZE = 256
+"""Batches of the per-epoch pass over the training set: on one CPU thread a convolutional
+network's forward runs about twice as fast in batches of 256 as of 1000 (the activations stay
+in cache), and the outputs are the same (bit for bit, measured on the four models)."""
 
 
 @dataclass(frozen=True)
@@ -118,14 +122,19 @@ def build_base_optimizer(config: RunConfig, model: nn.Module) -> torch.optim.Opt
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = EVALUATION_BATCH_SIZE,
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` (in eval mode) on ``inputs``."""
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
-    for start in range(0, len(labels), EVALUATION_BATCH_SIZE):
-        logits = model(inputs[start : start + EVALUATION_BATCH_SIZE])
-        batch_labels = labels[start : start + EVALUATION_BATCH_SIZE]
+    for start in range(0, len(labels), batch_size):
+        logits = model(inputs[start : start + batch_size])
+        batch_labels = labels[start : start + batch_size]
         total_loss += nn.functional.cross_entropy(logits, batch_labels, reduction="sum").item()
         correct += int((logits.argmax(dim=1) == batch_labels).sum())
     model.train(was_training)
@@ -208,9 +217,10 @@ def train(
                 scheduler.step()
         train_time += time.perf_counter() - started
         test_loss, test_accuracy = evaluate(model, data.x_test, data.y_test)
-        # In eval mode over the training tensors in large batches: a forward pass over the
-        # training set, no backward.
-        _, train_accuracy_noisy = evaluate(model, data.x_train, data.y_train)
+        # One forward pass over the training set in eval mode, no backward.
+        _, train_accuracy_noisy = evaluate(
+            model, data.x_train, data.y_train, TRAINING_EVALUATION_BATCH_SIZE
+        )
         validation: dict[str, float] = {}
         if data.x_validation is not None and data.y_validation is not None:
             loss, accuracy = evaluate(model, data.x_validation, data.y_validation)
@@ -242,6 +252,9 @@ def train(
             diverged_at_epoch = epoch
             logger.warning("%s diverged at epoch %d: training stopped", config.label, epoch)
             break
+    # As before the per-epoch accuracy existed (batches of EVALUATION_BATCH_SIZE): the stored
+    # final numbers are computed the same way in every version.
+    _, accuracy_noisy = evaluate(model, data.x_train, data.y_train)
     _, accuracy_clean = evaluate(model, data.x_train, data.y_train_clean)
     last = history[-1]
     final = {
@@ -250,8 +263,7 @@ def train(
         "passes_per_step": spec.passes_per_step(config.hyperparameters),
         "final_test_accuracy": last.test_accuracy,
         "final_test_loss": last.test_loss,
-        # The last epoch's evaluation: the same model, the same numbers.
-        "final_train_accuracy_noisy": last.train_accuracy_noisy,
+        "final_train_accuracy_noisy": accuracy_noisy,
         "final_train_accuracy_clean": accuracy_clean,
         "diverged_at_epoch": diverged_at_epoch,
         "final_validation_accuracy": last.validation_accuracy,
