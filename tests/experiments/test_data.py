@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import struct
 from pathlib import Path
 
@@ -143,3 +144,101 @@ def test_load_dataset_subsamples_and_corrupts_training_labels_only() -> None:
 def test_train_size_out_of_range_is_rejected() -> None:
     with pytest.raises(ValueError, match="train size must be between 1 and 1297"):
         load_dataset("digits", seed=0, train_size=5000)
+
+
+# --- the validation split ----------------------------------------------------------------------
+
+
+def _digest(dataset: data.Dataset) -> str:
+    digest = hashlib.sha256()
+    for tensor in (dataset.x_train, dataset.y_train, dataset.y_train_clean):
+        digest.update(tensor.numpy().tobytes())
+    for tensor in (dataset.x_test, dataset.y_test):
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ({"train_size": 400, "label_noise": 0.25}, "ee420f7bff13f97e"),
+        ({"label_noise": 0.4}, "42f2062f4411cdd3"),
+        ({"train_size": 1297, "label_noise": 0.1}, "b3109931c7c7e580"),
+        ({}, "5eb0b726d6041078"),
+    ],
+)
+def test_without_a_validation_split_the_data_is_bit_identical_to_before_splits_existed(
+    arguments: dict[str, float], expected: str
+) -> None:
+    # The digests were computed with load_dataset as it was before validation_size existed
+    # (commit 575888d): older databases' runs must train on exactly the same data.
+    assert _digest(load_dataset("digits", seed=3, **arguments)) == expected
+    assert _digest(load_dataset("digits", seed=3, validation_size=0, **arguments)) == expected
+
+
+@pytest.fixture
+def numbered_pool(monkeypatch: pytest.MonkeyPatch) -> int:
+    """A digits-sized training pool whose every input holds its own index (so a subset can be
+    read back as the positions it took), labels i mod 10."""
+    size = DATASETS["digits"].num_train
+    raw = data.RawSplit(
+        x_train=np.repeat(np.arange(size, dtype=np.float32), 64).reshape(size, 1, 8, 8),
+        y_train=np.arange(size, dtype=np.int64) % 10,
+        x_test=np.zeros((5, 1, 8, 8), dtype=np.float32),
+        y_test=np.zeros(5, dtype=np.int64),
+    )
+    monkeypatch.setattr(data, "_raw_split", lambda name, data_dir: raw)
+    return size
+
+
+def _positions(inputs: torch.Tensor) -> set[int]:
+    return {int(x) for x in inputs[:, 0, 0, 0].tolist()}
+
+
+def test_the_validation_split_is_disjoint_seeded_and_as_noisy_as_the_training_labels(
+    numbered_pool: int,
+) -> None:
+    split = load_dataset("digits", seed=5, train_size=600, validation_size=300, label_noise=0.3)
+    train, held_out = _positions(split.x_train), _positions(split.x_validation)
+    assert len(train) == 600 and len(held_out) == 300 and not train & held_out
+    assert split.y_validation is not None and split.y_validation_clean is not None
+    # The clean labels are the pool's; exactly round(0.3 · 300) of them are flipped, each to
+    # another class.
+    assert split.y_validation_clean.tolist() == [i % 10 for i in sorted(held_out)]
+    flipped = split.y_validation != split.y_validation_clean
+    assert int(flipped.sum()) == 90 and int(split.noisy_mask.sum()) == 180
+    repeat = load_dataset("digits", seed=5, train_size=600, validation_size=300, label_noise=0.3)
+    assert torch.equal(repeat.x_validation, split.x_validation)
+    assert torch.equal(repeat.y_validation, split.y_validation)
+    other = load_dataset("digits", seed=6, train_size=600, validation_size=300, label_noise=0.3)
+    assert _positions(other.x_validation) != held_out
+    # The training subset and its noisy labels do not depend on the split.
+    alone = load_dataset("digits", seed=5, train_size=600, label_noise=0.3)
+    assert torch.equal(alone.x_train, split.x_train) and torch.equal(alone.y_train, split.y_train)
+    assert alone.x_validation is None and alone.y_validation is None
+
+
+def test_a_validation_split_without_a_train_size_takes_the_rest_of_the_pool(
+    numbered_pool: int,
+) -> None:
+    split = load_dataset("digits", seed=0, validation_size=97)
+    assert len(split.y_train) == numbered_pool - 97
+    assert _positions(split.x_train) | _positions(split.x_validation) == set(range(numbered_pool))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"validation_size": 1297}, "validation size must be between 0 and 1296 for digits"),
+        ({"validation_size": -1}, "validation size must be between 0 and 1296"),
+        (
+            {"validation_size": 300, "train_size": 1000},
+            "train size must be between 1 and 997 for digits with 300 validation examples",
+        ),
+    ],
+)
+def test_a_validation_split_that_does_not_fit_is_rejected(
+    arguments: dict[str, int], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_dataset("digits", seed=0, **arguments)

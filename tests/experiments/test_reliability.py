@@ -415,7 +415,9 @@ def test_14_finite_weights_with_an_infinite_test_loss_are_diverged_everywhere(
     tiny: dict[str, Any], db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = runner.evaluate
-    monkeypatch.setattr(runner, "evaluate", lambda model, x, y: (math.inf, real(model, x, y)[1]))
+    monkeypatch.setattr(
+        runner, "evaluate", lambda model, x, y, *rest: (math.inf, real(model, x, y, *rest)[1])
+    )
     config = make_run_config(method="sgd", seed=0, **{**tiny, "epochs": 3})
     run_grid([config], db_path, progress=False)
     monkeypatch.undo()

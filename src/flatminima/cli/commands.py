@@ -50,6 +50,8 @@ def _training(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "label_noise": args.label_noise,
         "train_size": args.train_size,
+        "validation_size": args.validation_size,
+        "track_sharpness": args.track_sharpness,
     }
 
 
@@ -81,6 +83,7 @@ def _train(configs: list[RunConfig], args: argparse.Namespace, jobs: int) -> int
         stale_after_s=args.stale_after * 3600,
     )
     _print_grid_summary(summary, args.db)
+    _print_tracking_overhead(configs, args.db)
     return _grid_status(summary)
 
 
@@ -107,6 +110,29 @@ def _print_grid_summary(summary: GridSummary, db: Path) -> None:
             f"flatminima: the grid is incomplete: {summary.skipped} run(s) are being trained "
             "by another process; run the same command again when it ends",
             file=sys.stderr,
+        )
+
+
+def _print_tracking_overhead(configs: Sequence[RunConfig], db: Path) -> None:
+    """With --track-sharpness: what measuring λ_max during training cost, per measurement and
+    against the training time, over the grid's finished runs."""
+    tracking = [config.config_hash for config in configs if config.track_sharpness]
+    if not tracking:
+        return
+    seconds, training = [], 0.0
+    with Store(db) as store:
+        for config_hash in tracking:
+            run = store.find(config_hash)
+            if run is None or run.status != "finished":
+                continue
+            rows = store.epochs(run.id)
+            seconds += [row["sharpness_time_s"] for row in rows if row["sharpness_time_s"]]
+            training += rows[-1]["train_time_s"] if rows else 0.0
+    if seconds:
+        print(
+            f"λ_max tracked during training: {len(seconds)} measurement(s), "
+            f"{sum(seconds) / len(seconds):.2f} s each, {sum(seconds):.1f} s in all "
+            f"({100 * sum(seconds) / training:.0f}% on top of {training:.1f} s of training)"
         )
 
 

@@ -68,6 +68,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _existing_directory(text: str) -> Path:
     """An input directory: never created here (a typo must not become a new empty folder)."""
     path = Path(text)
@@ -238,6 +248,24 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="training examples to keep, a seeded subset (default: all)",
+    )
+    group.add_argument(
+        "--validation-size",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="hold out N further training examples (seeded, disjoint from the training subset) "
+        "and evaluate them every epoch; their labels are as noisy as the training labels "
+        "(--label-noise applies to them at the same rate, as it would in practice) "
+        "(default: 0, none)",
+    )
+    group.add_argument(
+        "--track-sharpness",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="measure λ_max (Lanczos, 20 products, 512 fixed training examples) every N epochs "
+        "and at the last; costs seconds per measurement, printed at the end (default: 0, never)",
     )
 
 

@@ -36,7 +36,9 @@ from flatminima.experiments.summary import (
     landscapes,
     measured_pairs,
     sharpness_correlations,
+    tracked_sharpness,
 )
+from flatminima.experiments.tracking import stability_threshold
 from flatminima.registry import BASE_OPTIMIZER, method_names
 
 STYLE: dict[str, Any] = {
@@ -194,24 +196,52 @@ INTERVAL_WORDS = "95% interval of the mean over seeds (Student-t)"
 # --- curves ----------------------------------------------------------------------------------
 
 
+CURVE_PANELS = (
+    # (panel, column, y label, scale, drawn only when some run stored the column)
+    ("test accuracy", "test_accuracy", "test accuracy (%)", 100.0, False),
+    ("training loss", "train_loss", "training loss (noisy labels)", 1.0, False),
+    ("training accuracy", "train_accuracy_noisy", "training accuracy on its labels (%)", 100.0,
+     True),
+    ("validation accuracy", "validation_accuracy", "validation accuracy (%)", 100.0, True),
+)  # fmt: skip
+"""The panels of the curves figure; the optional ones appear when the database has them."""
+
+
+def _stored(arm: Arm, column: str) -> dict[int, list[float]]:
+    """The seeds of ``arm`` that stored ``column`` at every epoch (older runs stored none)."""
+    return {
+        seed: columns[column]
+        for seed, columns in arm.epochs.items()
+        if all(math.isfinite(value) for value in columns[column])
+    }
+
+
 def plot_curves(setting: Setting, path: Path) -> Plot:
-    """Test accuracy and training loss per epoch: the mean over the seeds that trained every
-    epoch with its 95% interval as a band; each diverged seed dotted on its own up to the
-    epoch it stopped at (marked ×), in its arm's colour."""
+    """Per epoch: test accuracy, training loss, and where stored the accuracy on the training
+    labels as trained on (the memorisation curve under label noise) and on the validation
+    split. Each arm: the mean over the seeds that trained every epoch with ±1 standard
+    deviation as a band; each diverged seed dotted on its own up to the epoch it stopped at
+    (marked ×), in its arm's colour."""
     styles = arm_styles(setting)
     plot = Plot(path, "")
-    panels = (
-        ("test accuracy", "test_accuracy", "test accuracy (%)", 100.0),
-        ("training loss", "train_loss", "training loss (noisy labels)", 1.0),
-    )
-    with _figure(len(panels)) as figure:
-        axes_row = figure.subplots(1, len(panels))
-        for axes, (panel, column, ylabel, scale) in zip(axes_row, panels, strict=True):
+    panels = [
+        panel
+        for panel in CURVE_PANELS
+        if not panel[4] or any(_stored(arm, panel[1]) for arm in setting.finished_arms)
+    ]
+    noise = setting.config.get("label_noise") or 0
+    rows = 1 if len(panels) <= 3 else 2
+    with _figure(len(panels), rows) as figure:
+        axes_grid = np.atleast_1d(figure.subplots(rows, math.ceil(len(panels) / rows))).ravel()
+        for axes, (panel, column, ylabel, scale, optional) in zip(axes_grid, panels, strict=True):
             for arm in setting.finished_arms:
                 style = styles[arm.label]
                 diverged = arm.diverged
+                stored = _stored(arm, column) if optional else {}
                 full = [
-                    columns[column] for seed, columns in arm.epochs.items() if seed not in diverged
+                    columns[column]
+                    for seed, columns in arm.epochs.items()
+                    if seed not in diverged and (not optional or seed in stored)
                 ]
                 label = f"{arm.label} (n={len(full)})"
                 if diverged:
@@ -223,7 +253,7 @@ def plot_curves(setting: Setting, path: Path) -> Plot:
                     mean = values.mean(axis=0)
                     spread = values.std(axis=0, ddof=1) if len(values) > 1 else 0 * mean
                     low, high = mean - spread, mean + spread
-                    if column == "test_accuracy":
+                    if scale == 100.0:  # an accuracy
                         low, high = np.clip(low, 0, 100), np.clip(high, 0, 100)
                     axes.plot(
                         epochs, mean, color=style.color, linestyle=style.linestyle, label=label
@@ -234,7 +264,11 @@ def plot_curves(setting: Setting, path: Path) -> Plot:
                         "mean": mean,
                         "low": low,
                         "high": high,
-                        "seeds": [s for s in arm.epochs if s not in diverged],
+                        "seeds": [
+                            s
+                            for s in arm.epochs
+                            if s not in diverged and (not optional or s in stored)
+                        ],
                     }
                 for seed in diverged:
                     curve = scale * np.array(arm.epochs[seed][column], dtype=float)
@@ -248,15 +282,23 @@ def plot_curves(setting: Setting, path: Path) -> Plot:
                         label=None if full else label,  # one legend entry per arm
                     )
                     plot.series[f"{panel}: {arm.label}, diverged seed {seed}"] = {"values": curve}
+            if column in ("train_accuracy_noisy", "validation_accuracy") and noise:
+                # Above this line a network fits labels that are wrong.
+                axes.axhline(
+                    100 * (1 - noise), color="#888888", linestyle=":", linewidth=1,
+                    label=f"{100 * (1 - noise):g}%: the share of correct labels",
+                )  # fmt: skip
+                axes.legend(loc="lower right", handles=[axes.get_lines()[-1]])
             axes.set(xlabel="epoch", ylabel=ylabel, title=panel)
             if column == "train_loss":
                 _log_axis(axes)
-        handles, labels = axes_row[0].get_legend_handles_labels()
+        for axes in axes_grid[len(panels) :]:
+            axes.set_visible(False)
+        handles, labels = axes_grid[0].get_legend_handles_labels()
         band = Patch(color="#888888", alpha=0.3, label="band: ±1 std over seeds")
-        axes_row[0].legend([*handles, band], [*labels, band.get_label()], loc="lower right")
+        axes_grid[0].legend([*handles, band], [*labels, band.get_label()], loc="lower right")
         figure.suptitle(setting.plot_title, fontsize=9)
         _save(figure, path)
-    noise = setting.config.get("label_noise") or 0
     memorising = (
         f" With {100 * noise:g}% of the training labels flipped, a training loss falling far "
         "below its early plateau means the network is fitting the wrong labels: the point "
@@ -264,11 +306,29 @@ def plot_curves(setting: Setting, path: Path) -> Plot:
         if noise
         else ""
     )
+    shown = {panel[1] for panel in panels}
+    extra = ""
+    if "train_accuracy_noisy" in shown:
+        extra += (
+            " Training accuracy: on the labels trained on (noisy ones included), in eval mode "
+            "after each epoch"
+            + (
+                f"; above the dotted line at {100 * (1 - noise):g}% (the share of labels that "
+                "are correct) the network has memorised wrong labels: the memorisation curve."
+                if noise
+                else "."
+            )
+        )
+    if "validation_accuracy" in shown:
+        extra += (
+            " Validation accuracy: on the held-out split of the training pool, whose labels "
+            "are as noisy as the training labels."
+        )
     plot.caption = (
-        "Left: test accuracy (clean test set) after each epoch; right: training loss on the "
-        "labels trained on (each step's loss as its optimizer returned it, mean over the epoch; "
-        f"log scale). Lines: mean over seeds ({_seeds_phrase(setting)} per arm); bands: ±1 "
-        f"sample standard deviation over those seeds (the spread of single runs, not an "
+        "Test accuracy (clean test set) after each epoch and training loss on the labels "
+        "trained on (each step's loss as its optimizer returned it, mean over the epoch; log "
+        f"scale).{extra} Lines: mean over seeds ({_seeds_phrase(setting)} per arm); bands: ±1 "
+        "sample standard deviation over those seeds (the spread of single runs, not an "
         f"interval of the mean).{memorising}"
     )
     return plot
@@ -713,6 +773,98 @@ def plot_landscape(setting: Setting, path: Path) -> Plot | None:
     return plot
 
 
+# --- sharpness during training ------------------------------------------------------------
+
+
+def plot_sharpness_during_training(setting: Setting, path: Path) -> Plot | None:
+    """λ_max tracked during training per arm (mean over seeds, ±1 std band) against epoch, the
+    base optimizer's stability threshold 2(1 + β)/η from the stored learning rate, and plain
+    SAM's predicted edge of stability; ``None`` when no run of the setting tracked it."""
+    tracked = tracked_sharpness(setting)
+    if not tracked:
+        return None
+    styles = arm_styles(setting)
+    plot = Plot(path, "")
+    with _figure(1) as figure:
+        figure.set_size_inches(PANEL_SIZE[0] + 1.8, PANEL_SIZE[1] + 0.6)
+        axes = figure.subplots()
+        drawn_values = []
+        for curve in tracked:
+            style = styles[curve.arm.label]
+            mean = curve.values.mean(axis=0)
+            spread = curve.values.std(axis=0, ddof=1) if len(curve.values) > 1 else 0 * mean
+            low, high = mean - spread, mean + spread
+            label = f"{curve.arm.label} (n={len(curve.seeds)})"
+            axes.plot(
+                curve.epochs, mean, color=style.color, linestyle=style.linestyle,
+                marker=style.marker, markersize=3.5, label=label,
+            )  # fmt: skip
+            axes.fill_between(curve.epochs, low, high, color=style.color, alpha=0.15, lw=0)
+            plot.series[f"λ_max: {curve.arm.label}"] = {
+                "epoch": curve.epochs, "mean": mean, "low": low, "high": high,
+                "seeds": curve.seeds,
+            }  # fmt: skip
+            drawn_values += list(curve.values.ravel())
+            if curve.sam_edge is not None:
+                edge = curve.sam_edge.mean(axis=0)
+                axes.plot(
+                    curve.epochs, edge, color=style.color, linestyle=(0, (1, 1.5)), linewidth=1.3,
+                    label=f"{curve.arm.label}: predicted SAM edge",
+                )  # fmt: skip
+                plot.series[f"SAM edge: {curve.arm.label}"] = {"epoch": curve.epochs, "mean": edge}
+        first = tracked[0]
+        if first.threshold is not None:
+            # At every epoch, not only the measured ones: the learning rate of each is stored
+            # (the same in every run of the setting: one schedule).
+            rates = np.array(first.arm.epochs[first.seeds[0]]["learning_rate"], dtype=float)
+            momentum = setting.config.get("momentum") or 0.0
+            threshold = np.array([stability_threshold(rate, momentum) for rate in rates])
+            every_epoch = np.arange(1, len(rates) + 1)
+            axes.plot(
+                every_epoch, threshold, color=BASE_COLOR, linestyle="--", linewidth=1.2,
+                label="stability threshold 2(1+β)/η",
+            )  # fmt: skip
+            plot.series["threshold"] = {"epoch": every_epoch, "values": threshold}
+        positive = [value for value in drawn_values if value > 0]
+        if positive:
+            _log_axis(axes)
+            # Under a cosine schedule η → 0 and the thresholds leave for infinity: keep the
+            # measured curves readable and the thresholds visible where they bind.
+            top = max(positive) * 4
+            if first.threshold is not None:
+                top = max(top, 1.3 * float(np.min(first.threshold)))
+            axes.set_ylim(min(positive) / 2, top)
+        axes.set(xlabel="epoch", ylabel="λ_max (training loss)", title=setting.plot_title)
+        handles, labels = axes.get_legend_handles_labels()
+        band = Patch(color="#888888", alpha=0.3, label="band: ±1 std over seeds")
+        axes.legend([*handles, band], [*labels, band.get_label()], loc="best")
+        _save(figure, path)
+    momentum = setting.config.get("momentum") or 0.0
+    threshold_words = (
+        f" Dashed: the base optimizer's stability threshold 2(1 + β)/η with β = {momentum:g} "
+        "and η each epoch's stored learning rate (a curve under a cosine schedule): on a "
+        "quadratic, SGD with momentum diverges along any direction whose curvature exceeds it."
+        if first.threshold is not None
+        else " No threshold is drawn: the base optimizer is AdamW, whose preconditioned step has "
+        "none in terms of λ_max."
+    )
+    sam_words = (
+        " Dotted, in SAM's colour: SAM's predicted edge of stability (Agarwala & Dauphin, 2023), "
+        "the λ with ηλ(1 + ρλ/‖g‖) = 2(1 + β), ‖g‖ the mean mini-batch gradient norm measured "
+        "with λ_max (see the notes)."
+        if any(curve.sam_edge is not None for curve in tracked)
+        else ""
+    )
+    plot.caption = (
+        "Largest Hessian eigenvalue λ_max of the training loss during training (Lanczos, at "
+        "most 20 products, on a fixed subset of 512 training examples with the labels trained "
+        "on, in eval mode), measured every N epochs and at the last (--track-sharpness N): "
+        "mean over the seeds that did not diverge, band ±1 sample standard deviation; log "
+        f"scale.{threshold_words}{sam_words}"
+    )
+    return plot
+
+
 def sweep_file_name(name: str) -> str:
     return f"accuracy_vs_{re.sub(r'[^A-Za-z0-9_]+', '_', name)}.png"
 
@@ -737,5 +889,6 @@ def draw_all(
     plots += [
         plot_sharpness(setting, directory / "accuracy_vs_sharpness.png"),
         plot_landscape(setting, directory / "landscape_1d.png"),
+        plot_sharpness_during_training(setting, directory / "sharpness_during_training.png"),
     ]
     return [plot for plot in plots if plot is not None]

@@ -30,12 +30,14 @@ from flatminima.experiments.summary import (
     select_by_validation,
     summarize,
     swept_hyperparameters,
+    tracked_sharpness,
     unfinished_runs,
 )
 from flatminima.experiments.tables import (
     CORRELATION_HEADERS,
     SELECTION_HEADERS,
     TABLE_HEADERS,
+    TRACKING_HEADERS,
     correlation_rows,
     failure_lines,
     markdown_table,
@@ -45,6 +47,7 @@ from flatminima.experiments.tables import (
     sharpness_rows,
     table_rows,
     text_table,
+    tracking_rows,
     validation_lines,
 )
 from flatminima.registry import BASE_OPTIMIZER
@@ -95,6 +98,27 @@ The validation labels carry the same label noise as the training labels (the hel
 are training examples, corrupted alike), as a practitioner's own validation data would: a
 choice made on them is one a user could make, and it can differ from the setting that is best
 on the clean test set. The sweep plots keep every value run, the chosen one ringed."""
+
+TRACKING_NOTES = """\
+λ_max during training (`--track-sharpness N`) is the largest eigenvalue of the Hessian of the
+training loss on a fixed subset of 512 of the run's training examples (positions drawn with seed
+0, the same at every epoch and for every method of a seed; labels as trained, noisy ones
+included), by Lanczos with at most 20 Hessian-vector products, in eval mode, after every N-th
+epoch and the last. The threshold 2(1+β)/η is where SGD with heavy-ball momentum β (PyTorch's)
+becomes unstable on a quadratic whose largest curvature is λ_max (2/η without momentum), η the
+learning rate of the epoch's last step. SAM's predicted edge of stability follows Agarwala &
+Dauphin (ICML 2023): for unnormalised SAM (ε = ρg) on a quadratic the update multiplies the
+component along an eigenvector of curvature λ by 1 − ηλ(1 + ρλ), so it is stable while
+ηλ(1 + ρλ) < 2, and with momentum while ηλ(1 + ρλ) < 2(1 + β); the edge is the λ where equality
+holds. This library's SAM is normalised (ε = ρg/‖g‖): the form used here is the same condition
+with ρ replaced by ρ/‖g‖, the unnormalised step of that radius at the current gradient (the
+SAM edge Long & Bartlett, 2024, derive), ‖g‖ the mean norm of the mini-batch gradient over the
+512 examples in batches of 128, measured with λ_max. Its assumptions: a locally quadratic loss,
+‖g‖ constant over the steps that decide stability, mini-batch noise ignored, weight decay
+ignored (it adds its coefficient to every eigenvalue), eval-mode BatchNorm. The peak ratios are
+the largest λ_max / threshold over the measured epochs (mean over seeds): near 1, the run
+reached that edge. Under a cosine schedule η → 0 at the end, so the last epoch's thresholds lie
+far above the measured λ_max and the peak ratio is the column to read."""
 
 LANDSCAPE_NUMBERS = "landscape_1d.json"
 """The one non-PNG file the report writes into a setting's directory (beside its figures)."""
@@ -307,6 +331,15 @@ def write_report(
             markdown += ["Failed runs (in no statistic):", ""]
             markdown += [f"- {line}" for line in failures] + [""]
             text += ["failed runs:", *(f"  {line}" for line in failures), ""]
+        tracking = tracking_rows(setting)
+        if tracking:
+            title = (
+                "λ_max during training against the stability threshold and SAM's predicted edge "
+                "(at the last measured epoch; peaks over training; see the notes):"
+            )
+            markdown += ["### Sharpness during training", "", title, ""]
+            markdown += [markdown_table(TRACKING_HEADERS, tracking), ""]
+            text += [title, text_table(TRACKING_HEADERS, tracking), ""]
         views = measurement_views(setting)
         differences = measurement_differences(views)
         for view in views:
@@ -339,6 +372,8 @@ def write_report(
         markdown += [SELECTION_NOTES.replace("\n", " "), ""]
     if any(measurement_views(setting) for setting in settings):
         markdown += [SHARPNESS_NOTES.replace("\n", " "), ""]
+    if any(tracked_sharpness(setting) for setting in settings):
+        markdown += [TRACKING_NOTES.replace("\n", " "), ""]
     markdown_path = out_dir / "report.md"
     write_text_atomically(markdown_path, "\n".join(markdown))
     return Report(

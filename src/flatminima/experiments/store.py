@@ -72,7 +72,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 BUSY_TIMEOUT_S = 60.0
 """How long a connection waits for another process's write to end before giving up."""
@@ -126,6 +126,7 @@ CREATE TABLE IF NOT EXISTS epochs (
     validation_accuracy REAL,
     top_eigenvalue REAL,
     sharpness_time_s REAL,
+    gradient_norm REAL,
     PRIMARY KEY (run_id, epoch)
 );
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status);
@@ -201,6 +202,9 @@ MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] = 
             ("runs", "final_validation_accuracy REAL"),
         )
     ),
+    # The mean mini-batch gradient norm measured with the tracked λ_max (normalised SAM's edge
+    # of stability depends on it).
+    4: (lambda db: _add_column(db, "epochs", "gradient_norm REAL"),),
 }
 
 EPOCH_COLUMNS = (
@@ -216,6 +220,7 @@ EPOCH_COLUMNS = (
     "validation_accuracy",
     "top_eigenvalue",
     "sharpness_time_s",
+    "gradient_norm",
 )
 OPTIONAL_EPOCH_COLUMNS = frozenset(EPOCH_COLUMNS[7:])
 """Columns an epoch may leave out (stored as NULL): no validation split, sharpness not

@@ -29,6 +29,7 @@ from flatminima.experiments.config import ConfigError
 from flatminima.experiments.labels import arm_labels, describe_hyperparameter
 from flatminima.experiments.statistics import Interval, paired_difference, sample_std, spearman
 from flatminima.experiments.store import RunRecord, SharpnessRecord, Store, settings_key
+from flatminima.experiments.tracking import sam_edge_of_stability, stability_threshold
 from flatminima.registry import BASE_OPTIMIZER, METHODS, canonical_method_name, method_names
 
 REFERENCE_METHOD = "sam"
@@ -40,8 +41,17 @@ ARM_KEYS = ("method", "hyperparameters", "seed")
 ACCURACY_RANGE = (0.0, 1.0)
 """The values an accuracy (a fraction) can take: its confidence intervals are clipped to it."""
 
-CURVE_COLUMNS = ("test_accuracy", "train_loss")
-"""The per-epoch columns of the database the report draws."""
+CURVE_COLUMNS = (
+    "test_accuracy",
+    "train_loss",
+    "train_accuracy_noisy",
+    "validation_accuracy",
+    "learning_rate",
+    "top_eigenvalue",
+    "gradient_norm",
+)
+"""The per-epoch columns of the database the report draws (``nan`` where a run stored none:
+no validation split, sharpness not tracked at that epoch, a database older than the column)."""
 
 
 @dataclass
@@ -600,3 +610,93 @@ def check_selection_rule(rule: str | None) -> None:
     """A one-line error for a rule ``--select-by`` does not know."""
     if rule is not None and rule not in SELECTION_RULES:
         raise SelectionError(f"--select-by takes {', '.join(SELECTION_RULES)}, got {rule!r}")
+
+
+# --- sharpness tracked during training --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrackedSharpness:
+    """λ_max during training of one arm's seeds, at the epochs every one of them measured, with
+    the stability thresholds at those epochs (from each run's stored learning rate)."""
+
+    arm: Arm
+    seeds: list[int]
+    epochs: np.ndarray
+    values: np.ndarray
+    """λ_max, seeds × epochs."""
+    learning_rate: np.ndarray
+    """seeds × epochs (the same for every seed: one schedule per setting)."""
+    threshold: np.ndarray | None
+    """2(1 + β)/η per seed and epoch for SGD (β its momentum); ``None`` for AdamW, whose
+    preconditioned step has no such threshold in λ_max."""
+    sam_edge: np.ndarray | None
+    """Normalised SAM's predicted edge of stability per seed and epoch (the ‖g‖ measured with
+    λ_max; see :func:`~flatminima.experiments.tracking.sam_edge_of_stability`); ``None`` but
+    for plain SAM with SGD."""
+
+    def last(self, array: np.ndarray) -> Interval:
+        """The mean over seeds at the last measured epoch, with its 95% interval."""
+        return Interval.of(list(array[:, -1]))
+
+
+def tracked_sharpness(setting: Setting) -> list[TrackedSharpness]:
+    """Every arm of the setting with λ_max tracked during training (over its finished runs that
+    did not diverge and measured it), in the setting's arm order."""
+    momentum = setting.config.get("momentum") or 0.0
+    sgd = setting.config.get("optimizer", "sgd") == "sgd"
+    tracked = []
+    for arm in setting.finished_arms:
+        diverged = arm.diverged
+        curves = {
+            seed: columns
+            for seed, columns in arm.epochs.items()
+            if seed not in diverged and any(math.isfinite(v) for v in columns["top_eigenvalue"])
+        }
+        if not curves:
+            continue
+        common = set.intersection(
+            *(
+                {i for i, v in enumerate(columns["top_eigenvalue"]) if math.isfinite(v)}
+                for columns in curves.values()
+            )
+        )
+        if not common:
+            continue
+        positions = sorted(common)
+        seeds = sorted(curves)
+
+        values, learning_rate, gradient_norm = (
+            _per_seed(curves, seeds, positions, column)
+            for column in ("top_eigenvalue", "learning_rate", "gradient_norm")
+        )
+        threshold = (
+            np.array([[stability_threshold(lr, momentum) for lr in row] for row in learning_rate])
+            if sgd
+            else None
+        )
+        sam_edge = None
+        if sgd and arm.method == REFERENCE_METHOD and "rho" in arm.hyperparameters:
+            rho = float(arm.hyperparameters["rho"])
+            sam_edge = np.array(
+                [
+                    [
+                        sam_edge_of_stability(lr, rho, momentum, gradient_norm=norm)
+                        for lr, norm in zip(lr_row, norm_row, strict=True)
+                    ]
+                    for lr_row, norm_row in zip(learning_rate, gradient_norm, strict=True)
+                ]
+            )
+        tracked.append(
+            TrackedSharpness(
+                arm, seeds, np.array(positions) + 1, values, learning_rate, threshold, sam_edge
+            )
+        )
+    return tracked
+
+
+def _per_seed(
+    curves: dict[int, dict[str, list[float]]], seeds: list[int], positions: list[int], column: str
+) -> np.ndarray:
+    """``column`` at the epoch ``positions`` (from 0), a row per seed."""
+    return np.array([[curves[seed][column][i] for i in positions] for seed in seeds], dtype=float)

@@ -22,6 +22,7 @@ from flatminima.experiments.summary import (
     Selection,
     Setting,
     sharpness_correlations,
+    tracked_sharpness,
 )
 from flatminima.registry import BASE_OPTIMIZER
 
@@ -322,3 +323,56 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(
         [line(headers), "  ".join("-" * width for width in widths), *map(line, rows)]
     ).rstrip()
+
+
+# --- sharpness tracked during training --------------------------------------------------------
+
+TRACKING_HEADERS = (
+    "method",
+    "seeds",
+    "epoch",
+    "λ_max (mean [95% CI])",
+    "threshold 2(1+β)/η",
+    "SAM's predicted edge (mean [95% CI])",
+    "peak λ_max / threshold",
+    "peak λ_max / SAM edge",
+)
+
+
+def _number_interval(interval: Interval) -> str:
+    if math.isnan(interval.mean):
+        return "—"
+    text = f"{interval.mean:.4g}"
+    return text + (f" [{interval.low:.4g}, {interval.high:.4g}]" if interval.has_bounds else "")
+
+
+def _peak_ratio(values: np.ndarray, limit: np.ndarray | None) -> str:
+    """The largest ratio of λ_max to ``limit`` over the measured epochs, mean over seeds."""
+    if limit is None:
+        return "—"
+    return f"{float(np.mean(np.max(values / limit, axis=1))):.3f}"
+
+
+def tracking_rows(setting: Setting) -> list[list[str]]:
+    """One row per arm that tracked λ_max during training: the measured value at the last
+    measured epoch beside the stability threshold and SAM's predicted edge there, and how close
+    λ_max came to each over training."""
+    rows = []
+    for curve in tracked_sharpness(setting):
+        threshold = (
+            "—" if curve.threshold is None else f"{float(curve.threshold[:, -1].mean()):.4g}"
+        )
+        edge = "—" if curve.sam_edge is None else _number_interval(curve.last(curve.sam_edge))
+        rows.append(
+            [
+                curve.arm.label,
+                str(len(curve.seeds)),
+                str(int(curve.epochs[-1])),
+                _number_interval(curve.last(curve.values)),
+                threshold,
+                edge,
+                _peak_ratio(curve.values, curve.threshold),
+                _peak_ratio(curve.values, curve.sam_edge),
+            ]
+        )
+    return rows
