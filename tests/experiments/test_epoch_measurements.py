@@ -226,3 +226,26 @@ def test_normalised_sams_edge_is_the_unnormalised_one_at_radius_rho_over_the_gra
     )
     assert stability_threshold(0.05, 0.9) == pytest.approx(76.0)
     assert math.isnan(sam_edge_of_stability(0.05, 0.1, gradient_norm=0.0))
+
+
+def test_the_memorisation_curve_is_measured_on_a_fixed_subset_of_large_training_sets(
+    tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flatminima.experiments import runner
+
+    assert runner.memorisation_positions(runner.MEMORISATION_EXAMPLES) is None
+    positions = runner.memorisation_positions(5 * runner.MEMORISATION_EXAMPLES)
+    assert positions is not None and len(positions) == runner.MEMORISATION_EXAMPLES
+    assert torch.equal(positions, runner.memorisation_positions(5 * runner.MEMORISATION_EXAMPLES))
+    assert bool((positions[1:] > positions[:-1]).all())  # sorted, no repeats
+    # With a cap below the training set's size, each epoch's number is the subset's accuracy.
+    monkeypatch.setattr(runner, "MEMORISATION_EXAMPLES", 100)
+    config = make_run_config(method="sgd", seed=3, **{**tiny, "epochs": 1})
+    data = _data(config)
+    outcome = train(config, data)
+    subset = runner.memorisation_positions(len(data.y_train))
+    assert subset is not None and len(subset) == 100
+    model = runner.build_model(config.model, data.input_shape, data.num_classes)
+    model.load_state_dict(outcome.state_dict)
+    accuracy, _ = _accuracy_and_loss(model, data.x_train[subset], data.y_train[subset])
+    assert outcome.epochs[0].train_accuracy_noisy == accuracy
