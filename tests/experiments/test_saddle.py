@@ -114,18 +114,18 @@ def test_bootstrap_interval_holds_the_statistic_and_is_a_point_for_constant_data
         bootstrap([1.0], "mean")
 
 
-def _comparison(low, high, *, trapped=False, diverged=False):
+def _comparison(low, high, *, identical=False, diverged=False):
     estimate = Estimate((low + high) / 2, low, high)
-    return Comparison(0.1, estimate, saddle.direction(estimate), trapped, diverged)
+    return Comparison(0.1, estimate, saddle.direction(estimate), identical, diverged)
 
 
 def test_the_verdict_rule():
     faster, slower, tie = _comparison(5, 9), _comparison(-9, -5), _comparison(-1, 2)
-    trapped = _comparison(0, 0, trapped=True)
+    exact_tie = _comparison(0, 0, identical=True)
     assert verdict([tie, faster]) == saddle.REPRODUCED
     assert verdict([faster, slower]) == saddle.NOT_REPRODUCED
-    assert verdict([trapped, trapped]) == saddle.NOT_REPRODUCED
-    assert verdict([trapped, tie]) == saddle.INCONCLUSIVE
+    assert verdict([exact_tie, exact_tie]) == saddle.NOT_REPRODUCED
+    assert verdict([exact_tie, tie]) == saddle.INCONCLUSIVE
     # A diverged ρ is left out: here the only "faster" comes from one.
     assert verdict([tie, _comparison(5, 9, diverged=True)]) == saddle.INCONCLUSIVE
     assert verdict([_comparison(5, 9, diverged=True)]) == saddle.INCONCLUSIVE
@@ -146,6 +146,8 @@ def test_summaries_pair_by_seed_and_count_never_escaped_runs():
     assert (sam.escaped, sam.runs, sam.capped_mean.value) == (1, 2, 9.5)
     (monge,) = summary.monge_vs_sam
     assert monge.difference.value == pytest.approx(((10 - 5) + (9 - 6)) / 2)
+    assert not monge.identical and not monge.diverged
+    assert summary.monge_verdict == saddle.REPRODUCED  # both seeds 3 or more steps sooner
 
 
 @pytest.mark.parametrize(

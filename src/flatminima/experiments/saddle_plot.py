@@ -9,6 +9,7 @@ from pathlib import Path
 
 import matplotlib
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from flatminima.experiments.plots import STYLE, method_color
 from flatminima.experiments.saddle import METHOD_TITLES, ScaleSummary
@@ -16,7 +17,8 @@ from flatminima.experiments.saddle import METHOD_TITLES, ScaleSummary
 
 def plot_escape_steps(summaries: Sequence[ScaleSummary], budget: int, path: Path) -> None:
     """Median escape step with its bootstrap interval for SAM and Monge SAM against ρ (log-log),
-    SGD's as a band; a median beyond the budget is drawn on the budget line with a triangle."""
+    SGD's as a band; a median beyond the budget is drawn on the budget line, a triangle where
+    most runs were held by the saddle, a cross where most diverged."""
     with matplotlib.rc_context(STYLE):
         figure = Figure(figsize=(3.6 * len(summaries), 3.3), layout="constrained")
         panels = figure.subplots(1, len(summaries), squeeze=False, sharey=True)[0]
@@ -44,16 +46,35 @@ def plot_escape_steps(summaries: Sequence[ScaleSummary], budget: int, path: Path
                     capsize=2,
                     label=METHOD_TITLES[method],
                 )
-                beyond = [
-                    (rho, budget)
-                    for rho, arm in zip(rhos, arms, strict=True)
-                    if math.isinf(arm.median.value)
-                ]
-                if beyond:
-                    axes.plot(*zip(*beyond, strict=True), "^", color=color, markersize=7)
+                # Beyond the budget: held by the saddle (triangle) or diverged (cross).
+                for marker, label, diverged in (("^", "held", False), ("X", "diverged", True)):
+                    points = [
+                        (rho, budget)
+                        for rho, arm in zip(rhos, arms, strict=True)
+                        if math.isinf(arm.median.value)
+                        and (2 * arm.diverged > arm.runs) == diverged
+                    ]
+                    if points:
+                        axes.plot(
+                            *zip(*points, strict=True),
+                            marker,
+                            color=color,
+                            markersize=8,
+                            label=f"{METHOD_TITLES[method]}: median > budget, {label}",
+                        )
             axes.set_xscale("log")
             axes.set_yscale("log")
+            # Plain numbers; minor ticks labelled at 2 and 5 × 10^k only, as in the report.
+            axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            axes.yaxis.set_minor_formatter(
+                FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.1e}"[0] in "25" else "")
+            )
             axes.set(xlabel="ρ", title=f"loss scale k = {summary.loss_scale:g}")
         panels[0].set_ylabel("median escape step")
-        panels[0].legend(loc="center left")
+        legend = {}
+        for axes in panels:  # one entry per label over all panels
+            for handle, label in zip(*axes.get_legend_handles_labels(), strict=True):
+                legend.setdefault(label, handle)
+        legend = {("SGD median, 95% interval" if k == "SGD" else k): h for k, h in legend.items()}
+        figure.legend(legend.values(), legend.keys(), loc="outside right upper")
         figure.savefig(path, format="png")
