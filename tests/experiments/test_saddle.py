@@ -185,3 +185,19 @@ def test_the_command_writes_the_report_and_its_figure(tmp_path):
     allowed = (saddle.REPRODUCED, saddle.NOT_REPRODUCED, saddle.INCONCLUSIVE)
     for line in verdicts:
         assert sum(f"**{word}**" in line for word in allowed) == 2
+
+
+def test_the_committed_report_was_written_by_the_command_with_its_current_defaults():
+    """docs/reproductions/monge_saddle.md is regenerated, never edited: its header's command
+    must parse to today's defaults (rerun the command after changing them)."""
+    from pathlib import Path
+
+    report = Path(__file__).resolve().parents[2] / "docs" / "reproductions" / saddle.REPORT_NAME
+    header = report.read_text().splitlines()[2]
+    command = header.split("`")[1]
+    prefix = "python -m flatminima.experiments.saddle "
+    assert command.startswith(prefix)
+    settings, out, _ = saddle.parse_arguments(command.removeprefix(prefix).split())
+    assert settings == SaddleSettings()
+    assert out == Path("docs/reproductions")
+    assert (report.parent / saddle.FIGURE_NAME).exists()
