@@ -122,7 +122,12 @@ def train(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
 ) -> TrainingOutcome:
     """Train ``config`` on ``data`` from scratch; the same configuration and thread count give
-    bit-identical numbers."""
+    bit-identical numbers. With ``config.processes`` > 1, on that many processes (see
+    :mod:`~flatminima.experiments.distributed`)."""
+    if config.processes > 1:
+        from flatminima.experiments.distributed import train_distributed  # imports this module
+
+        return train_distributed(config, data, on_epoch)
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes)
     spec = get_method(config.method)
