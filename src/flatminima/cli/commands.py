@@ -49,6 +49,7 @@ def _training(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "label_noise": args.label_noise,
         "train_size": args.train_size,
+        "processes": args.processes,
     }
 
 

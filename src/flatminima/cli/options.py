@@ -192,6 +192,14 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="training examples to keep, a seeded subset (default: all)",
     )
+    group.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=1,
+        help="processes training each run together (DistributedDataParallel: gloo on CPU, "
+        "NCCL with a GPU per process), each a shard of every batch; SAM-type methods then "
+        "perturb per process (m-sharpness), so their numbers change (default: 1)",
+    )
 
 
 # --- the parser ------------------------------------------------------------------------------

@@ -84,6 +84,10 @@ Long enough for rank 0 to evaluate a large test set while the others wait."""
 POLL_S = 0.2
 """How often the caller checks that every training process is still alive."""
 
+KILLED_GRACE_S = 1.0
+"""How long, after a process reports an error, the caller looks for another one killed by a
+signal (the likelier cause: the error may only say that a peer went away)."""
+
 EXIT_GRACE_S = 10.0
 """How long the caller waits for a process that has ended its work to exit (or for the last
 message of one that ended) before it terminates it (or fails the run)."""
@@ -203,11 +207,29 @@ def _follow(
                 on_epoch(metrics)
         elif kind == "failed":
             _, rank, message = event
-            raise RankFailedError(f"process {rank} of {len(processes)} failed: {message}")
+            # A process that was killed makes its peers fail in their next collective ("connection
+            # reset by peer"); their error may arrive before its death is seen: name the cause.
+            killed = _killed_within(processes, KILLED_GRACE_S)
+            raise RankFailedError(killed or f"process {rank} of {len(processes)} failed: {message}")
         else:  # "done"
             _, final, weights = event
             state = torch.load(io.BytesIO(weights), weights_only=True)
             return TrainingOutcome(history, final, state)
+
+
+def _killed_within(processes: list[Any], seconds: float) -> str | None:
+    """Which process was killed by a signal, if one is or becomes so within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        for rank, process in enumerate(processes):
+            if process.exitcode is not None and process.exitcode < 0:
+                name = signal.Signals(-process.exitcode).name
+                return (
+                    f"process {rank} of {len(processes)} was killed by {name} before the run ended"
+                )
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(POLL_S / 4)
 
 
 def _ended_early(processes: list[Any]) -> str | None:

@@ -481,12 +481,18 @@ def run_grid(
     (``summary.stopped``). A run another process is training is left to it unless silent for
     ``stale_after_s`` (see :meth:`Store.claim`).
 
-    Before any training: :class:`~flatminima.experiments.store.StoreError` when the database or
+    Before any training: :class:`~flatminima.experiments.config.ConfigError` when ``jobs`` and
+    the runs' ``processes`` would oversubscribe the cores (see
+    :func:`~flatminima.experiments.distributed.check_process_budget`),
+    :class:`~flatminima.experiments.store.StoreError` when the database or
     the weights folder cannot be written or the data differs from what the database's runs
     trained on, :class:`~flatminima.experiments.data.DatasetUnavailableError` when it cannot be
     read.
     """
     todo = unique_configs(configs)
+    from flatminima.experiments.distributed import check_process_budget  # imports this module
+
+    check_process_budget(jobs, max((config.processes for config in todo), default=1))
     with Store(db_path) as store:
         pending = [config for config in todo if not _finished(store, config.config_hash)]
         if pending:
