@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -187,3 +190,55 @@ def test_configurations_a_multi_process_run_cannot_take_are_refused() -> None:
         check_process_budget(1, 3, cores=2)
     check_process_budget(1, 2, cores=2)
     check_process_budget(4, 1, cores=2)  # one-process runs: as before
+
+
+def _training_processes_of(pid: int) -> list[int]:
+    """The processes ``pid`` started with multiprocessing's spawn (its training processes)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid and b"spawn_main" in command:
+            children.append(int(entry.name))
+    return children
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_ctrl_c_stops_the_run_and_every_process(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    command = [
+        sys.executable, "-m", "flatminima", "run", "--processes", "2", "--dataset", "digits",
+        "--model", "mlp", "--epochs", "500", "--train-size", "600", "--db", str(db), "--quiet",
+    ]  # fmt: skip
+    # Its own process group, as a terminal's foreground job: Ctrl-C reaches every process.
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while True:  # until an epoch is recorded: both training processes are at work
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the run recorded no epoch"
+            try:
+                with sqlite3.connect(db) as connection:
+                    epochs = connection.execute("SELECT COUNT(*) FROM epochs").fetchone()[0]
+            except sqlite3.OperationalError:
+                epochs = 0
+            if epochs:
+                break
+            time.sleep(0.05)
+        training = _training_processes_of(process.pid)
+        assert len(training) == 2
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    assert not [pid for pid in training if Path(f"/proc/{pid}").exists()]
