@@ -209,18 +209,37 @@ def _training_processes_of(pid: int) -> list[int]:
     return children
 
 
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie, exited but not yet reaped by init, counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-def test_ctrl_c_stops_the_run_and_every_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "stop",
+    [
+        "ctrl-c",
+        pytest.param("sigterm", marks=pytest.mark.slow),
+        pytest.param("sigkill", marks=pytest.mark.slow),
+    ],
+)
+def test_stopping_the_command_stops_every_process(tmp_path: Path, stop: str) -> None:
+    """Ctrl-C reaches the whole process group (as in a terminal); SIGTERM reaches the command
+    only, which ends its training processes; after SIGKILL they notice it is gone and stop."""
     db = tmp_path / "runs.db"
     command = [
         sys.executable, "-m", "flatminima", "run", "--processes", "2", "--dataset", "digits",
         "--model", "mlp", "--epochs", "500", "--train-size", "600", "--db", str(db), "--quiet",
     ]  # fmt: skip
-    # Its own process group, as a terminal's foreground job: Ctrl-C reaches every process.
+    # Its own process group, as a terminal's foreground job.
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     deadline = time.monotonic() + 120
+    training: list[int] = []
     try:
         while True:  # until an epoch is recorded: both training processes are at work
             assert process.poll() is None, process.communicate()
@@ -235,10 +254,19 @@ def test_ctrl_c_stops_the_run_and_every_process(tmp_path: Path) -> None:
             time.sleep(0.05)
         training = _training_processes_of(process.pid)
         assert len(training) == 2
-        os.killpg(process.pid, signal.SIGINT)
+        if stop == "ctrl-c":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGTERM if stop == "sigterm" else signal.SIGKILL)
         _, stderr = process.communicate(timeout=60)
+        while not all(_gone(pid) for pid in training):
+            assert time.monotonic() < deadline + 60, "training processes left running"
+            time.sleep(0.1)
     finally:
         process.kill()
-    assert process.returncode == 130, stderr
-    assert "Traceback" not in stderr, stderr
-    assert not [pid for pid in training if Path(f"/proc/{pid}").exists()]
+        for pid in training:  # only if the test failed: leave nothing behind
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    if stop != "sigkill":
+        assert process.returncode == 130, stderr
+        assert "Traceback" not in stderr, stderr

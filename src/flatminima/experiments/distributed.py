@@ -148,6 +148,9 @@ def train_distributed(
     world_size = config.processes
     if world_size < 2:
         raise ValueError(f"train_distributed needs processes >= 2, got {world_size}")
+    # The data goes to every process as bytes through its pipe, not as tensors: those would
+    # travel through /dev/shm, which containers often keep small (64 MB by default in Docker).
+    packed = _pack(asdict(data))
     context = torch_multiprocessing.get_context("spawn")
     events = context.Queue()
     threads = torch.get_num_threads()
@@ -156,7 +159,7 @@ def train_distributed(
         processes = [
             context.Process(
                 target=_train_rank,
-                args=(rank, config, data, init_method, events, threads, fault),
+                args=(rank, config, packed, init_method, events, threads, fault),
                 daemon=True,
                 name=f"flatminima-rank-{rank}",
             )
@@ -253,7 +256,7 @@ def _ended_early(processes: list[Any]) -> str | None:
 def _train_rank(
     rank: int,
     config: RunConfig,
-    data: Dataset,
+    packed_data: bytes,
     init_method: str,
     events: Any,
     threads: int,
@@ -275,6 +278,7 @@ def _train_rank(
             world_size=config.processes,
             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )
+        data = Dataset(**torch.load(io.BytesIO(packed_data), weights_only=True))
         _RankTraining(rank, config, data, device, events, fault).run()
         dist.destroy_process_group()
     except BaseException as error:
@@ -284,6 +288,12 @@ def _train_rank(
         events.close()
         events.join_thread()
         os._exit(1)
+
+
+def _pack(values: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(values, buffer)
+    return buffer.getvalue()
 
 
 class _RankTraining:
@@ -455,9 +465,8 @@ class _RankTraining:
         }
         # As bytes, not tensors: a tensor sent through a queue lives in this process's shared
         # memory, which must not depend on this process outliving the caller's read.
-        buffer = io.BytesIO()
-        torch.save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, buffer)
-        self.events.put(("done", final, buffer.getvalue()))
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        self.events.put(("done", final, _pack(state)))
 
     def _stop_if_orphaned(self) -> None:
         if self.parent is not None and not self.parent.is_alive():
