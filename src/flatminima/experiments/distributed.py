@@ -282,7 +282,9 @@ def _train_rank(
         _RankTraining(rank, config, data, device, events, fault).run()
         dist.destroy_process_group()
     except BaseException as error:
-        events.put(("failed", rank, f"{type(error).__name__}: {error}"))
+        # One line: PyTorch's messages often run on with advice and stack traces.
+        first_line = next((line for line in str(error).splitlines() if line.strip()), "")
+        events.put(("failed", rank, f"{type(error).__name__}: {first_line}".rstrip(": ")))
         # Flush before exiting: the caller must read this error before the others' (which
         # only say that this process went away).
         events.close()
@@ -355,19 +357,21 @@ class _RankTraining:
             started = time.perf_counter()
             loss_sum, work = 0.0, 0.0
             order = torch.randperm(len(data.y_train), generator=shuffle)
-            batches = [
-                b[shard(len(b), self.rank, world_size)] for b in order.split(config.batch_size)
-            ]
+            global_batches = order.split(config.batch_size)
+            # A method that learns from data outside the step (Sparse SAM's mask) reads the
+            # whole batches in every process: each computes the one-process scores, whose sum
+            # over the processes picks the same mask as one process does.
             start_epoch(
                 optimizer,
                 epoch - 1,
                 model=ddp,
                 loss_fn=criterion,
-                batches=lambda batches=batches: (
-                    (self.x_train[b], self.y_train[b]) for b in batches
+                batches=lambda global_batches=global_batches: (
+                    (self.x_train[b], self.y_train[b]) for b in global_batches
                 ),
             )
-            for batch, mine in zip(order.split(config.batch_size), batches, strict=True):
+            shards = [b[shard(len(b), self.rank, world_size)] for b in global_batches]
+            for batch, mine in zip(global_batches, shards, strict=True):
                 self._stop_if_orphaned()
                 inputs, labels = self.x_train[mine], self.y_train[mine]
                 # DDP averages the processes' gradients: weighing each process's mean loss by
