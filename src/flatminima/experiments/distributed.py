@@ -45,6 +45,7 @@ its next step.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import queue
@@ -75,6 +76,8 @@ from flatminima.experiments.runner import (
 )
 from flatminima.experiments.store import has_diverged
 from flatminima.registry import get_method, start_epoch
+
+logger = logging.getLogger(__name__)
 
 COLLECTIVE_TIMEOUT_S = 600.0
 """How long a process waits in a collective for the others before it fails the run: a
@@ -175,11 +178,19 @@ def train_distributed(
         finally:
             # After the outcome the others are only leaving the process group: let them;
             # after a failure (or Ctrl-C) end every one at once.
-            for process in processes:
+            for rank, process in enumerate(processes):
                 process.join(timeout=EXIT_GRACE_S if succeeded else 0)
                 if process.is_alive():
                     process.terminate()
                     process.join()
+                elif succeeded and process.exitcode != 0:
+                    # The outcome is complete (rank 0 sent it whole); say so all the same.
+                    logger.warning(
+                        "process %d of %d exited with status %s after the run ended",
+                        rank,
+                        world_size,
+                        process.exitcode,
+                    )
             events.close()
 
 
