@@ -7,7 +7,8 @@ share a rendezvous) and talk over gloo on CPU, or NCCL when there is a GPU for e
 It returns what :func:`~flatminima.experiments.runner.train` returns, so the caller records the
 run exactly as a one-process run: the process that claimed the run in the database is the only
 one that writes it, from what rank 0 sends it (epochs as they end, then the final metrics and
-weights). The training processes never open the database.
+weights). The training processes never open the database: the claim on the run names the
+caller's process, the one other processes check for liveness before taking a run over.
 
 What a process trains on: every process draws the same shuffled order (same seed), cuts each
 global batch of ``batch_size`` examples into ``processes`` contiguous parts of near-equal size
@@ -37,9 +38,9 @@ Evaluation runs once, on rank 0, on the unwrapped model (the others wait at the 
 collective). Failures: a rank that raises sends its error and the run fails with it
 (:class:`RankFailedError`); a rank that dies (killed, out of memory) fails it too; the other
 processes are terminated at once, and every collective has a timeout
-(:data:`COLLECTIVE_TIMEOUT_S`) as a last resort. Ctrl-C reaches the caller only (the training
-processes ignore it), which terminates them; a training process whose caller is gone stops at
-its next step.
+(:data:`COLLECTIVE_TIMEOUT_S`) as a last resort. The training processes ignore Ctrl-C (a
+terminal sends it to them too): the caller handles it and terminates them. A training process
+whose caller is gone (killed) stops at its next step.
 """
 
 from __future__ import annotations
@@ -322,13 +323,11 @@ class _RankTraining:
         events: Any,
         fault: Fault | None,
     ) -> None:
-        self.rank, self.config, self.device, self.events, self.fault = (
-            rank,
-            config,
-            device,
-            events,
-            fault,
-        )
+        self.rank = rank
+        self.config = config
+        self.device = device
+        self.events = events
+        self.fault = fault
         self.world_size = config.processes
         self.x_train, self.y_train = data.x_train.to(device), data.y_train.to(device)
         self.data = data
@@ -357,9 +356,8 @@ class _RankTraining:
         # The same seed in every process: the same order, each taking its part of every batch.
         shuffle = torch.Generator().manual_seed(config.seed)
         closure_calls = 0
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
-        """Over every process so far: training seconds, passes in global batches, and
-        (this epoch only) the sum of the examples' losses."""
+        # Over every process, so far: training seconds, and passes in global batches.
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         diverged_at_epoch = None
         model.train()
         for epoch in range(1, config.epochs + 1):
@@ -418,6 +416,7 @@ class _RankTraining:
                 learning_rate = optimizer.param_groups[0]["lr"]
                 if scheduler is not None:
                     scheduler.step()
+            # This epoch over every process: seconds, passes, and the examples' losses.
             epoch_sums = torch.tensor(
                 [time.perf_counter() - started, work, loss_sum],
                 dtype=torch.float64,
