@@ -37,6 +37,7 @@ from flatminima.experiments.distributed import (
 )
 from flatminima.experiments.runner import TrainingOutcome, execute_run, train
 from flatminima.experiments.store import Store
+from flatminima.experiments.summary import summarize
 
 pytestmark = pytest.mark.skipif(
     distributed.available_cores() < 2, reason="two training processes need two CPU cores"
@@ -102,6 +103,12 @@ def test_two_processes_of_sgd_store_one_run_with_the_one_process_metrics(
         assert single is not None and double is not None
         assert double.config["processes"] == 2
         single_epochs, double_epochs = store.epochs(single.id), store.epochs(double.id)
+        # Two settings in the report (the process count is part of the configuration).
+        trainings = sorted(setting.training for setting in summarize(store))
+    assert len(trainings) == 2
+    assert trainings[0].endswith("batch size 63") and trainings[1].endswith(
+        "batch size 63 over 2 processes"
+    )
     assert len(double_epochs) == len(single_epochs) == 2
     for a, b in zip(single_epochs, double_epochs, strict=True):
         for key in ("train_loss", "test_loss"):
@@ -172,6 +179,7 @@ def test_a_process_that_raises_fails_the_run_with_its_error(
     assert time.monotonic() - started < 60  # no hang
 
 
+@pytest.mark.slow  # the same path as a raising process, but for the message
 def test_a_killed_process_fails_the_run_and_ends_the_others() -> None:
     config = _config("base", 2)
     data = load_dataset("digits", seed=0, train_size=600, label_noise=0.2)
@@ -184,6 +192,8 @@ def test_a_killed_process_fails_the_run_and_ends_the_others() -> None:
 def test_configurations_a_multi_process_run_cannot_take_are_refused() -> None:
     with pytest.raises(ConfigError, match="processes must be at most the epoch's last batch"):
         make_run_config(**{**SETTING, "train_size": 631}, method="base", processes=2)
+    with pytest.raises(ConfigError, match="validation size and track sharpness are not"):
+        make_run_config(**SETTING, method="base", processes=2, validation_size=100)
     with pytest.raises(ConfigError, match="--jobs 2 with --processes 2"):
         check_process_budget(2, 2, cores=8)
     with pytest.raises(ConfigError, match="--processes must be at most the 2 CPU core"):
