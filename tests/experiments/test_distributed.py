@@ -202,6 +202,18 @@ def test_configurations_a_multi_process_run_cannot_take_are_refused() -> None:
     check_process_budget(4, 1, cores=2)  # one-process runs: as before
 
 
+def test_compare_refuses_jobs_with_processes_before_writing_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "runs.db"
+    arguments = ["compare", "--methods", "base,sam", "--seeds", "0", "--dataset", "digits"]
+    arguments += ["--model", "mlp", "--db", str(db), "--jobs", "2", "--processes", "2"]
+    assert main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "--jobs 2 with --processes 2" in error and len(error.strip().splitlines()) == 1
+    assert not db.exists()
+
+
 def _training_processes_of(pid: int) -> list[int]:
     """The processes ``pid`` started with multiprocessing's spawn (its training processes)."""
     children = []
