@@ -52,6 +52,7 @@ def _training(args: argparse.Namespace) -> dict[str, Any]:
         "train_size": args.train_size,
         "validation_size": args.validation_size,
         "track_sharpness": args.track_sharpness,
+        "processes": args.processes,
     }
 
 

@@ -267,6 +267,14 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
         help="measure λ_max (Lanczos, 20 products, 512 fixed training examples) every N epochs "
         "and at the last; costs seconds per measurement, printed at the end (default: 0, never)",
     )
+    group.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=1,
+        help="processes training each run together (DistributedDataParallel: gloo on CPU, "
+        "NCCL with a GPU per process), each a shard of every batch; SAM-type methods then "
+        "perturb per process (m-sharpness), so their numbers change (default: 1)",
+    )
 
 
 # --- the parser ------------------------------------------------------------------------------

@@ -236,6 +236,8 @@ def make_run_config(
         isinstance(processes, int) and 1 <= processes <= batch_size,
         f"processes must be between 1 and the batch size {batch_size}, got {processes}",
     )
+    if processes > 1:
+        _check_processes(processes, batch_size, train_size, validation_size, track_sharpness)
     return RunConfig(
         dataset=dataset,
         model=model,
@@ -257,6 +259,25 @@ def make_run_config(
         validation_size=int(validation_size),
         track_sharpness=int(track_sharpness),
         processes=int(processes),
+    )
+
+
+def _check_processes(
+    processes: int, batch_size: int, train_size: int, validation_size: int, track_sharpness: int
+) -> None:
+    """What a multi-process run cannot do (see :mod:`flatminima.experiments.distributed`)."""
+    last_batch = train_size % batch_size
+    _require(
+        last_batch == 0 or last_batch >= processes,
+        f"processes must be at most the epoch's last batch, {last_batch} examples (train size "
+        f"{train_size} mod batch size {batch_size}), so that every process trains on each "
+        f"batch; got {processes}: change the train size or the batch size",
+    )
+    # Measuring λ_max runs Hessian-vector products through the model DDP wraps, on one
+    # process: not done in a multi-process run yet.
+    _require(
+        track_sharpness == 0,
+        "track sharpness is not supported with processes > 1 yet",
     )
 
 

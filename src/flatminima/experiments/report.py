@@ -61,7 +61,9 @@ label noise and batch order), in percentage points; Δ vs {REFERENCE_METHOD} pai
 optimizer alone (the setting's SGD or AdamW, without perturbation); "passes ×" is the measured
 number of forward/backward passes relative to it; "time ×" the training wall time (evaluation
 excluded) relative to it: with several worker processes on a busy machine it is noisier than
-the pass count. "seeds" counts the finished runs in the statistics, "2 of 3" when a run
+the pass count. A run on several processes (DistributedDataParallel) counts every process: its
+passes in full global batches, its time summed over the processes (process-seconds).
+"seeds" counts the finished runs in the statistics, "2 of 3" when a run
 failed; a failed run is in no statistic, and an arm whose runs all failed keeps a row that
 says so. A diverged run (its weights became non-finite and training stopped at that epoch) is
 finished: its final test accuracy, that of the model when it stopped, counts in the mean, the

@@ -158,13 +158,39 @@ def evaluate(
     return total_loss / len(labels), correct / len(labels)
 
 
+def forward_only_measurements(model: nn.Module, data: Dataset) -> dict[str, float]:
+    """The epoch's measurements besides the test set, forward passes in eval mode only: the
+    accuracy on the noisy training labels (on ``memorisation_positions``) and, with a
+    validation split, its loss and accuracy. Keyed as the ``epochs`` table."""
+    positions = memorisation_positions(len(data.y_train))
+    inputs, labels = (
+        (data.x_train, data.y_train)
+        if positions is None
+        else (data.x_train[positions], data.y_train[positions])
+    )
+    device = next(model.parameters()).device
+    _, accuracy = evaluate(
+        model, inputs.to(device), labels.to(device), TRAINING_EVALUATION_BATCH_SIZE
+    )
+    measured = {"train_accuracy_noisy": accuracy}
+    if data.x_validation is not None and data.y_validation is not None:
+        loss, accuracy = evaluate(model, data.x_validation.to(device), data.y_validation.to(device))
+        measured.update(validation_loss=loss, validation_accuracy=accuracy)
+    return measured
+
+
 def train(
     config: RunConfig,
     data: Dataset,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
 ) -> TrainingOutcome:
     """Train ``config`` on ``data`` from scratch; the same configuration and thread count give
-    bit-identical numbers."""
+    bit-identical numbers. With ``config.processes`` > 1, on that many processes (see
+    :mod:`~flatminima.experiments.distributed`)."""
+    if config.processes > 1:
+        from flatminima.experiments.distributed import train_distributed  # imports this module
+
+        return train_distributed(config, data, on_epoch)
     torch.manual_seed(config.seed)
     model = build_model(config.model, data.input_shape, data.num_classes)
     spec = get_method(config.method)
@@ -181,12 +207,6 @@ def train(
     )
     criterion = nn.CrossEntropyLoss(reduction="none")  # per example: ESAM selects by them
     tracked = tracked_batches(data.x_train, data.y_train) if config.track_sharpness else []
-    memorised = memorisation_positions(len(data.y_train))
-    memorised_inputs, memorised_labels = (
-        (data.x_train, data.y_train)
-        if memorised is None
-        else (data.x_train[memorised], data.y_train[memorised])
-    )
     shuffle = torch.Generator().manual_seed(config.seed)
     passes = 0
     train_time = 0.0
@@ -240,14 +260,7 @@ def train(
                 scheduler.step()
         train_time += time.perf_counter() - started
         test_loss, test_accuracy = evaluate(model, data.x_test, data.y_test)
-        # One forward pass over (a fixed subset of) the training set in eval mode, no backward.
-        _, train_accuracy_noisy = evaluate(
-            model, memorised_inputs, memorised_labels, TRAINING_EVALUATION_BATCH_SIZE
-        )
-        validation: dict[str, float] = {}
-        if data.x_validation is not None and data.y_validation is not None:
-            loss, accuracy = evaluate(model, data.x_validation, data.y_validation)
-            validation = {"validation_loss": loss, "validation_accuracy": accuracy}
+        held_out = forward_only_measurements(model, data)
         finite = _weights_are_finite(model)
         sharpness = (
             asdict(measure_tracked_sharpness(model, tracked))
@@ -262,8 +275,7 @@ def train(
             learning_rate=learning_rate,
             train_time_s=train_time,
             passes=_passes_run(optimizer, passes),
-            train_accuracy_noisy=train_accuracy_noisy,
-            **validation,
+            **held_out,
             **sharpness,
         )
         history.append(metrics)
@@ -546,12 +558,18 @@ def run_grid(
     (``summary.stopped``). A run another process is training is left to it unless silent for
     ``stale_after_s`` (see :meth:`Store.claim`).
 
-    Before any training: :class:`~flatminima.experiments.store.StoreError` when the database or
+    Before any training: :class:`~flatminima.experiments.config.ConfigError` when ``jobs`` and
+    the runs' ``processes`` would oversubscribe the cores (see
+    :func:`~flatminima.experiments.distributed.check_process_budget`),
+    :class:`~flatminima.experiments.store.StoreError` when the database or
     the weights folder cannot be written or the data differs from what the database's runs
     trained on, :class:`~flatminima.experiments.data.DatasetUnavailableError` when it cannot be
     read.
     """
     todo = unique_configs(configs)
+    from flatminima.experiments.distributed import check_process_budget  # imports this module
+
+    check_process_budget(jobs, max((config.processes for config in todo), default=1))
     with Store(db_path) as store:
         pending = [config for config in todo if not _finished(store, config.config_hash)]
         if pending:

@@ -183,6 +183,7 @@ class Setting:
         return (
             f"base optimizer {c['optimizer']} (lr {c['lr']}{momentum}, weight decay "
             f"{c['weight_decay']}, {c['schedule']} schedule), batch size {c['batch_size']}"
+            + (f" over {c['processes']} processes" if c.get("processes", 1) > 1 else "")
         )
 
     def arms_of(self, method: str) -> list[Arm]:
