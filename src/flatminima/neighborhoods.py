@@ -214,8 +214,9 @@ class MaskedBall:
     """ε = ρ·m ⊙ d / (‖d‖ + ξ), ξ = 1e-7: SAM's ball restricted to a mask (Sparse SAM).
 
     The norm is that of the whole, *unmasked* direction, as in the authors' code, so
-    ‖ε‖ ≤ ρ (equality only for an all-ones mask). ``masks(params)`` returns one bool tensor
-    per parameter (the method's persistent state); ``rho`` is read per group.
+    ‖ε‖ ≤ ρ (equality only for an all-ones mask). ``masks(params)`` returns one bit-packed
+    mask per parameter (the method's persistent state, :func:`kernels.pack_mask`), unpacked
+    one tensor at a time where it is applied; ``rho`` is read per group.
     """
 
     def __init__(self, masks: Callable[[list[Tensor]], list[Tensor]]) -> None:
@@ -228,4 +229,4 @@ class MaskedBall:
             return
         _scale_to_radius_(views, norm, norm_tensor, SPARSE_SAM_NORM_EPSILON, foreach=foreach)
         for view in views:
-            kernels.mul_(view.grads, self.masks(view.params), foreach=foreach)
+            kernels.apply_packed_mask_(view.grads, self.masks(view.params), foreach=foreach)
