@@ -348,7 +348,6 @@ RECORDS += [
         memory_copies=2.0,
         reference=lambda: functools.partial(loops.looksam_step, state=loops.LookSAMState()),
         lockstep=("typical", "slow_refresh"),
-        compiles_without_recompiling=False,
     ),
     MethodRecord(
         cls=flatminima.MomentumSAM,
@@ -362,7 +361,6 @@ RECORDS += [
         descends_with_first_pass_gradient=True,
         memory_copies=1.0,
         reference=lambda: loops.momentum_sam_step,
-        compiles_without_recompiling=False,
     ),
     MethodRecord(
         cls=flatminima.BilateralSAM,
@@ -382,7 +380,6 @@ RECORDS += [
         memory_copies=3.0,
         reference=lambda: loops.bilateral_sam_step,
         lockstep=("typical", "wide_min_side"),
-        compiles_without_recompiling=False,
     ),
     # -- Sparse SAM and Fisher-mask FSAM (issue 10) ----------------------------------------
     MethodRecord(

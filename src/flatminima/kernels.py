@@ -605,3 +605,23 @@ def apply_packed_mask_(tensors: TensorList, packed: TensorList, *, foreach: bool
         if i >= 0:
             batch.append(i)
             held += tensors[i].numel()
+
+
+@sharded.on_local_shards
+def add_scaled_(
+    targets: TensorList, sources: TensorList, factor: float | Tensor, *, foreach: bool
+) -> None:
+    """target ← target + factor·source, pairwise: :func:`add_` with ``alpha=factor`` for a
+    Python float (the same bits), and the product first for a 0-d tensor, the form a factor
+    that changes every step takes under ``torch.compile`` (see :func:`traced_factor`), where
+    a Python float would be baked into the graph and recompile it at every step."""
+    if not targets:
+        return
+    if not isinstance(factor, Tensor):
+        add_(targets, sources, alpha=factor, foreach=foreach)
+        return
+    for dtype, members in _groups(sources):
+        wide = torch.float32 if dtype in REDUCED_PRECISION else dtype
+        scaled = torch._foreach_mul(members, factor.to(wide))
+        indices = [i for i, s in enumerate(sources) if s.dtype == dtype]
+        torch._foreach_add_([targets[i] for i in indices], scaled)

@@ -148,12 +148,21 @@ class FisherEllipsoid:
             )
             for view in views
         )
-        norm_tensor = torch.as_tensor(quadratic, dtype=torch.float64).sqrt()  # √(gᵀF⁻¹g)
-        norm = float(norm_tensor)
+        norm, norm_tensor = _root_as_float_and_tensor(quadratic)  # √(gᵀF⁻¹g)
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
         _scale_to_radius_(views, norm, norm_tensor, GRADIENT_NORM_EPSILON, foreach=foreach)
+
+
+def _root_as_float_and_tensor(square: float | Tensor) -> tuple[float, Tensor]:
+    """√square as a float (for the guards) and a 0-d float64 tensor (for arithmetic traced
+    under ``torch.compile``), as :func:`kernels.norm_and_tensor` returns a norm. Taken in a
+    function of its own: ``float()`` breaks the compiled graph, and where the break falls
+    in the caller's own frame the float resumes as a value the graph is specialised on
+    (one recompilation per step until the compiler makes it dynamic)."""
+    root = torch.as_tensor(square, dtype=torch.float64).sqrt()
+    return float(root), root
 
 
 class WithRadius:

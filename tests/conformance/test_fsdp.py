@@ -429,6 +429,7 @@ KERNEL_CASES: dict[str, tuple[Callable[[list[list[torch.Tensor]], bool], Any], b
         lambda ls, f: kernels.friendly_direction_(ls[0], ls[1], 0.8, 0.6, foreach=f),
         True,
     ),
+    "add_scaled_": (lambda ls, f: kernels.add_scaled_(ls[0], ls[1], -0.7, foreach=f), True),
     # Each packed mask is the local tensor's (a shard's mask on DTensors): here its positives.
     "apply_packed_mask_": (
         lambda ls, f: kernels.apply_packed_mask_(
