@@ -19,6 +19,11 @@ on a sharded model unchanged:
 * :func:`on_shards_use`, for kernels that cannot be split entry by entry (the overflow-safe
   norm, random draws): a replacement written for shards runs instead.
 
+For methods that rank coordinates over the whole model (Sparse SAM's top-k mask),
+:class:`CoordinateLayout` places each local shard among the whole model's coordinates and
+sums or gathers a few integers over the shards; :func:`same_on_every_process` refuses data
+that should be the same on every process and is not.
+
 Plain tensors take the kernels' own path: each decorator costs one ``isinstance`` check there.
 A list that mixes DTensors and plain tensors (a model with parameters outside ``fully_shard``)
 is refused: the plain tensors' gradients are not synchronised, so no ε over them is global.
@@ -73,7 +78,8 @@ def check_parameters(params: Iterable[Any], owner: str) -> None:
 
 
 def refuse_sharded(params: Iterable[Any], owner: str, reason: str) -> None:
-    """Refuses DTensor parameters for a method whose step cannot be split by shard yet."""
+    """Refuses DTensor parameters for a method whose step cannot be split by shard yet (every
+    method can today; kept for a method added later, which the FSDP suite then checks)."""
     if DTensor is not None and any(isinstance(p, DTensor) for p in params):
         raise TypeError(f"{owner} does not support FSDP2-sharded parameters yet: {reason}")
 
