@@ -538,3 +538,38 @@ def test_the_mask_costs_one_bit_per_weight_beyond_the_backup(dtype, mask):
     draw = (4 + 1) / params[0].element_size() if mask == "dynamic" else 0.0
     assert result.peak == pytest.approx(max(1 + packed_share, draw), abs=0.01)
     assert result.peak <= flatminima.SparseSAM.memory_copies + 0.01
+
+
+def test_the_top_k_breaks_ties_by_coordinate_order_and_ranks_every_float():
+    """The rule the sharded top-k reproduces: scores above the k-th largest, then ties in the
+    order of the coordinates (the brute-force stable sort); negative scores, ±0, inf and NaN
+    (ranked above inf, as torch.topk ranks it) in their float order."""
+    from flatminima import sharded
+    from flatminima.methods.sparse_sam import _top_coordinates
+
+    values = [-2.0, -0.0, 0.0, 0.5, 0.5, math.inf, -math.inf, 0.5, -2.0, 1.0]
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        scores = [
+            torch.tensor(values, dtype=dtype)[torch.randint(0, 10, (4, 5), generator=generator)],
+            torch.tensor(values, dtype=dtype)[torch.randint(0, 10, (7,), generator=generator)],
+        ]
+        scores[1][3] = math.nan
+        layout = sharded.CoordinateLayout(scores)
+        for sparsity in (0.0, 0.2, 0.5, 0.7, 0.95, 1.0):
+            got = _top_coordinates(scores, None, live_count(27, sparsity), layout)
+            flat = torch.cat([s.reshape(-1) for s in scores]).double().tolist()
+            # Python's sort is stable, also reversed: equal keys keep the lowest index first.
+            ranked = sorted(
+                range(27),
+                key=lambda i: (
+                    math.isnan(flat[i]),
+                    0.0 if math.isnan(flat[i]) else flat[i],
+                    math.copysign(1.0, flat[i]),  # -0 below +0, as their bits order them
+                ),
+                reverse=True,
+            )
+            ranked = sorted(ranked[: live_count(27, sparsity)])
+            expected = torch.zeros(27, dtype=torch.bool)
+            expected[ranked] = True
+            assert torch.equal(torch.cat([g.reshape(-1) for g in got]), expected), sparsity

@@ -130,7 +130,8 @@ class SparseSAM(SharpnessAwareOptimizer):
     initial mask and before the backup is taken, an int32 permutation of the coordinates and
     a bool per coordinate exist (1.25 copies for float32 weights, the class's
     ``memory_copies``; 0.625 for float64). A refresh holds the scores (1 P in float32 or
-    better) and their int64 sort keys while it runs.
+    better) and their int64 sort keys while it runs (8 bytes a coordinate, twice while the
+    k-th largest is found without sharding).
 
     {hyperparameters}
 
@@ -304,7 +305,8 @@ class SparseSAM(SharpnessAwareOptimizer):
         ]
 
     def mask_density(self) -> float:
-        """The fraction of trainable coordinates the mask perturbs (over every shard)."""
+        """The fraction of trainable coordinates the mask perturbs (over every shard: under
+        FSDP2 a collective, to call on every process)."""
         params = self._trainable()
         layout = sharded.CoordinateLayout(params)
         live = sum(int(m.sum()) for m in self.masks())
@@ -606,14 +608,15 @@ class FisherMaskSAM(SparseSAM):
 INT64_MAX = (1 << 63) - 1
 
 
-def _order_keys(scores: Tensor, eligible: Tensor | None) -> Tensor:
-    """int64 keys ordered as the float scores (NaN above +inf, as ``torch.topk`` ranks it);
-    coordinates not ``eligible`` get the smallest key, below every score's."""
-    bits = scores.reshape(-1).double().view(torch.int64)
-    keys = torch.where(bits >= 0, bits, bits ^ INT64_MAX)  # negative floats: order reversed
+def _order_keys_(keys: Tensor, scores: Tensor, eligible: Tensor | None) -> None:
+    """Writes into ``keys`` int64 keys ordered as the float ``scores`` (NaN above +inf, as
+    ``torch.topk`` ranks it); coordinates not ``eligible`` get the smallest key, below every
+    score's."""
+    keys.copy_(scores.reshape(-1).double().view(torch.int64))
+    negative = keys < 0
+    keys[negative] ^= INT64_MAX  # the bits of negative floats order them the other way
     if eligible is not None:
         keys.masked_fill_(~eligible.reshape(-1), -INT64_MAX - 1)
-    return keys
 
 
 def _top_coordinates(
@@ -635,15 +638,16 @@ def _top_coordinates(
     shapes = [t.shape for t in layout.locals]
     if count <= 0:
         return [torch.zeros(shape, dtype=torch.bool) for shape in shapes]
-    keys = [
-        _order_keys(s, None if eligible is None else e)
-        for s, e in zip(scores, eligible or scores, strict=True)
-    ]
-    threshold = _count_th_largest(keys, count, layout)
+    # One int64 key per coordinate, the tensors' keys as views of one flat tensor.
+    flat = torch.empty(sum(s.numel() for s in scores), dtype=torch.int64)
+    keys = list(flat.split([s.numel() for s in scores]))
+    for k, s, e in zip(keys, scores, eligible or scores, strict=True):
+        _order_keys_(k, s, None if eligible is None else e)
+    threshold = _count_th_largest(flat, keys, count, layout)
     above = [k > threshold for k in keys]
     room = count - layout.total(sum(int(a.sum()) for a in above))
     ties = [k == threshold for k in keys]
-    del keys
+    del keys, flat
     tie_counts = [int(t.sum()) for t in ties]
     everyone = layout.gathered([*tie_counts, *layout.starts])
     n = len(ties)
@@ -658,10 +662,12 @@ def _top_coordinates(
     return [a.view(shape) for a, shape in zip(above, shapes, strict=True)]
 
 
-def _count_th_largest(keys: list[Tensor], count: int, layout: sharded.CoordinateLayout) -> int:
-    """The ``count``-th largest key over every shard."""
+def _count_th_largest(
+    flat: Tensor, keys: list[Tensor], count: int, layout: sharded.CoordinateLayout
+) -> int:
+    """The ``count``-th largest key over every shard (``flat``: this process's keys, of
+    which ``keys`` are the per-tensor views)."""
     if layout.group is None:
-        flat = torch.cat(keys)
         return int(torch.kthvalue(flat, flat.numel() - count + 1).values)
     low, high = -INT64_MAX - 1, INT64_MAX  # count(keys ≥ low) ≥ count always holds
     while low < high:
