@@ -256,7 +256,6 @@ RECORDS = [
         lockstep=("typical", "uneven"),
         needs_per_example_closure=True,
         compute=lambda hyperparameters, step, batch_size: 2.0,
-        compiles_without_recompiling=False,  # not tried: each micro-batch is its own pass
     ),
 ]
 

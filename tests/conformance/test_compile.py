@@ -28,6 +28,7 @@ def check_compiled_step(record):
     the numbers that change every step made dynamic: after two cycles no step may compile."""
     torch._dynamo.reset()
     period = period_of(record)
+    per_example = record.needs_per_example_closure
     warm_up = 2 * period
     data = batches(max(6, warm_up + 2 * period))
     eager_model, compiled_model = tiny_mlp(), tiny_mlp()
@@ -40,11 +41,11 @@ def check_compiled_step(record):
     )
     step = torch.compile(compiled.step, backend="aot_eager")
     for index, batch in enumerate(data):
-        eager.step(closure_for(eager_model, batch))
+        eager.step(closure_for(eager_model, batch, per_example=per_example))
         if index == warm_up:  # the first steps compile the graph and its one-time variants
             torch._dynamo.config.error_on_recompile = True
         try:
-            step(closure_for(compiled_model, batch))
+            step(closure_for(compiled_model, batch, per_example=per_example))
         finally:
             torch._dynamo.config.error_on_recompile = False
     for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
