@@ -19,7 +19,7 @@ import flatminima
 from flatminima.directions import FRIENDLY_EMA
 from flatminima.methods.esam import WEIGHT_PERTURBED
 from flatminima.methods.looksam import LOOKSAM_DIRECTION
-from flatminima.methods.sparse_sam import MASK
+from flatminima.methods.sparse_sam import MASK, MASK_SHAPE
 from reference import loops
 
 ReferenceStep = Callable[..., list[torch.Tensor]]
@@ -73,11 +73,11 @@ class MethodRecord:
     """``prepare(optimizer, model, batches)``, run by the suites right after construction:
     what a training loop does before the first step for a method that learns from data
     outside the step (Sparse SAM's mask), so that the suites step a non-trivial method."""
-    boolean_state: tuple[str, ...] = ()
-    """Persistent state keys that hold bool tensors (masks), not the parameter's dtype."""
+    packed_state: tuple[str, ...] = ()
+    """Persistent state keys that hold bit-packed masks (uint8), not the parameter's dtype."""
     runs_sharded: bool = True
-    """Whether it takes FSDP2-sharded parameters (Sparse SAM's whole-model top-k mask does
-    not yet: it refuses them at construction)."""
+    """Whether it takes FSDP2-sharded parameters (a method that does not must refuse them at
+    construction; every method does today)."""
     compiles_without_recompiling: bool = True
     """Whether ``torch.compile`` of its step keeps one graph across steps (a method whose
     arithmetic depends on Python numbers that change every step, such as Tilted SAM's
@@ -256,7 +256,6 @@ RECORDS = [
         lockstep=("typical", "uneven"),
         needs_per_example_closure=True,
         compute=lambda hyperparameters, step, batch_size: 2.0,
-        compiles_without_recompiling=False,  # not tried: each micro-batch is its own pass
     ),
 ]
 
@@ -348,7 +347,6 @@ RECORDS += [
         memory_copies=2.0,
         reference=lambda: functools.partial(loops.looksam_step, state=loops.LookSAMState()),
         lockstep=("typical", "slow_refresh"),
-        compiles_without_recompiling=False,
     ),
     MethodRecord(
         cls=flatminima.MomentumSAM,
@@ -362,7 +360,6 @@ RECORDS += [
         descends_with_first_pass_gradient=True,
         memory_copies=1.0,
         reference=lambda: loops.momentum_sam_step,
-        compiles_without_recompiling=False,
     ),
     MethodRecord(
         cls=flatminima.BilateralSAM,
@@ -382,7 +379,6 @@ RECORDS += [
         memory_copies=3.0,
         reference=lambda: loops.bilateral_sam_step,
         lockstep=("typical", "wide_min_side"),
-        compiles_without_recompiling=False,
     ),
     # -- Sparse SAM and Fisher-mask FSAM (issue 10) ----------------------------------------
     MethodRecord(
@@ -396,7 +392,7 @@ RECORDS += [
         passes=two_passes,
         # sparsity 0 is SAM with the authors' ξ = 1e-7 instead of SAM's 1e-12 (2.9e-9 apart
         # after 5 steps): test_sparse_sam.py holds it to a SAM loop with that ξ.
-        persistent_state=(MASK,),
+        persistent_state=(MASK, MASK_SHAPE),
         invalid=[
             *COMMON_INVALID,
             ({"sparsity": 1.5}, r"sparsity must be in \[0, 1\]"),
@@ -411,7 +407,10 @@ RECORDS += [
         # ε = ρ·m⊙g/(‖g‖ + 1e-7): the authors' ξ = 1e-7 makes ε move by ~1e-7·(1 − 1/c) when
         # the loss is scaled by c (invariant only up to ξ, like their code).
         loss_scale_invariant=False,
-        memory_copies=1.25,  # the backup and one byte per coordinate (P/4 for float32)
+        # A step's peak: the backup and one bit per coordinate (1 + 1/32 for float32); the
+        # step that draws the first dynamic mask: an int32 permutation and a bool per
+        # coordinate, before the backup (1.25 for float32).
+        memory_copies=1.25,
         reference=lambda: functools.partial(
             loops.sparse_sam_step,
             state=loops.SparseState(torch.Generator().manual_seed(4)),
@@ -419,15 +418,14 @@ RECORDS += [
         lockstep=("typical", "dense"),
         extras=lambda: {"generator": torch.Generator().manual_seed(4)},
         prepare=lambda optimizer, model, data: learn_the_mask(optimizer, model, data),
-        boolean_state=(MASK,),
-        runs_sharded=False,
+        packed_state=(MASK,),
     ),
     MethodRecord(
         cls=flatminima.FisherMaskSAM,
         configurations={"typical": {"rho": 0.1, "sparsity": 0.5, "num_samples": 12}},
         identity={"rho": 0.0},
         passes=two_passes,
-        persistent_state=(MASK,),
+        persistent_state=(MASK, MASK_SHAPE),
         invalid=[
             *COMMON_INVALID,
             ({"sparsity": -0.5}, r"sparsity must be in \[0, 1\]"),
@@ -439,8 +437,7 @@ RECORDS += [
         reference=lambda: functools.partial(loops.sparse_sam_step, state=loops.SparseState()),
         lockstep=(),
         prepare=lambda optimizer, model, data: learn_the_mask(optimizer, model, data),
-        boolean_state=(MASK,),
-        runs_sharded=False,
+        packed_state=(MASK,),
     ),
 ]
 

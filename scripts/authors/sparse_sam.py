@@ -142,6 +142,13 @@ def _ours(model: nn.Module, **hyperparameters) -> flatminima.SparseSAM:
     return flatminima.SparseSAM(sgd(model), foreach=True, **hyperparameters)
 
 
+def _set_our_mask(ours, param: torch.Tensor, mask: torch.Tensor) -> None:
+    """Gives our optimizer ``mask`` (bools shaped like ``param``) as its state holds it:
+    bit-packed, with its shape."""
+    ours.state[param][flatminima.methods.sparse_sam.MASK] = flatminima.kernels.pack_mask(mask)
+    ours.state[param][flatminima.methods.sparse_sam.MASK_SHAPE] = tuple(mask.shape)
+
+
 def compare_sparse_sam_fixed_mask(sam_module, sparsity: float = 0.5) -> None:
     """Both optimizers with the same random mask, no refresh: deviation per step."""
     data = fixed_batches(STEPS)
@@ -175,7 +182,7 @@ def compare_sparse_sam_fixed_mask(sam_module, sparsity: float = 0.5) -> None:
         for p, q in zip(theirs_model.parameters(), ours_model.parameters(), strict=True):
             mask = torch.rand(p.shape, generator=generator, dtype=torch.float64) < 1 - sparsity
             theirs.state[p]["mask"] = mask.to(p.dtype)
-            ours.state[q][flatminima.methods.sparse_sam.MASK] = mask
+            _set_our_mask(ours, q, mask)
         deviations = []
         for x, y in data:
             _their_step(theirs, theirs_model, x, y, epoch=1)  # 1 % 1000 != 0: no update
@@ -228,12 +235,7 @@ def compare_sparse_sam_fisher(sam_module) -> None:
         their_mask = torch.cat(
             [theirs.state[p]["mask"].reshape(-1) for p in theirs_model.parameters()]
         )
-        our_mask = torch.cat(
-            [
-                ours.state[p][flatminima.methods.sparse_sam.MASK].reshape(-1)
-                for p in ours_model.parameters()
-            ]
-        )
+        our_mask = torch.cat([m.reshape(-1) for m in ours.masks()])
         relative = float(
             ((captured[0] - ours_score).abs() / ours_score.abs().clamp_min(1e-300)).max()
         )
@@ -336,9 +338,7 @@ def compare_sparse_sam_dynamic_update(sam_module) -> None:
             growth_strategy="gradient",
         )
         for p, q in zip(theirs_model.parameters(), ours_model.parameters(), strict=True):
-            ours.state[q][flatminima.methods.sparse_sam.MASK] = (
-                theirs.state[p]["mask"].bool().clone()
-            )
+            _set_our_mask(ours, q, theirs.state[p]["mask"].bool())
         theirs.zero_grad()
         F.cross_entropy(theirs_model(x), y).backward()
         theirs.update_mask(0)
@@ -346,12 +346,7 @@ def compare_sparse_sam_dynamic_update(sam_module) -> None:
         their_mask = torch.cat(
             [theirs.state[p]["mask"].reshape(-1) for p in theirs_model.parameters()]
         )
-        our_mask = torch.cat(
-            [
-                ours.state[p][flatminima.methods.sparse_sam.MASK].reshape(-1)
-                for p in ours_model.parameters()
-            ]
-        )
+        our_mask = torch.cat([m.reshape(-1) for m in ours.masks()])
         print(
             f"SSAMD update at epoch 0, s = {sparsity}: density theirs "
             f"{float(their_mask.mean()):.2f}, ours {float(our_mask.double().mean()):.2f}; "

@@ -521,3 +521,107 @@ def add_squares_(targets: TensorList, sources: TensorList, *, foreach: bool) -> 
     else:
         for t, s in zip(targets, sources, strict=True):
             t.addcmul_(s, s)
+
+
+# -- bit-packed masks (Sparse SAM) ------------------------------------------------------------
+#
+# A mask of N coordinates is stored as ⌈N/8⌉ uint8 bytes, coordinate i in bit i mod 8 of byte
+# ⌊i/8⌋ (flat, row-major order): 1/32 of a float32 copy instead of the 1/4 of a bool tensor.
+# It is unpacked only where it is applied, one tensor (one chunk of a large tensor) at a time.
+
+_BIT_VALUES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _bit_weights(device: torch.device) -> Tensor:
+    return torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=device)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """A bool tensor as ⌈N/8⌉ uint8 bytes (flat, row-major; the last byte padded with 0)."""
+    flat = mask.reshape(-1)
+    padding = (-flat.numel()) % 8
+    if padding:
+        flat = torch.cat([flat, flat.new_zeros(padding)])
+    bits = flat.view(-1, 8).to(torch.uint8) * _bit_weights(flat.device)
+    return bits.sum(dim=1, dtype=torch.uint8)  # distinct powers of two: the sum is the OR
+
+
+def unpack_mask(packed: Tensor, numel: int, *, start: int = 0) -> Tensor:
+    """Coordinates ``start`` .. ``start + numel`` of a packed mask, as a flat bool tensor
+    (``start`` a multiple of 8)."""
+    first, last = start // 8, (start + numel + 7) // 8
+    bytes_ = packed[first:last]
+    bits = bytes_.unsqueeze(1).bitwise_and(_bit_weights(packed.device)).ne(0)
+    return bits.view(-1)[:numel]
+
+
+def _apply_packed_mask_on_local_shards(
+    tensors: TensorList, packed: TensorList, *, foreach: bool
+) -> None:
+    """DTensors: each packed mask is the mask of this process's shard."""
+    apply_packed_mask_.__wrapped__(  # type: ignore[attr-defined]
+        [t.to_local() for t in tensors], packed, foreach=foreach
+    )
+
+
+@sharded.on_shards_use(_apply_packed_mask_on_local_shards)
+def apply_packed_mask_(tensors: TensorList, packed: TensorList, *, foreach: bool) -> None:
+    """t ← t ⊙ m for every tensor, m given packed (:func:`pack_mask`): the same
+    multiplication by a bool tensor as :func:`mul_` (so NaN·0 stays NaN, as there), with the
+    mask unpacked one tensor at a time (a large contiguous tensor chunk by chunk), so that at
+    most one tensor's (one chunk's) bools exist at once. On DTensors each packed mask is that
+    of the local shard."""
+    if not tensors:
+        return
+    if torch.compiler.is_compiling():  # chunk loops would unroll into huge graphs
+        torch._foreach_mul_(
+            list(tensors),
+            [unpack_mask(m, t.numel()).view(t.shape) for t, m in zip(tensors, packed, strict=True)],
+        )
+        return
+    large, small = _split_by_size(tensors) if foreach else ([], list(range(len(tensors))))
+    for i in large:
+        for index, (chunk,) in enumerate(_chunk_pairs(tensors[i])):
+            chunk.mul_(unpack_mask(packed[i], chunk.numel(), start=index * CHUNK_NUMEL))
+    if not foreach:
+        for t, m in zip(tensors, packed, strict=True):
+            t.mul_(unpack_mask(m, t.numel()).view(t.shape))
+        return
+    # Small tensors: foreach over batches of at most CHUNK_NUMEL coordinates, so that the
+    # unpacked bools of one batch are all that exists at once.
+    batch: list[int] = []
+    held = 0
+    for i in [*small, -1]:
+        if i < 0 or (batch and held + tensors[i].numel() > CHUNK_NUMEL):
+            if batch:
+                torch._foreach_mul_(
+                    [tensors[j] for j in batch],
+                    [
+                        unpack_mask(packed[j], tensors[j].numel()).view(tensors[j].shape)
+                        for j in batch
+                    ],
+                )
+            batch, held = [], 0
+        if i >= 0:
+            batch.append(i)
+            held += tensors[i].numel()
+
+
+@sharded.on_local_shards
+def add_scaled_(
+    targets: TensorList, sources: TensorList, factor: float | Tensor, *, foreach: bool
+) -> None:
+    """target ← target + factor·source, pairwise: :func:`add_` with ``alpha=factor`` for a
+    Python float (the same bits), and the product first for a 0-d tensor, the form a factor
+    that changes every step takes under ``torch.compile`` (see :func:`traced_factor`), where
+    a Python float would be baked into the graph and recompile it at every step."""
+    if not targets:
+        return
+    if not isinstance(factor, Tensor):
+        add_(targets, sources, alpha=factor, foreach=foreach)
+        return
+    for dtype, members in _groups(sources):
+        wide = torch.float32 if dtype in REDUCED_PRECISION else dtype
+        scaled = torch._foreach_mul(members, factor.to(wide))
+        indices = [i for i, s in enumerate(sources) if s.dtype == dtype]
+        torch._foreach_add_([targets[i] for i in indices], scaled)

@@ -148,12 +148,21 @@ class FisherEllipsoid:
             )
             for view in views
         )
-        norm_tensor = torch.as_tensor(quadratic, dtype=torch.float64).sqrt()  # √(gᵀF⁻¹g)
-        norm = float(norm_tensor)
+        norm, norm_tensor = _root_as_float_and_tensor(quadratic)  # √(gᵀF⁻¹g)
         if not _usable(norm):
             _zero_all(views, foreach=foreach)
             return
         _scale_to_radius_(views, norm, norm_tensor, GRADIENT_NORM_EPSILON, foreach=foreach)
+
+
+def _root_as_float_and_tensor(square: float | Tensor) -> tuple[float, Tensor]:
+    """√square as a float (for the guards) and a 0-d float64 tensor (for arithmetic traced
+    under ``torch.compile``), as :func:`kernels.norm_and_tensor` returns a norm. Taken in a
+    function of its own: ``float()`` breaks the compiled graph, and where the break falls
+    in the caller's own frame the float resumes as a value the graph is specialised on
+    (one recompilation per step until the compiler makes it dynamic)."""
+    root = torch.as_tensor(square, dtype=torch.float64).sqrt()
+    return float(root), root
 
 
 class WithRadius:
@@ -214,8 +223,9 @@ class MaskedBall:
     """ε = ρ·m ⊙ d / (‖d‖ + ξ), ξ = 1e-7: SAM's ball restricted to a mask (Sparse SAM).
 
     The norm is that of the whole, *unmasked* direction, as in the authors' code, so
-    ‖ε‖ ≤ ρ (equality only for an all-ones mask). ``masks(params)`` returns one bool tensor
-    per parameter (the method's persistent state); ``rho`` is read per group.
+    ‖ε‖ ≤ ρ (equality only for an all-ones mask). ``masks(params)`` returns one bit-packed
+    mask per parameter (the method's persistent state, :func:`kernels.pack_mask`), unpacked
+    one tensor at a time where it is applied; ``rho`` is read per group.
     """
 
     def __init__(self, masks: Callable[[list[Tensor]], list[Tensor]]) -> None:
@@ -228,4 +238,4 @@ class MaskedBall:
             return
         _scale_to_radius_(views, norm, norm_tensor, SPARSE_SAM_NORM_EPSILON, foreach=foreach)
         for view in views:
-            kernels.mul_(view.grads, self.masks(view.params), foreach=foreach)
+            kernels.apply_packed_mask_(view.grads, self.masks(view.params), foreach=foreach)

@@ -19,6 +19,11 @@ on a sharded model unchanged:
 * :func:`on_shards_use`, for kernels that cannot be split entry by entry (the overflow-safe
   norm, random draws): a replacement written for shards runs instead.
 
+For methods that rank coordinates over the whole model (Sparse SAM's top-k mask),
+:class:`CoordinateLayout` places each local shard among the whole model's coordinates and
+sums or gathers a few integers over the shards; :func:`same_on_every_process` refuses data
+that should be the same on every process and is not.
+
 Plain tensors take the kernels' own path: each decorator costs one ``isinstance`` check there.
 A list that mixes DTensors and plain tensors (a model with parameters outside ``fully_shard``)
 is refused: the plain tensors' gradients are not synchronised, so no ε over them is global.
@@ -73,7 +78,8 @@ def check_parameters(params: Iterable[Any], owner: str) -> None:
 
 
 def refuse_sharded(params: Iterable[Any], owner: str, reason: str) -> None:
-    """Refuses DTensor parameters for a method whose step cannot be split by shard yet."""
+    """Refuses DTensor parameters for a method whose step cannot be split by shard yet (every
+    method can today; kept for a method added later, which the FSDP suite then checks)."""
     if DTensor is not None and any(isinstance(p, DTensor) for p in params):
         raise TypeError(f"{owner} does not support FSDP2-sharded parameters yet: {reason}")
 
@@ -323,3 +329,105 @@ def _global_over_shards(
         else:
             result = result + value if op == dist.ReduceOp.SUM else max(result, value)
     return 0.0 if result is None else result
+
+
+# -- whole-model coordinates on shards (Sparse SAM's global top-k) --------------------------------
+
+
+class CoordinateLayout:
+    """Where this process's coordinates sit among the whole model's.
+
+    The whole model's coordinates are numbered as in the concatenation of its flattened
+    tensors, in list order; :attr:`starts` gives the number of each local tensor's first
+    coordinate (a shard ``Shard(0)`` along one mesh dimension holds a contiguous run of
+    rows, so a contiguous run of coordinates). :meth:`total` and :meth:`gathered` run over
+    the processes that hold different shards (one scalar or one short vector each); replicas
+    along other mesh dimensions hold the same coordinates and are not counted twice. For plain
+    tensors both are local and :attr:`starts` the running offsets.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.sharded = is_sharded(tensors)
+        self.locals: list[Tensor] = []
+        self.starts: list[int] = []
+        self.group: Any = None
+        offset = 0
+        groups = set()
+        for t in tensors:
+            if self.sharded:
+                _check_layouts([t])
+                local, start, group = _local_run(t)
+                groups.add(group)
+            else:
+                local, start = t, 0
+            self.locals.append(local)
+            self.starts.append(offset + start)
+            offset += t.numel()
+        self.size = offset
+        if len(groups) > 1:
+            raise ValueError(
+                "flatminima needs every parameter sharded over the same processes (one device "
+                "mesh, one sharded dimension) to rank coordinates over the whole model"
+            )
+        self.group = groups.pop() if groups else None
+
+    def total(self, value: int) -> int:
+        """``value`` summed over the shards' processes."""
+        if self.group is None:
+            return value
+        reduced = torch.tensor([value], dtype=torch.int64, device=self._device())
+        dist.all_reduce(reduced, group=self.group)
+        return int(reduced)
+
+    def gathered(self, values: Sequence[int]) -> list[list[int]]:
+        """``values`` of every shard's process, in the group's rank order."""
+        if self.group is None:
+            return [list(values)]
+        mine = torch.tensor(list(values), dtype=torch.int64, device=self._device())
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(every, mine, group=self.group)
+        return [t.tolist() for t in every]
+
+    def _device(self) -> torch.device:
+        return self.locals[0].device if self.locals else torch.device("cpu")
+
+
+def _local_run(t: Tensor) -> tuple[Tensor, int, Any]:
+    """This process's shard of ``t``, the whole-tensor number of its first coordinate, and the
+    process group along the sharded mesh dimension (``None`` when every placement is
+    Replicate). Only ``Shard(0)`` along at most one mesh dimension is known (FSDP2 and HSDP)."""
+    mesh, local = t.device_mesh, t.to_local()
+    shard_dims = [d for d, placement in enumerate(t.placements) if placement.is_shard()]
+    known = all(p.is_replicate() or (p.is_shard() and p.dim == 0) for p in t.placements)
+    if not known or len(shard_dims) > 1:
+        raise ValueError(
+            f"a DTensor of shape {tuple(t.shape)} has placements {t.placements}; ranking "
+            "coordinates over the whole model supports Shard(0) along one mesh dimension "
+            "(FSDP2, HSDP) and Replicate"
+        )
+    if not shard_dims or t.dim() == 0:
+        return local, 0, None
+    dim = shard_dims[0]
+    rows, ways = t.shape[0], mesh.size(dim)
+    per_rank = -(-rows // ways)  # torch.chunk's split: ⌈rows/ways⌉ rows per shard
+    first_row = min(mesh.get_coordinate()[dim] * per_rank, rows)
+    row_size = t.numel() // rows if rows else 0
+    if local.numel() != (min(first_row + per_rank, rows) - first_row) * row_size:
+        raise ValueError(
+            f"a DTensor of shape {tuple(t.shape)} is not split as torch.chunk splits its rows; "
+            "flatminima cannot place its shard among the model's coordinates"
+        )
+    return local, first_row * row_size, mesh.get_group(dim)
+
+
+def same_on_every_process(value: float, tensors: Sequence[Tensor], what: str) -> None:
+    """Refuses a ``value`` (a digest of data) that differs between the processes of the
+    tensors' device mesh (all its dimensions): for passes that must see the same examples on
+    every process. Nothing for plain tensors."""
+    if not is_sharded(tensors):
+        return
+    mesh = tensors[0].device_mesh
+    pair = torch.tensor([value, -value], dtype=torch.float64, device=tensors[0].to_local().device)
+    _all_reduce_(pair, mesh, tuple(range(mesh.ndim)), dist.ReduceOp.MAX)
+    if float(pair[0]) != -float(pair[1]):
+        raise ValueError(f"{what} must be the same on every process under FSDP2, and differ")

@@ -345,19 +345,28 @@ class Step:
                 [p for view in views for p in view.params], all_grads(views), foreach=self.foreach
             )
 
-    def move_weights(self, params: list[Tensor], deltas: list[Tensor], alphas: list[float]) -> None:
+    def move_weights(
+        self, params: list[Tensor], deltas: list[Tensor], alphas: list[float | Tensor]
+    ) -> None:
         """w ← w + αᵢ·δᵢ for each parameter (after backing up every trainable parameter):
-        for perturbations built outside ``p.grad`` (Momentum-SAM's −ρ·v/‖v‖)."""
+        for perturbations built outside ``p.grad`` (Momentum-SAM's −ρ·v/‖v‖).
+
+        Each αᵢ is a Python float, or a 0-d tensor under ``torch.compile`` (a factor that
+        changes every step, from :func:`kernels.traced_factor`: a float would be baked into
+        the graph and recompile it every step). Consecutive parameters that share the same
+        α *object* move in one kernel call: pass one object per group, not one per
+        parameter (α is never compared by value, which would specialise a compiled graph)."""
         with torch.no_grad():
             self.back_up()
             self._backup.moved = True
-            by_alpha: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+            runs: list[tuple[float | Tensor, list[Tensor], list[Tensor]]] = []
             for p, d, a in zip(params, deltas, alphas, strict=True):
-                targets, sources = by_alpha.setdefault(a, ([], []))
-                targets.append(p)
-                sources.append(d)
-            for alpha, (targets, sources) in by_alpha.items():
-                kernels.add_(targets, sources, alpha=alpha, foreach=self.foreach)
+                if not runs or runs[-1][0] is not a:
+                    runs.append((a, [], []))
+                runs[-1][1].append(p)
+                runs[-1][2].append(d)
+            for alpha, targets, sources in runs:
+                kernels.add_scaled_(targets, sources, alpha, foreach=self.foreach)
 
     def move_to_start(self, start: Any) -> None:
         """Backs the weights up and lets ``start`` move them to w + ζ (Tilted SAM)."""

@@ -192,7 +192,7 @@ def test_dtypes_are_kept(record, dtype):
     for p in model.parameters():
         for key, value in optimizer.state[p].items():
             if isinstance(value, torch.Tensor):  # ESAM's flags are Python bools
-                assert value.dtype == (torch.bool if key in record.boolean_state else dtype), key
+                assert value.dtype == (torch.uint8 if key in record.packed_state else dtype), key
 
 
 @by_record

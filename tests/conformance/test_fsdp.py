@@ -308,6 +308,91 @@ def _batchnorm(record: MethodRecord, rank: int) -> dict[str, Any]:
     }
 
 
+MASK_SETTINGS: dict[str, dict[str, Any]] = {
+    # Weights rounded to halves: many equal scores, so ties straddle the k-th largest.
+    "fisher, ties at zero": {"mask": "fisher", "sparsity": 0.1, "num_samples": 6},
+    "dynamic, weight scores with ties": {
+        "mask": "dynamic",
+        "sparsity": 0.45,
+        "total_epochs": 4,
+        "drop_strategy": "weight",
+        "growth_strategy": "weight",
+    },
+    "dynamic, gradient and random": {"mask": "dynamic", "sparsity": 0.3, "total_epochs": 4},
+}
+"""Sparse SAM's masks learnt on shards against the unsharded model's, bit for bit."""
+
+
+def _gathered_mask(optimizer: Any, params: list[torch.Tensor]) -> torch.Tensor:
+    """The whole model's mask from every process's shards (flat, in parameter order)."""
+    pieces = []
+    for p, local in zip(params, optimizer.masks(), strict=True):
+        if isinstance(p, DTensor):
+            whole = DTensor.from_local(
+                local.to(torch.uint8), p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+            ).full_tensor()
+            pieces.append(whole.bool().reshape(-1))
+        else:
+            pieces.append(local.reshape(-1))
+    return torch.cat(pieces)
+
+
+def _sparse_masks(meshes: dict[str, Any]) -> dict[str, Any]:
+    """Per setting and mesh: whether the sharded mask equals the unsharded one after each of
+    three refreshes (epochs 0-2, the first with half-valued weights for ties), and both
+    densities after the last."""
+    import flatminima
+
+    out: dict[str, Any] = {}
+    for name, settings in MASK_SETTINGS.items():
+        for mesh_name in ("fsdp", "hsdp 2x1", "hsdp 1x2"):
+            models = [_model(), _shard(_model(), meshes[mesh_name])]
+            for model in models:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.copy_((p * 2).round() / 2)
+            optimizers = [
+                flatminima.SparseSAM(
+                    make_base("sgd", model.parameters()),
+                    rho=0.1,
+                    generator=torch.Generator().manual_seed(3),
+                    model=model,
+                    **settings,
+                )
+                for model in models
+            ]
+            equal = []
+            for epoch in range(3):
+                for optimizer, model in zip(optimizers, models, strict=True):
+                    optimizer.refresh_mask(
+                        model, nn.functional.cross_entropy, _batches(), epoch=epoch
+                    )
+                whole, sharded = (
+                    _gathered_mask(o, list(m.parameters()))
+                    for o, m in zip(optimizers, models, strict=True)
+                )
+                equal.append(bool(torch.equal(whole, sharded)))
+                x, y = _batches()[epoch]  # a step in between, on the whole batch everywhere
+                for optimizer, model in zip(optimizers, models, strict=True):
+                    optimizer.step(_closure(model, x, y))
+            out[f"{name} / {mesh_name}"] = {
+                "equal": equal,
+                "densities": [o.mask_density() for o in optimizers],
+                "size": sum(p.numel() for p in models[0].parameters()),
+                "live": int(whole.sum()),
+            }
+    # Every process must pass the same batches: different ones are refused.
+    model = _shard(_model())
+    optimizer = flatminima.SparseSAM(make_base("sgd", model.parameters()), num_samples=4)
+    rank = dist.get_rank()
+    try:
+        optimizer.refresh_mask(model, nn.functional.cross_entropy, _batches()[rank : rank + 1])
+        out["different batches"] = "no error"
+    except ValueError as error:
+        out["different batches"] = str(error)
+    return out
+
+
 # Every public function of kernels.py, called on lists of tensors: (call, exact). ``call``
 # gets the lists and ``foreach`` and returns what the kernel returns. The lists' contents after
 # the call must equal the unsharded ones bit for bit (entry-wise work on the same entries);
@@ -344,10 +429,30 @@ KERNEL_CASES: dict[str, tuple[Callable[[list[list[torch.Tensor]], bool], Any], b
         lambda ls, f: kernels.friendly_direction_(ls[0], ls[1], 0.8, 0.6, foreach=f),
         True,
     ),
+    "add_scaled_": (lambda ls, f: kernels.add_scaled_(ls[0], ls[1], -0.7, foreach=f), True),
+    # Each packed mask is the local tensor's (a shard's mask on DTensors): here its positives.
+    "apply_packed_mask_": (
+        lambda ls, f: kernels.apply_packed_mask_(
+            ls[0], [kernels.pack_mask(_local(t) > 0) for t in ls[0]], foreach=f
+        ),
+        True,
+    ),
 }
 
-NOT_KERNELS = {"accumulation_dtype", "group_by_device_and_dtype", "traced_factor"}
-"""Public helpers of kernels.py that take no tensor lists (nothing to shard)."""
+NOT_KERNELS = {
+    "accumulation_dtype",
+    "group_by_device_and_dtype",
+    "traced_factor",
+    "pack_mask",
+    "unpack_mask",
+}
+"""Public helpers of kernels.py that take no tensor lists (nothing to shard): the packing
+helpers take one tensor, the one a process holds."""
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
 
 SHAPES = [(5, 3), (1,), (4,), (2, 2), (3,), (600, 300)]
 DTYPES = [torch.float32, torch.float32, torch.float64, torch.float32, torch.float16, torch.float32]
@@ -505,6 +610,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             results["resumed"][record.id] = _guarded(lambda r=record: _resumed(r, rank))
         results["sgd_step"] = _collectives_of_one_sgd_step(rank)
         results["kernels"] = _guarded(lambda: _kernels(mesh))
+        results["sparse_masks"] = _guarded(lambda: _sparse_masks(meshes))
         results["refusals"] = _guarded(lambda: _refusals(mesh))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
@@ -580,6 +686,23 @@ def test_state_dict_round_trip_continues_bitwise_under_fsdp(results, record):
 def test_a_method_that_cannot_shard_refuses_sharded_parameters(results, record):
     for result in results:
         assert "does not support FSDP2-sharded parameters yet" in result["refused"][record.id]
+
+
+def test_sparse_sam_masks_on_shards_are_the_unsharded_masks(results):
+    """The global top-k (Fisher and SSAM-D's drop and regrow, ties included) and the random
+    draws give every process its part of exactly the unsharded model's mask."""
+    from flatminima.methods.sparse_sam import live_count
+
+    for rank, result in enumerate(results):
+        masks = result["sparse_masks"]
+        assert isinstance(masks, dict), f"rank {rank}:\n{masks}"
+        assert "must be the same on every process" in masks.pop("different batches")
+        assert len(masks) == 3 * len(MASK_SETTINGS)
+        for key, run in masks.items():
+            assert all(run["equal"]), (rank, key, run)
+            expected = live_count(run["size"], MASK_SETTINGS[key.split(" / ")[0]]["sparsity"])
+            assert run["live"] == expected, (key, run)
+            assert run["densities"] == [expected / run["size"]] * 2, (key, run)
 
 
 def test_every_kernel_gives_the_unsharded_result_on_dtensors(results):

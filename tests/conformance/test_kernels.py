@@ -77,3 +77,50 @@ def test_friendly_direction_fast_path_equals_the_oracle(dtype):
         torch.testing.assert_close(m, 0.6 * m_old + 0.4 * g, rtol=TOLERANCE[dtype], atol=1e-6)
         torch.testing.assert_close(d, d_o, rtol=TOLERANCE[dtype], atol=1e-6)
         torch.testing.assert_close(m, m_o, rtol=TOLERANCE[dtype], atol=1e-6)
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 63, 1000, LARGE])
+def test_a_packed_mask_unpacks_to_itself_in_one_bit_per_coordinate(numel):
+    generator = torch.Generator().manual_seed(numel)
+    mask = torch.rand(numel, generator=generator) < 0.5
+    packed = kernels.pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (numel + 7) // 8
+    assert torch.equal(kernels.unpack_mask(packed, numel), mask)
+    for start in range(0, numel, 8 * 37):  # any run of coordinates from a byte boundary
+        stop = min(numel, start + 101)
+        assert torch.equal(kernels.unpack_mask(packed, stop - start, start=start), mask[start:stop])
+    # bit i mod 8 of byte i // 8, the lowest first
+    assert kernels.pack_mask(torch.tensor([True] + [False] * 7 + [False, True])).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+def test_a_packed_mask_multiplies_bit_for_bit_as_the_bool_mask(dtype, foreach):
+    """The same multiplication by a bool tensor as mul_ (NaN·0 stays NaN, −x·0 is −0), on the
+    chunked path (a large tensor), a non-contiguous tensor and small ones."""
+    targets = tensors(dtype, seed=3)
+    targets[2][0, 0] = float("nan")
+    generator = torch.Generator().manual_seed(4)
+    masks = [torch.rand(t.shape, generator=generator) < 0.3 for t in targets]
+    expected = clone(targets)
+    kernels.mul_(expected, masks, foreach=False)
+    got = clone(targets)
+    kernels.apply_packed_mask_(got, [kernels.pack_mask(m) for m in masks], foreach=foreach)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(torch.signbit(g), torch.signbit(e))
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+def test_add_scaled_is_add_with_alpha_for_a_float_and_close_for_a_tensor(dtype):
+    targets, sources = tensors(dtype, seed=5), tensors(dtype, seed=6)
+    expected = clone(targets)
+    kernels.add_(expected, sources, alpha=-0.37, foreach=True)
+    for foreach in (True, False):
+        got = clone(targets)
+        kernels.add_scaled_(got, sources, -0.37, foreach=foreach)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    got = clone(targets)
+    kernels.add_scaled_(got, sources, torch.tensor(-0.37, dtype=torch.float64), foreach=True)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])

@@ -13,7 +13,8 @@ from torch.nn import functional as F
 
 import flatminima
 from flatminima import registry
-from flatminima.methods.sparse_sam import MASK, death_rate, live_count
+from flatminima.kernels import pack_mask, unpack_mask
+from flatminima.methods.sparse_sam import MASK, MASK_SHAPE, death_rate, live_count
 from reference import loops
 from support import (
     assert_bitwise_equal,
@@ -67,10 +68,14 @@ def deviation_from(cls, hyperparameters, make_reference, *, foreach=True, prepar
 
 
 def masks_of(optimizer, model):
+    """The masks, unpacked, checked against the packed state they come from."""
     masks = optimizer.masks()
-    assert all(
-        optimizer.state[p][MASK] is m for p, m in zip(model.parameters(), masks, strict=True)
-    )
+    for p, m in zip(model.parameters(), masks, strict=True):
+        packed = optimizer.state[p][MASK]
+        assert packed.dtype == torch.uint8 and packed.numel() == (p.numel() + 7) // 8
+        assert optimizer.state[p][MASK_SHAPE] == tuple(p.shape) == tuple(m.shape)
+        assert m.dtype == torch.bool
+        assert torch.equal(unpack_mask(packed, p.numel()).view(p.shape), m)
     return masks
 
 
@@ -413,20 +418,52 @@ def test_the_registry_hook_does_nothing_for_other_optimizers():
         )
 
 
-def test_the_mask_is_saved_as_bools_and_restored_as_bools():
+def test_the_mask_is_saved_packed_with_its_shape_and_restored():
     model = tiny_mlp()
     optimizer = fisher(model)
     optimizer.refresh_mask(model, F.cross_entropy, DATA)
     saved = optimizer.state_dict()
-    assert all(entry[MASK].dtype == torch.bool for entry in saved["state"].values())
+    for entry, p in zip(saved["state"].values(), model.parameters(), strict=True):
+        assert entry[MASK].dtype == torch.uint8
+        assert entry[MASK].numel() == (p.numel() + 7) // 8
+        assert entry[MASK_SHAPE] == tuple(p.shape)
     buffer = io.BytesIO()
     torch.save(saved, buffer)
     buffer.seek(0)
     resumed = fisher(tiny_mlp())  # all-zeros mask until the load
     resumed.load_state_dict(torch.load(buffer))
     for p, q in zip(model.parameters(), resumed.param_groups[0]["params"], strict=True):
-        assert resumed.state[q][MASK].dtype == torch.bool
+        assert resumed.state[q][MASK].dtype == torch.uint8
         assert torch.equal(resumed.state[q][MASK], optimizer.state[p][MASK])
+    for a, b in zip(resumed.masks(), optimizer.masks(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_a_state_dict_with_the_earlier_bool_masks_still_loads(dtype):
+    """Checkpoints written before the masks were packed held one bool per coordinate and no
+    shape entry; they load (cast to the parameters' dtype by torch on the way) and step as
+    the optimizer that saved them."""
+    model = tiny_mlp(dtype=dtype)
+    optimizer = dynamic(model, sparsity=0.3, drop_strategy="weight")  # no data read
+    optimizer.refresh_mask(model, F.cross_entropy, DATA, epoch=1)
+    expected = optimizer.masks()
+    saved = optimizer.state_dict()
+    for entry, mask in zip(saved["state"].values(), expected, strict=True):
+        entry[MASK] = mask.clone()  # the earlier format
+        del entry[MASK_SHAPE]
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    twin = tiny_mlp(dtype=dtype)
+    resumed = dynamic(twin, sparsity=0.3, seed=9)  # another random mask until the load
+    resumed.load_state_dict(torch.load(buffer))
+    for p, mask in zip(twin.parameters(), expected, strict=True):
+        assert resumed.state[p][MASK].dtype == torch.uint8
+        assert resumed.state[p][MASK_SHAPE] == tuple(p.shape)
+        assert torch.equal(resumed.state[p][MASK], pack_mask(mask))
+    for a, b in zip(resumed.masks(), expected, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_a_parameter_added_later_is_not_perturbed_until_the_next_refresh():
@@ -460,25 +497,30 @@ def test_fisher_mask_sam_is_sparse_sams_fisher_mask():
 # -- memory (the benchmarks' tracker; a measurement of bytes, not of time) ------------------
 
 
-@pytest.mark.parametrize(
-    ("dtype", "mask_share"), [(torch.float32, 1 / 4), (torch.float64, 1 / 8)], ids=str
-)
-def test_the_mask_costs_one_byte_per_weight_beyond_the_backup(dtype, mask_share):
-    """Bools, not a float copy: P/8 beyond the backup for float64 weights, P/4 for float32."""
+@pytest.mark.parametrize("mask", ["fisher", "dynamic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_the_mask_costs_one_bit_per_weight_beyond_the_backup(dtype, mask):
+    """Packed bits, not bools nor a float copy: ⌈n/8⌉ bytes per tensor of n weights, 1/32 of
+    a float32 copy (1/64 of a float64 one) between steps, the backup and that at a step's
+    peak. The dynamic mask's first draw (the step that makes it) also holds, once and before
+    the backup exists, an int32 permutation of the coordinates and a bool per coordinate:
+    1.25 float32 copies."""
     from benchmarks.contenders import Contender, _build_flatminima
     from benchmarks.memory import measure
     from benchmarks.workloads import Workload
 
+    def build_model():
+        layers = [torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10)]
+        return torch.nn.Sequential(*layers).to(dtype)
+
     workload = Workload(
         name="tiny",
         description="tiny MLP",
-        build_model=lambda: torch.nn.Sequential(
-            torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10)
-        ).to(dtype),
+        build_model=build_model,
         build_batch=lambda: (torch.randn(8, 32, dtype=dtype), torch.randint(0, 10, (8,))),
         loss=F.cross_entropy,
     )
-    overrides = {"mask": "dynamic", "total_epochs": 2, "sparsity": 0.5}
+    overrides = {"mask": mask, "total_epochs": 2, "sparsity": 0.5}
     contender = Contender(
         "sparse",
         "sparse",
@@ -487,7 +529,47 @@ def test_the_mask_costs_one_byte_per_weight_beyond_the_backup(dtype, mask_share)
         2,
         _build_flatminima("sparse-sam", overrides),
     )
-    result = measure(contender, workload, steps=2)
-    assert result.between_steps == pytest.approx(mask_share, abs=0.01)
-    assert result.peak == pytest.approx(1 + mask_share, abs=0.01)
+    result = measure(contender, workload, steps=3)
+    params = list(build_model().parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    packed_share = sum((p.numel() + 7) // 8 for p in params) / weight_bytes
+    assert packed_share == pytest.approx(1 / (8 * params[0].element_size()), rel=0.01)
+    assert result.between_steps == pytest.approx(packed_share, abs=1e-9)
+    draw = (4 + 1) / params[0].element_size() if mask == "dynamic" else 0.0
+    assert result.peak == pytest.approx(max(1 + packed_share, draw), abs=0.01)
     assert result.peak <= flatminima.SparseSAM.memory_copies + 0.01
+
+
+def test_the_top_k_breaks_ties_by_coordinate_order_and_ranks_every_float():
+    """The rule the sharded top-k reproduces: scores above the k-th largest, then ties in the
+    order of the coordinates (the brute-force stable sort); negative scores, ±0, inf and NaN
+    (ranked above inf, as torch.topk ranks it) in their float order."""
+    from flatminima import sharded
+    from flatminima.methods.sparse_sam import _top_coordinates
+
+    values = [-2.0, -0.0, 0.0, 0.5, 0.5, math.inf, -math.inf, 0.5, -2.0, 1.0]
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        scores = [
+            torch.tensor(values, dtype=dtype)[torch.randint(0, 10, (4, 5), generator=generator)],
+            torch.tensor(values, dtype=dtype)[torch.randint(0, 10, (7,), generator=generator)],
+        ]
+        scores[1][3] = math.nan
+        layout = sharded.CoordinateLayout(scores)
+        for sparsity in (0.0, 0.2, 0.5, 0.7, 0.95, 1.0):
+            got = _top_coordinates(scores, None, live_count(27, sparsity), layout)
+            flat = torch.cat([s.reshape(-1) for s in scores]).double().tolist()
+            # Python's sort is stable, also reversed: equal keys keep the lowest index first.
+            ranked = sorted(
+                range(27),
+                key=lambda i: (
+                    math.isnan(flat[i]),
+                    0.0 if math.isnan(flat[i]) else flat[i],
+                    math.copysign(1.0, flat[i]),  # -0 below +0, as their bits order them
+                ),
+                reverse=True,
+            )
+            ranked = sorted(ranked[: live_count(27, sparsity)])
+            expected = torch.zeros(27, dtype=torch.bool)
+            expected[ranked] = True
+            assert torch.equal(torch.cat([g.reshape(-1) for g in got]), expected), sparsity

@@ -65,8 +65,8 @@ class BilateralSAM(SharpnessAwareOptimizer):
     Under DistributedDataParallel no pass synchronises on its own: the update combines three
     gradients, each process builds it from its own, and the engine averages it once.
 
-    Under ``torch.compile`` the step recompiles (ρ/‖g‖ and ‖g_max‖/‖g_min‖ are Python numbers
-    that change every step): compile the model, not this optimizer's step.
+    Under ``torch.compile`` the step keeps one graph: ρ/‖g‖ and ‖g_max‖/‖g_min‖ are traced
+    0-d tensors there (Python numbers in eager mode, as before).
 
     Three passes per step; three extra parameter copies during the step (the weights' backup,
     g and g_max), none between steps.
@@ -152,11 +152,11 @@ class BilateralSAM(SharpnessAwareOptimizer):
         # view of a bucket that the next backward reuses.
         with torch.no_grad():
             g = [p.grad.clone() for p in params]  # one parameter copy
-        norm = kernels.global_norm(g, foreach=step.foreach)
+        norm, norm_tensor = kernels.norm_and_tensor(g, foreach=step.foreach)
         # w ± ρ/(‖g‖ + ξ)·g: the authors' rounding (the scale first, not ρ·ĝ). A zero or
         # non-finite ‖g‖ leaves w where it is (0·g would turn an infinite g into NaN).
         usable = norm > 0.0 and math.isfinite(norm)
-        to_max, to_min = _step_sizes(views, norm)
+        to_max, to_min = _step_sizes(views, norm, norm_tensor)
         # The views hold the clean pass's gradient tensors: dropped, so that they are freed
         # when the engine clears the gradients for the next pass (else a fourth copy).
         del views
@@ -176,15 +176,17 @@ class BilateralSAM(SharpnessAwareOptimizer):
         return clean.loss
 
 
-def _step_sizes(views: list[GroupView], norm: float) -> tuple[list[float], list[float]]:
+def _step_sizes(
+    views: list[GroupView], norm: float, norm_tensor: Tensor
+) -> tuple[list[Any], list[Any]]:
     """Per parameter, ρ/(‖g‖ + ξ) towards the max side and −ρ_min,t/(‖g‖ + ξ) towards the
-    min side."""
-    to_max: list[float] = []
-    to_min: list[float] = []
+    min side: one object per group (0-d tensors under ``torch.compile``, floats otherwise)."""
+    to_max: list[Any] = []
+    to_min: list[Any] = []
     for view in views:
         rho, rho_min = float(view.hyperparameters["rho"]), _rho_min(view.hyperparameters)
-        to_max += [rho / (norm + XI)] * len(view.params)
-        to_min += [-rho_min / (norm + XI)] * len(view.params)
+        to_max += [kernels.traced_factor(rho, norm + XI, norm_tensor + XI)] * len(view.params)
+        to_min += [kernels.traced_factor(-rho_min, norm + XI, norm_tensor + XI)] * len(view.params)
     return to_max, to_min
 
 
@@ -203,11 +205,21 @@ def _combine_(step: Step, g: dict[Tensor, Tensor], g_max: dict[Tensor, Tensor]) 
     parameter lacks on a pass counts as zero, and ‖g_min‖ = 0 drops the min-side term."""
     params = [p for p in step.params if p.grad is not None]
     g_min = [p.grad for p in params]
-    max_norm = kernels.global_norm(list(g_max.values()), foreach=step.foreach)
-    min_norm = kernels.global_norm(g_min, foreach=step.foreach)
-    ratio = max_norm / min_norm if min_norm != 0.0 else 0.0
-    kernels.scale_(g_min, -ratio, foreach=step.foreach)
+    # Every list is built before the norms: under torch.compile they break the graph, and
+    # code resumed after a break that reads p.grad through these dicts' keys would be
+    # guarded on the gradient tensors themselves, which are new at every step.
     with_g = [p for p in params if p in g]
-    kernels.add_([p.grad for p in with_g], [g[p] for p in with_g], foreach=step.foreach)
+    grads_with_g, kept_g = [p.grad for p in with_g], [g[p] for p in with_g]
     with_max = [p for p in params if p in g_max]
-    kernels.add_([p.grad for p in with_max], [g_max[p] for p in with_max], foreach=step.foreach)
+    grads_with_max, kept_max = [p.grad for p in with_max], [g_max[p] for p in with_max]
+    all_max = list(g_max.values())
+    max_norm, max_tensor = kernels.norm_and_tensor(all_max, foreach=step.foreach)
+    min_norm, min_tensor = kernels.norm_and_tensor(g_min, foreach=step.foreach)
+    if min_norm == 0.0:
+        kernels.scale_(g_min, -0.0, foreach=step.foreach)
+    elif torch.compiler.is_compiling():  # traced, not a constant of the graph
+        kernels.scale_(g_min, -(max_tensor / min_tensor), foreach=step.foreach)
+    else:
+        kernels.scale_(g_min, -(max_norm / min_norm), foreach=step.foreach)
+    kernels.add_(grads_with_g, kept_g, foreach=step.foreach)
+    kernels.add_(grads_with_max, kept_max, foreach=step.foreach)

@@ -59,9 +59,8 @@ class LookSAM(SharpnessAwareOptimizer):
     and g̃ (its own ĝ_v, as each process perturbs with its own gradient in SAM) and the engine
     averages the final update once.
 
-    Under ``torch.compile`` the step recompiles (refresh and reuse steps differ, and the
-    projection's factors are Python numbers that change every step): compile the model, not
-    this optimizer's step.
+    Under ``torch.compile`` the projection's factors are traced 0-d tensors (Python numbers in
+    eager mode, as before); refresh and reuse steps are two graphs, each compiled once.
 
     One pass per step plus one every k steps; one persistent parameter copy (ĝ_v, saved by
     ``state_dict()``) and, on refresh steps, the weights' backup. The clean gradient of a
@@ -194,22 +193,19 @@ class LookSAM(SharpnessAwareOptimizer):
         """One pass at w, then g ← g + α·‖g‖·ĝ_v."""
         clean = yield step.clean_pass()
         views = step.views()
-        norm = kernels.global_norm([g for view in views for g in view.grads], foreach=step.foreach)
-        if not math.isfinite(norm):
+        factors = _reuse_factors(views, foreach=step.foreach)
+        if factors is None:
             return clean.loss  # the base optimizer sees the non-finite gradient as it is
         with torch.no_grad():
-            for view in views:
+            for view, factor in zip(views, factors, strict=True):
                 pairs = [
                     (g, self.state[p][LOOKSAM_DIRECTION])
                     for p, g in zip(view.params, view.grads, strict=True)
                     if LOOKSAM_DIRECTION in self.state.get(p, {})
                 ]
                 if pairs:
-                    kernels.add_(
-                        [g for g, _ in pairs],
-                        [d for _, d in pairs],
-                        alpha=float(view.hyperparameters["alpha"]) * norm,
-                        foreach=step.foreach,
+                    kernels.add_scaled_(
+                        [g for g, _ in pairs], [d for _, d in pairs], factor, foreach=step.foreach
                     )
         return clean.loss
 
@@ -225,23 +221,60 @@ def is_refresh_step(step: int, k: int) -> bool:
     return step % int(k) == 0
 
 
+def _reuse_factors(views: list[Any], *, foreach: bool) -> list[float | Tensor] | None:
+    """α·‖g‖ per view, ‖g‖ global (``None`` when ‖g‖ is not finite). A function of its own,
+    not part of the program: a generator runs outside the compiled graph, where the factors
+    would be Python numbers that the graph specialises on at every step; here they are
+    traced 0-d tensors under ``torch.compile`` (floats in eager mode, as before)."""
+    norm, norm_tensor = kernels.norm_and_tensor(
+        [g for view in views for g in view.grads], foreach=foreach
+    )
+    if not math.isfinite(norm):
+        return None
+    alphas = [float(view.hyperparameters["alpha"]) for view in views]
+    if torch.compiler.is_compiling():
+        return [alpha * norm_tensor for alpha in alphas]
+    return [alpha * norm for alpha in alphas]
+
+
 def _orthogonal_unit_direction_(
     clean: list[Tensor], perturbed: list[Tensor], *, foreach: bool
 ) -> None:
     """clean ← normalise(g̃ − ⟨g̃, g⟩/(‖g‖² + ξ)·g), with g = clean and g̃ = perturbed, norms and
     dot global over the lists; a zero or non-finite norm gives a zero coefficient or vector."""
-    squared = float(kernels.squared_norm(clean, foreach=foreach))
-    projection = float(kernels.dot(perturbed, clean, foreach=foreach))
-    coefficient = projection / (squared + XI)
-    if not (squared > 0.0 and math.isfinite(squared) and math.isfinite(coefficient)):
-        coefficient = 0.0
-    if coefficient == 0.0:  # also where g is not finite: 0·g would be NaN
+    as_tensor = torch.compiler.is_compiling()
+    minus = _minus_coefficient(
+        kernels.squared_norm(clean, foreach=foreach),
+        kernels.dot(perturbed, clean, foreach=foreach),
+        as_tensor=as_tensor,
+    )
+    if minus is None:  # also where g is not finite: 0·g would be NaN
         kernels.copy_(clean, perturbed, foreach=foreach)
     else:
-        kernels.scale_(clean, -coefficient, foreach=foreach)
+        kernels.scale_(clean, minus, foreach=foreach)
         kernels.add_(clean, perturbed, foreach=foreach)  # g_v = g̃ − c·g
-    norm = kernels.global_norm(clean, foreach=foreach)
+    norm, norm_tensor = kernels.norm_and_tensor(clean, foreach=foreach)
     if norm > 0.0 and math.isfinite(norm):
-        kernels.scale_(clean, 1.0 / norm, foreach=foreach)
+        kernels.scale_(clean, kernels.traced_factor(1.0, norm, norm_tensor), foreach=foreach)
     else:
         kernels.zero_(clean, foreach=foreach)
+
+
+@torch.compiler.disable
+def _minus_coefficient(
+    squared_tensor: Tensor, projection_tensor: Tensor, *, as_tensor: bool
+) -> float | Tensor | None:
+    """−⟨g̃, g⟩/(‖g‖² + ξ), or ``None`` where it is 0 or undefined (‖g‖ = 0, non-finite).
+
+    Run eagerly even inside a compiled step: its Python arithmetic on numbers that change
+    every step would otherwise be specialised into the graph. ``as_tensor`` (asked for by a
+    compiled caller) returns the factor as a 0-d tensor, a graph input like any tensor."""
+    squared, projection = float(squared_tensor), float(projection_tensor)
+    coefficient = projection / (squared + XI)
+    if not (squared > 0.0 and math.isfinite(squared) and math.isfinite(coefficient)):
+        return None
+    if coefficient == 0.0:
+        return None
+    if as_tensor:
+        return torch.tensor(-coefficient, dtype=torch.float64, device=squared_tensor.device)
+    return -coefficient

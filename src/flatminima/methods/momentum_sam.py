@@ -51,8 +51,8 @@ class MomentumSAM(SharpnessAwareOptimizer):
     DistributedDataParallel the pass's gradient is the update as it stands, so DDP all-reduces
     it during backward.
 
-    Under ``torch.compile`` the step recompiles (ρ/‖v‖ moves the weights as a Python number
-    that changes every step): compile the model, not this optimizer's step.
+    Under ``torch.compile`` the step keeps one graph: the factor −ρ/‖v‖ is a traced 0-d
+    tensor there (a Python number in eager mode, as before).
 
     One pass per step; one extra parameter copy (the weights' backup, during the step only).
 
@@ -129,24 +129,30 @@ class MomentumSAM(SharpnessAwareOptimizer):
         step.restore()
         return evaluation.loss
 
-    def _perturbation(self, step: Step) -> tuple[list[Tensor], list[Tensor], list[float]]:
-        """The parameters to move, their v and −ρ/(‖v‖ + ξ) (empty: no perturbation)."""
-        params, buffers, rhos = [], [], []
-        for group in step.groups:
+    def _perturbation(self, step: Step) -> tuple[list[Tensor], list[Tensor], list[Any]]:
+        """The parameters to move, their v and −ρ/(‖v‖ + ξ), one factor object per group
+        (a 0-d tensor under ``torch.compile``); empty: no perturbation."""
+        params, buffers, groups = [], [], []
+        for index, group in enumerate(step.groups):
             _check_momentum(self.base_optimizer, group)
-            rho = float(group["rho"])
             for p in group["params"]:
                 buffer = step.base_state(p).get(self._momentum_key) if p.requires_grad else None
                 if buffer is not None:
                     params.append(p)
                     buffers.append(buffer)
-                    rhos.append(rho)
+                    groups.append(index)
         if not params:
             return [], [], []
-        norm = kernels.global_norm(buffers, foreach=step.foreach)
+        norm, norm_tensor = kernels.norm_and_tensor(buffers, foreach=step.foreach)
         if not (norm > 0.0 and math.isfinite(norm)):
             return [], [], []
-        return params, buffers, [-rho / (norm + XI) for rho in rhos]
+        factors = {
+            index: kernels.traced_factor(
+                -float(step.groups[index]["rho"]), norm + XI, norm_tensor + XI
+            )
+            for index in dict.fromkeys(groups)
+        }
+        return params, buffers, [factors[index] for index in groups]
 
 
 def momentum_key(base_optimizer: torch.optim.Optimizer) -> str:

@@ -18,7 +18,11 @@ from flatminima.neighborhoods import MaskedBall
 from flatminima.passes import frozen_running_statistics
 
 MASK = "sparse_sam_mask"
-"""Key of the perturbation mask (a bool tensor shaped like the parameter) in the state."""
+"""Key of the perturbation mask in the state: bit-packed, ⌈n/8⌉ uint8 bytes for a parameter
+(a local shard under FSDP2) of n coordinates (:func:`flatminima.kernels.pack_mask`)."""
+
+MASK_SHAPE = "sparse_sam_mask_shape"
+"""Key of the packed mask's shape (the parameter's, or its local shard's) in the state."""
 
 FISHER = "fisher"
 DYNAMIC = "dynamic"
@@ -92,14 +96,42 @@ class SparseSAM(SharpnessAwareOptimizer):
       weight score is taken at the perturbed point w + ε (the update runs after
       ``first_step``); ours at w. Their gradient score is the clean gradient of the epoch's
       first batch; ours the gradient of the first batch :meth:`refresh_mask` receives.
-    * The mask is one bool per coordinate, not a float copy of the parameters.
+    * The mask is one *bit* per coordinate (bit-packed, 8 to a byte), not a float copy of
+      the parameters.
+    * Ties in a top-k (equal Fisher scores, zeros among them) are broken by the coordinate's
+      position in the whole model, the lowest first: a fixed rule, the same with and without
+      sharding, where ``torch.topk`` (theirs) leaves the choice to its implementation.
+
+    The mask in memory: the state holds each parameter's mask packed, ⌈n/8⌉ uint8 bytes for n
+    coordinates (coordinate i in bit i mod 8 of byte ⌊i/8⌋, row-major; key ``MASK``) and its
+    shape (key ``MASK_SHAPE``), which ``state_dict()`` saves as they are; a checkpoint of the
+    earlier format (one bool per coordinate) still loads. The mask is unpacked only where it
+    is applied, one tensor at a time (a large tensor 2¹⁷ coordinates at a time), so ε is the
+    same multiplication by a bool mask as before, bit for bit. :meth:`masks` gives unpacked
+    copies.
+
+    Sharded parameters (FSDP2, ``fully_shard``; HSDP): each process keeps the mask of its
+    shards, and the mask is the one the unsharded model gets, coordinate for coordinate. The
+    top-k runs over the whole model: the k-th largest score by a bisection over the scores'
+    bit patterns (64 one-scalar all-reduces), ties placed by one all-gather of each process's
+    tie counts. SSAM-D's random draws (the initial mask, random scores) are drawn for the
+    whole model on every process from ``generator`` (seed it alike everywhere) and cut to
+    the process's shards: identical to the unsharded draws, at the cost of a whole-model
+    permutation (4 bytes a coordinate) or random vector, transiently. The refresh's passes
+    are FSDP passes whose gradients FSDP averages over the processes, so every process must
+    pass the same batches (checked by a digest, one all-reduce per batch); its gradients are
+    taken through ``p.grad``, which is set aside and put back.
 
     Cost: :attr:`cost` counts every pass :meth:`refresh_mask` runs, in the unit of a step's
     passes (full training batches): each single example of SSAM-F adds 1/B forward and 1/B
     backward, B the size of the batch it came from; SSAM-D's gradient score adds one pass.
-    Memory: the mask (one byte per coordinate: P/4 for float32 parameters, P/8 for float64)
-    plus the backup during a step; a refresh holds the scores (1 P in float32 or better) and
-    their concatenation while it runs.
+    Memory: the packed mask (P/32 for float32 parameters, P/64 for float64, in units of a
+    parameter copy) plus the backup during a step. Once, in the step that draws SSAM-D's
+    initial mask and before the backup is taken, an int32 permutation of the coordinates and
+    a bool per coordinate exist (1.25 copies for float32 weights, the class's
+    ``memory_copies``; 0.625 for float64). A refresh holds the scores (1 P in float32 or
+    better) and their int64 sort keys while it runs (8 bytes a coordinate, twice while the
+    k-th largest is found without sharding).
 
     {hyperparameters}
 
@@ -139,8 +171,11 @@ class SparseSAM(SharpnessAwareOptimizer):
 
     paper = "Mi et al., NeurIPS 2022"
     passes_text = "2 (+ a refresh every `update_every` epochs: `num_samples` single examples)"
-    extra_memory = "1 P (backup) + 1 byte per weight (mask)"
-    memory_copies = 1.25  # the backup, and one byte per weight: P/4 for float32 weights
+    extra_memory = "1 P (backup) + 1 bit per weight (packed mask)"
+    # The step's peak is the backup and the packed mask, 1 + 1/32 for float32 weights; the
+    # step that draws SSAM-D's first mask holds an int32 permutation and a bool per weight
+    # before the backup exists: 1.25 for float32 weights, the largest it holds.
+    memory_copies = 1.25
 
     declaration = (
         hp.Hyperparameter(
@@ -247,11 +282,6 @@ class SparseSAM(SharpnessAwareOptimizer):
             model=model,
             foreach=foreach,
         )
-        sharded.refuse_sharded(
-            (p for group in self.param_groups for p in group["params"]),
-            type(self).__name__,
-            "its mask is chosen by a top-k over the whole model's flattened scores",
-        )
         self.generator = generator
 
     @classmethod
@@ -266,15 +296,21 @@ class SparseSAM(SharpnessAwareOptimizer):
     # -- the mask ------------------------------------------------------------------------
 
     def masks(self) -> list[Tensor]:
-        """The mask of every trainable parameter, in group order (bool tensors shaped like
-        the parameters; the optimizer's state, so do not modify them)."""
-        return self._masks_of(self._trainable())
+        """The mask of every trainable parameter, in group order: bool tensors shaped like
+        the parameters (like their local shards under FSDP2), unpacked copies of the state."""
+        params = self._trainable()
+        return [
+            kernels.unpack_mask(m, local.numel()).view(local.shape)
+            for m, local in zip(self._masks_of(params), _locals(params), strict=True)
+        ]
 
     def mask_density(self) -> float:
-        """The fraction of trainable coordinates the mask perturbs."""
-        masks = self.masks()
-        total = sum(m.numel() for m in masks)
-        return sum(int(m.sum()) for m in masks) / total if total else 0.0
+        """The fraction of trainable coordinates the mask perturbs (over every shard: under
+        FSDP2 a collective, to call on every process)."""
+        params = self._trainable()
+        layout = sharded.CoordinateLayout(params)
+        live = sum(int(m.sum()) for m in self.masks())
+        return layout.total(live) / layout.size if layout.size else 0.0
 
     def start_epoch(
         self,
@@ -307,7 +343,8 @@ class SparseSAM(SharpnessAwareOptimizer):
         not possible for BatchNorm on flat features (BatchNorm1d): call ``model.eval()``
         first for such a model. Under DistributedDataParallel every process should call it;
         the scores are summed over the processes so that all learn the same mask (not
-        tested with several processes).
+        tested with several processes). Under FSDP2 every process must call it with the
+        same batches (checked: a one-line error otherwise) and the same generator state.
         """
         group = self.param_groups[0]
         params = self._trainable()
@@ -315,18 +352,20 @@ class SparseSAM(SharpnessAwareOptimizer):
             return
         network = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         sparsity = float(group["sparsity"])
+        layout = sharded.CoordinateLayout(params)
         with torch.no_grad(), frozen_running_statistics(network):
             if group["mask"] == FISHER:
                 scores = self._fisher_scores(network, loss_fn, batches, params)
                 _all_reduce_sum(model, scores)
-                self._set_masks(params, _top_coordinates(scores, sparsity))
+                count = live_count(layout.size, sparsity)
+                self._set_masks(params, _top_coordinates(scores, None, count, layout))
             else:
                 if epoch is None:
                     raise ValueError(
                         "refresh_mask needs epoch= (counted from 0) with mask='dynamic': the "
                         "death rate follows the epoch"
                     )
-                self._drop_and_regrow(network, model, loss_fn, batches, params, epoch)
+                self._drop_and_regrow(network, model, loss_fn, batches, params, epoch, layout)
 
     def _fisher_scores(
         self,
@@ -335,16 +374,20 @@ class SparseSAM(SharpnessAwareOptimizer):
         batches: Iterable[Any],
         params: list[Tensor],
     ) -> list[Tensor]:
-        """F̂ = Σᵢ (∇ℓᵢ)² over the first ``num_samples`` examples, one example per pass."""
+        """F̂ = Σᵢ (∇ℓᵢ)² over the first ``num_samples`` examples, one example per pass (of
+        this process's shards under FSDP2)."""
         wanted = int(self.param_groups[0]["num_samples"])
-        scores = [torch.zeros_like(p, dtype=kernels.accumulation_dtype(p.dtype)) for p in params]
+        scores = [
+            torch.zeros_like(t, dtype=kernels.accumulation_dtype(t.dtype)) for t in _locals(params)
+        ]
         seen = 0
         for inputs, targets in batches:
             size = len(targets)
+            _same_batch_everywhere(inputs, targets, params)
             for i in range(min(size, wanted - seen)):
                 with torch.enable_grad():
                     loss = loss_fn(model(inputs[i : i + 1]), targets[i : i + 1])
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                    grads = _gradients(loss, params)
                 used = [k for k, g in enumerate(grads) if g is not None]
                 squares = [grads[k].to(scores[k].dtype) for k in used]
                 kernels.add_squares_([scores[k] for k in used], squares, foreach=self.foreach)
@@ -366,12 +409,13 @@ class SparseSAM(SharpnessAwareOptimizer):
         batches: Iterable[Any],
         params: list[Tensor],
         epoch: int,
+        layout: sharded.CoordinateLayout,
     ) -> None:
         """SSAM-D's update: keep K − d live coordinates by death score, regrow d dead ones."""
         group = self.param_groups[0]
-        masks = self._masks_of(params)
-        live = torch.cat([m.reshape(-1).to(params[0].device) for m in masks])
-        size, alive = live.numel(), int(live.sum())
+        live = [m.reshape(-1) for m in self.masks()]
+        size = layout.size
+        alive = layout.total(sum(int(m.sum()) for m in live))
         target = live_count(size, float(group["sparsity"]))
         total_epochs = group["total_epochs"]
         rate = death_rate(float(group["drop_rate"]), epoch, int(total_epochs))
@@ -382,14 +426,13 @@ class SparseSAM(SharpnessAwareOptimizer):
         if "gradient" in strategies:
             gradients = self._batch_gradient(network, loss_fn, batches, params)
             _all_reduce_sum(model, gradients)
-        death = self._scores(group["drop_strategy"], params, gradients)
-        death[~live] = -math.inf
-        keep = torch.zeros(size, dtype=torch.bool, device=live.device)
-        keep[torch.topk(death, kept).indices] = True
-        growth = self._scores(group["growth_strategy"], params, gradients)
-        growth[live] = -math.inf
-        keep[torch.topk(growth, target - kept).indices] = True
-        self._set_masks(params, _split(keep, params))
+        death = self._scores(group["drop_strategy"], params, gradients, layout)
+        keep = _top_coordinates(death, live, kept, layout)
+        del death
+        growth = self._scores(group["growth_strategy"], params, gradients, layout)
+        dead = [~m for m in live]
+        grown = _top_coordinates(growth, dead, target - kept, layout)
+        self._set_masks(params, [a | b for a, b in zip(keep, grown, strict=True)])
 
     def _batch_gradient(
         self,
@@ -400,49 +443,60 @@ class SparseSAM(SharpnessAwareOptimizer):
     ) -> list[Tensor]:
         """The gradient of the first batch (one full pass, counted), zeros where unused."""
         for inputs, targets in batches:
+            _same_batch_everywhere(inputs, targets, params)
             with torch.enable_grad():
                 loss = loss_fn(model(inputs), targets)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                grads = _gradients(loss, params)
             self.cost.forward += 1.0
             self.cost.backward += 1.0
             return [
-                torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
+                torch.zeros_like(t) if g is None else g
+                for t, g in zip(_locals(params), grads, strict=True)
             ]
         raise ValueError("refresh_mask got no batch for the gradient score (SSAM-D)")
 
     def _scores(
-        self, strategy: str, params: list[Tensor], gradients: list[Tensor] | None
-    ) -> Tensor:
-        """One score per coordinate, concatenated over the parameters (float32 or better)."""
-        device = params[0].device
+        self,
+        strategy: str,
+        params: list[Tensor],
+        gradients: list[Tensor] | None,
+        layout: sharded.CoordinateLayout,
+    ) -> list[Tensor]:
+        """One flat score tensor per (local) parameter. Random scores are drawn for the whole
+        model, as without sharding, and each process keeps its shards' part."""
         if strategy == "random":
-            return torch.rand(sum(p.numel() for p in params), generator=self.generator).to(device)
-        source = params if strategy == "weight" else gradients
-        assert source is not None
-        return torch.cat(
-            [
-                t.detach().abs().reshape(-1).to(device, kernels.accumulation_dtype(t.dtype))
-                for t in source
+            whole = torch.rand(layout.size, generator=self.generator)
+            return [
+                whole[start : start + t.numel()].to(t.device)
+                for t, start in zip(layout.locals, layout.starts, strict=True)
             ]
-        )
+        source = layout.locals if strategy == "weight" else gradients
+        assert source is not None
+        return [t.detach().abs().reshape(-1) for t in source]
 
     def _random_mask(self, params: list[Tensor], sparsity: float) -> list[Tensor]:
-        """A uniformly random subset of round((1 − s)·N) coordinates."""
-        size = sum(p.numel() for p in params)
+        """A uniformly random subset of round((1 − s)·N) coordinates of the whole model (each
+        process keeps its shards' part: the same subset as without sharding)."""
+        layout = sharded.CoordinateLayout(params)
+        size = layout.size
         # The draw in int32 (4 bytes a weight; the same permutation as in int64) and the bool
-        # mask, nothing else: the first step then holds no more than a step does later.
+        # mask, nothing else; both are freed before the step's backup is taken.
         index = torch.int32 if size < 2**31 else torch.int64
         order = torch.randperm(size, generator=self.generator, dtype=index)
         flat = torch.zeros(size, dtype=torch.bool)
         flat[order[: live_count(size, sparsity)]] = True
         del order
-        return _split(flat.to(params[0].device) if params else flat, params)
+        return [
+            flat[start : start + t.numel()].view(t.shape).to(t.device)
+            for t, start in zip(layout.locals, layout.starts, strict=True)
+        ]
 
     def _trainable(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     def _masks_of(self, params: list[Tensor]) -> list[Tensor]:
-        """The masks of ``params``, made on first use (see :meth:`_make_missing_masks`)."""
+        """The packed masks of ``params`` (the state itself), made on first use (see
+        :meth:`_make_missing_masks`)."""
         if any(MASK not in self.state[p] for p in params):
             self._make_missing_masks()
         return [self.state[p][MASK] for p in params]
@@ -458,18 +512,29 @@ class SparseSAM(SharpnessAwareOptimizer):
             sparsity = float(self.param_groups[0]["sparsity"])
             self._set_masks(params, self._random_mask(params, sparsity))
             return
-        self._set_masks(missing, [torch.zeros_like(p, dtype=torch.bool) for p in missing])
+        self._set_masks(missing, [torch.zeros_like(t, dtype=torch.bool) for t in _locals(missing)])
 
     def _set_masks(self, params: list[Tensor], masks: list[Tensor]) -> None:
+        """Stores bool masks (shaped like the parameters' local tensors) packed."""
         for p, m in zip(params, masks, strict=True):
-            self.state[p][MASK] = m
+            self.state[p][MASK] = kernels.pack_mask(m)
+            self.state[p][MASK_SHAPE] = tuple(m.shape)
 
     def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict`` casts every state tensor of a floating
-        parameter to the parameter's dtype; the mask is bool again here."""
-        for entry in self.state.values():
-            if MASK in entry and entry[MASK].dtype != torch.bool:
-                entry[MASK] = entry[MASK] != 0
+        parameter to the parameter's dtype (exact for bytes 0..255, even in bfloat16): the
+        packed mask is uint8 again here. A checkpoint of the earlier format (one bool per
+        coordinate, no shape entry) is packed on load."""
+        for p, entry in self.state.items():
+            if MASK not in entry:
+                continue
+            mask = entry[MASK]
+            if MASK_SHAPE not in entry:  # the earlier format: a bool tensor shaped like p
+                local = _locals([p])[0]
+                self._set_masks([p], [(mask != 0).reshape(local.shape)])
+            elif mask.dtype != torch.uint8:
+                entry[MASK] = mask.to(torch.uint8)
+            entry[MASK_SHAPE] = tuple(int(n) for n in entry[MASK_SHAPE])
 
 
 class FisherMaskSAM(SparseSAM):
@@ -540,19 +605,114 @@ class FisherMaskSAM(SparseSAM):
         )
 
 
-def _top_coordinates(scores: list[Tensor], sparsity: float) -> list[Tensor]:
-    """Masks of the round((1 − s)·N) largest scores over all tensors together."""
-    flat = torch.cat([s.reshape(-1).to(scores[0].device) for s in scores])
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    keep[torch.topk(flat, live_count(flat.numel(), sparsity)).indices] = True
-    return _split(keep, scores)
+INT64_MAX = (1 << 63) - 1
 
 
-def _split(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
-    """``flat`` cut into tensors shaped like ``like``, on their devices: views of ``flat``
-    where it already lives there (no second copy of the mask)."""
-    pieces = flat.split([t.numel() for t in like])
-    return [piece.view(t.shape).to(t.device) for piece, t in zip(pieces, like, strict=True)]
+def _order_keys_(keys: Tensor, scores: Tensor, eligible: Tensor | None) -> None:
+    """Writes into ``keys`` int64 keys ordered as the float ``scores`` (NaN above +inf, as
+    ``torch.topk`` ranks it); coordinates not ``eligible`` get the smallest key, below every
+    score's."""
+    keys.copy_(scores.reshape(-1).double().view(torch.int64))
+    negative = keys < 0
+    keys[negative] ^= INT64_MAX  # the bits of negative floats order them the other way
+    if eligible is not None:
+        keys.masked_fill_(~eligible.reshape(-1), -INT64_MAX - 1)
+
+
+def _top_coordinates(
+    scores: list[Tensor],
+    eligible: list[Tensor] | None,
+    count: int,
+    layout: sharded.CoordinateLayout,
+) -> list[Tensor]:
+    """Masks of the ``count`` largest (eligible) scores over the whole model, shaped like
+    ``layout.locals``.
+
+    The rule, the same with and without shards: every score above the count-th largest
+    score t, then the scores equal to t in the order of their coordinates' numbers in the
+    whole model (:class:`flatminima.sharded.CoordinateLayout`), the lowest first, until
+    ``count`` are kept. Without shards t is a ``kthvalue``; on shards it is found by bisection
+    over the keys, one scalar all-reduce per halving (64), and one all-gather of each process's
+    tie counts places the ties.
+    """
+    shapes = [t.shape for t in layout.locals]
+    if count <= 0:
+        return [torch.zeros(shape, dtype=torch.bool) for shape in shapes]
+    # One int64 key per coordinate, the tensors' keys as views of one flat tensor.
+    flat = torch.empty(sum(s.numel() for s in scores), dtype=torch.int64)
+    keys = list(flat.split([s.numel() for s in scores]))
+    for k, s, e in zip(keys, scores, eligible or scores, strict=True):
+        _order_keys_(k, s, None if eligible is None else e)
+    threshold = _count_th_largest(flat, keys, count, layout)
+    above = [k > threshold for k in keys]
+    room = count - layout.total(sum(int(a.sum()) for a in above))
+    ties = [k == threshold for k in keys]
+    del keys, flat
+    tie_counts = [int(t.sum()) for t in ties]
+    everyone = layout.gathered([*tie_counts, *layout.starts])
+    n = len(ties)
+    for j, (tie, start) in enumerate(zip(ties, layout.starts, strict=True)):
+        before = sum(row[i] for row in everyone for i in range(n) if row[n + i] < start and row[i])
+        allowed = room - before
+        if allowed <= 0:
+            continue
+        if allowed < tie_counts[j]:
+            tie[tie.nonzero()[allowed:, 0]] = False
+        above[j] |= tie
+    return [a.view(shape) for a, shape in zip(above, shapes, strict=True)]
+
+
+def _count_th_largest(
+    flat: Tensor, keys: list[Tensor], count: int, layout: sharded.CoordinateLayout
+) -> int:
+    """The ``count``-th largest key over every shard (``flat``: this process's keys, of
+    which ``keys`` are the per-tensor views)."""
+    if layout.group is None:
+        return int(torch.kthvalue(flat, flat.numel() - count + 1).values)
+    low, high = -INT64_MAX - 1, INT64_MAX  # count(keys ≥ low) ≥ count always holds
+    while low < high:
+        middle = (low + high + 1) // 2
+        if layout.total(sum(int((k >= middle).sum()) for k in keys)) >= count:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _locals(params: list[Tensor]) -> list[Tensor]:
+    """The tensors this process holds: the local shards of DTensors, plain tensors as they are."""
+    return [p.to_local() if sharded.is_sharded([p]) else p for p in params]
+
+
+def _gradients(loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+    """∇loss of each parameter (of its local shard under FSDP2), ``p.grad`` left as it was.
+
+    Without sharding ``torch.autograd.grad``; under FSDP2 the gradient reaches the sharded
+    parameters only through the backward's reduce-scatter into ``p.grad``, so the gradients
+    there are set aside, the backward runs, and they are put back."""
+    if not sharded.is_sharded(params):
+        return list(torch.autograd.grad(loss, params, allow_unused=True))
+    kept = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        loss.backward()
+        return [None if p.grad is None else p.grad.to_local() for p in params]
+    finally:
+        for p, g in zip(params, kept, strict=True):
+            p.grad = g
+
+
+def _same_batch_everywhere(inputs: Tensor, targets: Tensor, params: list[Tensor]) -> None:
+    """Under FSDP2 the refresh's passes average their gradient over the processes, which is
+    the unsharded model's gradient only if every process passes the same examples."""
+    if not sharded.is_sharded(params):
+        return
+    digest = 0.0
+    for t in (inputs, targets):
+        flat = t.detach().reshape(-1).double()
+        digest += float((flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum())
+    sharded.same_on_every_process(digest, params, "refresh_mask's batches")
 
 
 def _all_reduce_sum(model: nn.Module, tensors: list[Tensor]) -> None:
