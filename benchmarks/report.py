@@ -209,8 +209,17 @@ from its own param groups, whose `foreach` entry is its own switch, so its SGD i
 take the same foreach step. flatminima methods run with their published defaults and
 `model=` given (BatchNorm statistics frozen on perturbed passes: that cost is counted).
 pytorch_optimizer runs as documented (`closure()` then `step(closure)`), with its defaults:
-on CPU its default is the per-tensor path; a second row forces `foreach=True`. The naive
-loop (`benchmarks/naive.py`) is the per-parameter SAM that circulates in blog posts.
+on CPU its default is the per-tensor path; a second row forces `foreach=True`. Its GSAM,
+WSAM and LookSAM run at flatminima's settings (GSAM ρ = 0.05 fixed, through its
+`ProportionScheduler` with equal end points, α = 0.4; WSAM ρ = 0.05, γ = 0.9, decoupled, no
+clipping; LookSAM ρ = 0.1, k = 5, α = 0.2, not its own defaults k = 10, α = 0.7). Two
+differences cannot be removed: its LookSAM splits the gradient per tensor (flatminima's
+uses global vectors, as the paper's formula) and calls the closure on every step, so it
+costs two passes on every step, not 1 + 1/k; GSAM and WSAM run their own passes inside
+`step`. Sparse SAM's rows learn their mask once before timing, through the per-epoch hook
+the runner calls, from 64 single examples (the mask's content does not change the step's
+cost). The naive loop (`benchmarks/naive.py`) is the per-parameter SAM that circulates in
+blog posts.
 
 **Step time.** One round runs one step of every row, in an order rotated every round, after
 untimed warm-up rounds; Python's garbage collector runs between rounds, not inside them.
