@@ -1,8 +1,9 @@
-"""Same-process A/B of Friendly SAM's step on W2-wide: its fast path (the EMA committed by
-the ball, :mod:`flatminima.methods.friendly_sam`) against the original parts
-(``FriendlyDirection`` then ``EuclideanBall``), and both against the base SGD step.
+"""Same-process A/B of a method's step on W2-wide: its fast path against the parts it had
+before (Friendly SAM, :mod:`flatminima.methods.friendly_sam`: the EMA committed by the ball,
+against ``FriendlyDirection`` then ``EuclideanBall``), and both against the base SGD step.
+A new fast path adds its method and original parts to :data:`ORIGINAL_PARTS`.
 
-    python -m benchmarks.perf_ab --rounds 100
+    python -m benchmarks.perf_ab --method friendly-sam --rounds 100
 
 Interleaved rounds in a rotating order, one step of each per round; ratios are paired within
 a round, then the median is taken. Thread CPU time (``time.thread_time``) by default: on a
@@ -17,6 +18,8 @@ import argparse
 import gc
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -26,22 +29,26 @@ from flatminima.directions import FriendlyDirection
 from flatminima.neighborhoods import EuclideanBall
 from flatminima.registry import METHODS
 
+ORIGINAL_PARTS: dict[str, Callable[[], tuple[Any, Any]]] = {
+    "friendly-sam": lambda: (FriendlyDirection(), EuclideanBall()),
+}
 
-def _friendly(workload: Workload, *, original_parts: bool = False) -> Prepared:
-    """Friendly SAM at its defaults on the workload, as the benchmark builds it; with
-    ``original_parts``, stepping with FriendlyDirection and EuclideanBall instead."""
+
+def _build(method: str, workload: Workload, *, original_parts: bool = False) -> Prepared:
+    """The method at its defaults on the workload, as the benchmark builds it; with
+    ``original_parts``, stepping with the parts it had before its fast path."""
     built = setup(workload, NoHooks())
-    optimizer = METHODS["friendly-sam"].build(
-        torch.optim.SGD(built.params, **BASE_HYPERPARAMETERS, foreach=True), model=built.model
-    )
+    base = torch.optim.SGD(built.params, **BASE_HYPERPARAMETERS, foreach=True)
+    optimizer: Any = METHODS[method].build(base, model=built.model)
     if original_parts:
-        optimizer.direction, optimizer.neighborhood = FriendlyDirection(), EuclideanBall()  # type: ignore[attr-defined]
+        optimizer.direction, optimizer.neighborhood = ORIGINAL_PARTS[method]()
     closure = built.closure
     return Prepared(lambda: optimizer.step(closure) and None, built.params)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.perf_ab", description=__doc__)
+    parser.add_argument("--method", choices=sorted(ORIGINAL_PARTS), default="friendly-sam")
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--wall", action="store_true", help="wall time instead of thread time")
     args = parser.parse_args(argv)
@@ -50,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     clock = time.perf_counter if args.wall else time.thread_time
 
     workload = WORKLOADS["W2-wide"]
-    original, fast = _friendly(workload, original_parts=True), _friendly(workload)
+    original = _build(args.method, workload, original_parts=True)
+    fast = _build(args.method, workload)
     base = _build_base(workload, NoHooks())
     steps = {"original": original.step, "fast": fast.step, "base": base.step}
     times: dict[str, list[float]] = {key: [] for key in steps}
@@ -71,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.enable()
 
     equal = all(torch.equal(a, b) for a, b in zip(original.params, fast.params, strict=True))
-    print(f"weights bit for bit equal after {warmup + args.rounds} steps: {equal}")
+    print(f"{args.method}: weights bit for bit equal after {warmup + args.rounds} steps: {equal}")
     for key in keys:
         ratios = [t / b for t, b in zip(times[key], times["base"], strict=True)]
         q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
