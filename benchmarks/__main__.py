@@ -177,11 +177,12 @@ def run(
     threads: int,
     workloads: list[str],
     methods: set[str] | None = None,
+    clock: str = "wall",
 ) -> dict[str, Any]:
     """Times every row (of ``methods`` only, when given) on ``workloads``, and measures their
     memory where the plan says."""
     results: dict[str, Any] = {
-        "environment": _environment(mode, threads),
+        "environment": {**_environment(mode, threads), "clock": clock},
         "plan": asdict(plan),
         "methods": None if methods is None else sorted(methods),
         "contenders": _contender_table(select(memory_contenders(), methods)),
@@ -204,6 +205,7 @@ def run(
             rounds=plan.rounds[name],
             warmup=plan.warmup[name],
             progress=_log,
+            clock=time.thread_time if clock == "thread" else time.perf_counter,
         )
         entry["timing"] = {key: t.as_dict() for key, t in timings.items()}
         if name in plan.memory_workloads:
@@ -245,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
         "and base rows always run (default: every method)",
     )
     parser.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="wall time (default: publish these) or this thread's CPU time (steadier on a busy "
+        "machine, for development)",
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         default=None,
@@ -279,7 +288,12 @@ def main(argv: list[str] | None = None) -> int:
             f"({estimate:.0f} s)"
         )
         results = run(
-            plan, mode=mode, threads=args.threads, workloads=args.workloads, methods=args.methods
+            plan,
+            mode=mode,
+            threads=args.threads,
+            workloads=args.workloads,
+            methods=args.methods,
+            clock=args.clock,
         )
         path = args.json or ROOT / "benchmarks" / "results" / f"{mode}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -289,7 +289,8 @@ def render(results: Results) -> str:
         f"{env['date']} · flatminima {env['git_commit']} · torch {env['torch']} · "
         f"pytorch_optimizer {env['pytorch_optimizer'] or 'not installed'} · Python "
         f"{env['python']} · {env['cpu']} ({env['cpu_count']} cores), {env['threads']} "
-        f"thread(s) · load average {env['load_average_at_start']:.2f} at start, "
+        f"thread(s) · {env.get('clock', 'wall')} clock · load average "
+        f"{env['load_average_at_start']:.2f} at start, "
         f"{env.get('load_average_at_end', float('nan')):.2f} at end",
         "",
         "## Targets",

@@ -97,11 +97,14 @@ def time_interleaved(
     rounds: int,
     warmup: int,
     progress: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, TimingResult]:
     """Times ``rounds`` interleaved steps of every contender after ``warmup`` untimed rounds.
 
     ``contenders`` must include the ``passes`` and ``base`` rows: every other row is measured
-    against them.
+    against them. ``clock``: wall time by default (what a user waits); ``time.thread_time``
+    (this thread's CPU time) moves far less on a machine shared with other work, for
+    comparisons during development.
     """
     keys = [c.key for c in contenders]
     if "passes" not in keys or "base" not in keys:
@@ -109,7 +112,6 @@ def time_interleaved(
     prepared: list[Prepared] = [c.build(workload, NoHooks()) for c in contenders]
     times: dict[str, list[float]] = {key: [] for key in keys}
     counted_before: list[tuple[float, float] | None] = [None] * len(prepared)
-    clock = time.perf_counter
     for round_index in range(warmup + rounds):
         if round_index == warmup:
             counted_before = [_counted(p) for p in prepared]
