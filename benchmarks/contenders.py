@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -26,7 +27,8 @@ from torch import Tensor, nn
 
 from benchmarks.naive import NaiveLoopSAM, NaiveTiltedSAM
 from benchmarks.workloads import Workload
-from flatminima.registry import METHODS
+from flatminima.registry import METHODS, start_epoch
+from flatminima.step import Cost
 
 Step = Callable[[], None]
 """One whole training step on the workload's fixed batch."""
@@ -62,7 +64,10 @@ class Contender:
     method: str
     """The method it implements (``sam``, ``friendly-sam``...), or ``sgd`` / ``passes``."""
     passes: float
-    """Forward/backward passes per optimizer step, averaged over one cycle of the method."""
+    """Closure calls per optimizer step, averaged over one cycle of the method: the compute
+    of the peers, and the estimate for flatminima's rows, whose timing reports the compute
+    their optimizer counted (:attr:`Prepared.cost`; a subset or a forward-only probe is less
+    than a pass)."""
     build: Callable[[Workload, Hooks], Prepared] = field(compare=False, repr=False)
 
 
@@ -75,6 +80,12 @@ class Prepared:
     steps_per_call: int = 1
     """Optimizer steps one call of ``step`` runs: a whole cycle for methods whose steps
     differ (LookSAM's refresh every k steps), so that every timed call costs the same."""
+    cost: Callable[[], Cost] | None = None
+    """The compute the optimizer counted so far (flatminima's ``optimizer.cost``, forward and
+    backward passes in whole batches); ``None`` for rows that do not count it."""
+    method_state: Callable[[], list[Tensor]] | None = None
+    """The tensors of the method's own persistent state (``optimizer.state``, not the base
+    optimizer's): the memory report adds up their storage, whenever it was allocated."""
 
 
 @dataclass
@@ -157,13 +168,31 @@ def _build_base(workload: Workload, hooks: Hooks) -> Prepared:
 
 
 def _build_flatminima(
-    method: str, overrides: dict[str, Any]
+    method: str, overrides: dict[str, Any], *, learn_first: bool = False
 ) -> Callable[[Workload, Hooks], Prepared]:
+    """``learn_first``: call the per-epoch hook once when building (see below); without it a
+    method starts from its initial state (Sparse SAM's Fisher mask all zeros until its first
+    refresh, its dynamic mask drawn at the first step, inside what is measured)."""
+
     def build(workload: Workload, hooks: Hooks) -> Prepared:
         built = setup(workload, hooks)
         base = _sgd(built.params)
         _instrument_base(base, hooks)
         optimizer = METHODS[method].build(base, model=built.model, **overrides)
+        # The per-epoch hook a training loop calls (the runner does) before the first epoch,
+        # on the workload's batch repeated as often as asked: a method that learns from data
+        # outside the step (Sparse SAM's Fisher mask, from 1,024 single examples by default)
+        # is timed and measured with what it learnt, not with its initial state. Outside the
+        # timed steps; its passes are not counted in the row's.
+        if learn_first:
+            x, y = workload.build_batch()
+            start_epoch(
+                optimizer,
+                0,
+                model=built.model,
+                loss_fn=workload.loss,
+                batches=lambda: itertools.repeat((x, y)),
+            )
         closure = built.closure
         cycle = METHODS[method].cycle(overrides)
 
@@ -171,7 +200,21 @@ def _build_flatminima(
             for _ in range(cycle):
                 optimizer.step(lambda evaluation: closure(evaluation))
 
-        return Prepared(step, built.params, steps_per_call=cycle)
+        def method_state() -> list[Tensor]:
+            return [
+                value
+                for entry in optimizer.state.values()
+                for value in entry.values()
+                if isinstance(value, Tensor)
+            ]
+
+        return Prepared(
+            step,
+            built.params,
+            steps_per_call=cycle,
+            cost=lambda: optimizer.cost,
+            method_state=method_state,
+        )
 
     return build
 
@@ -295,9 +338,35 @@ def _naive_tilted(num_samples: int) -> Contender:
     return Contender(
         f"naive:tilted-sam:s{num_samples}",
         f"Tilted SAM as released: per-sample gradient clones (s={num_samples})",
-        "peer", "tilted-sam", 2 * num_samples,
+        "peer",
+        "tilted-sam",
+        2 * num_samples,
         _build_naive_tilted(num_samples),
     )
+
+
+SHOWN_HYPERPARAMETERS = ("k", "beta", "gamma", "micro_batches", "mask", "sparsity")
+"""Hyperparameters that change what a step computes, shown in a row's label (by the paper's
+symbol) when its method declares them: they decide the row's cost."""
+
+
+def _configuration_label(spec: Any, overrides: dict[str, Any]) -> str:
+    values = spec.resolved(overrides)
+    shown = [
+        f"{h.symbol if h.symbol != '-' else h.name}={values[h.name]}"
+        for h in spec.build_fn.declaration
+        if h.name in SHOWN_HYPERPARAMETERS
+    ]
+    return f" ({', '.join(shown)})" if shown else ""
+
+
+REFRESH_ONLY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "sparse-sam": {"num_samples": 64},
+    "fisher-mask-sam": {"num_samples": 64},
+}
+"""Settings that shape only what a method learns outside the step, never the step's cost: the
+Fisher mask from 64 single examples instead of 1,024 (the mask multiplies ε whatever its
+ones; 1,024 batch-1 passes would add minutes to every build)."""
 
 
 def _flatminima_contenders(tilted_samples: int) -> list[Contender]:
@@ -305,22 +374,34 @@ def _flatminima_contenders(tilted_samples: int) -> list[Contender]:
     for name, spec in METHODS.items():
         if spec.build_fn is None:
             continue
-        overrides: dict[str, Any] = {}
+        overrides: dict[str, Any] = dict(REFRESH_ONLY_OVERRIDES.get(name, {}))
         label = f"flatminima {spec.build_fn.__name__}"
-        if "num_samples" in spec.hyperparameters:
+        key = f"flatminima:{name}"
+        if name == "tilted-sam":  # its samples, s, are the benchmark's choice, not a default
             overrides["num_samples"] = tilted_samples
             label += f" (s={tilted_samples})"
+            key += f":s{tilted_samples}"
+        else:
+            label += _configuration_label(spec, overrides)
         contenders.append(
             Contender(
-                key=f"flatminima:{name}" + (f":s{tilted_samples}" if overrides else ""),
+                key=key,
                 label=label,
                 kind="flatminima",
                 method=name,
                 passes=spec.mean_passes_per_step(overrides),
-                build=_build_flatminima(name, overrides),
+                build=_build_flatminima(name, overrides, learn_first=True),
             )
         )
     return contenders
+
+
+def select(rows: list[Contender], methods: Collection[str] | None) -> list[Contender]:
+    """The rows of ``methods`` (flatminima's and the peers implementing them) and the two
+    reference rows every ratio needs (the pass alone, the base step); all rows for ``None``."""
+    if methods is None:
+        return rows
+    return [c for c in rows if c.kind in ("passes", "base") or c.method in methods]
 
 
 def pytorch_optimizer_available() -> bool:
@@ -345,31 +426,41 @@ def contenders(*, peers: bool = True, tilted_samples: int = 3) -> list[Contender
             Contender(
                 "pytorch_optimizer:sam",
                 "pytorch_optimizer SAM (default: per-tensor on CPU)",
-                "peer", "sam", 2,
+                "peer",
+                "sam",
+                2,
                 _build_pytorch_optimizer("SAM", rho=0.05),
             ),
             Contender(
                 "pytorch_optimizer:sam-foreach",
                 "pytorch_optimizer SAM (foreach=True)",
-                "peer", "sam", 2,
+                "peer",
+                "sam",
+                2,
                 _build_pytorch_optimizer("SAM", rho=0.05, foreach=True),
             ),
             Contender(
                 "pytorch_optimizer:friendly-sam",
                 "pytorch_optimizer FriendlySAM (default)",
-                "peer", "friendly-sam", 2,
+                "peer",
+                "friendly-sam",
+                2,
                 _build_pytorch_optimizer("FriendlySAM", rho=0.2, sigma=1.0, lmbda=0.6),
             ),
             Contender(
                 "pytorch_optimizer:gsam",
                 "pytorch_optimizer GSAM (foreach, from the base SGD's groups)",
-                "peer", "gsam", 2,
+                "peer",
+                "gsam",
+                2,
                 _build_pytorch_optimizer_gsam,
             ),
             Contender(
                 "pytorch_optimizer:wsam",
                 "pytorch_optimizer WSAM (default: per-tensor on CPU)",
-                "peer", "wsam", 2,
+                "peer",
+                "wsam",
+                2,
                 _build_pytorch_optimizer_wsam,
             ),
             # Its step(closure) calls the closure on every step, also between refreshes (at w,
@@ -377,7 +468,9 @@ def contenders(*, peers: bool = True, tilted_samples: int = 3) -> list[Contender
             Contender(
                 "pytorch_optimizer:looksam",
                 "pytorch_optimizer LookSAM (k=5, alpha=0.2; per tensor)",
-                "peer", "looksam", 2,
+                "peer",
+                "looksam",
+                2,
                 _build_pytorch_optimizer("LookSAM", cycle=5, rho=0.1, k=5, alpha=0.2),
             ),
         ]

@@ -80,9 +80,7 @@ class AllocationTracker(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         inputs = {
-            id(t.untyped_storage())
-            for t in tree_leaves((args, kwargs))
-            if isinstance(t, Tensor)
+            id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)
         }
         allocated = False
         for t in tree_leaves(out):
@@ -182,6 +180,20 @@ class MemoryResult:
     """The most it held while a forward/backward pass ran (what adds to activation memory)."""
     between_steps: float
     """What it still holds after its step, gradients excluded: its persistent state."""
+    state: float | None = None
+    """The storage of the tensors in the method's own ``optimizer.state`` after the steps
+    (Friendly SAM's EMA, Sparse SAM's mask), however stored and whenever allocated (also
+    before the tracker started, e.g. by a mask refresh); ``None`` for rows without one."""
+
+
+def state_bytes(tensors: list[Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (a storage shared by views counts
+    once; a bit-packed mask counts its packed bytes)."""
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr(), storage.nbytes()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def measure(contender: Contender, workload: Workload, *, steps: int) -> MemoryResult:
@@ -200,8 +212,12 @@ def measure(contender: Contender, workload: Workload, *, steps: int) -> MemoryRe
         for p in prepared.params:
             p.grad = None
         between = tracker.held()
+    state = None
+    if prepared.method_state is not None:
+        state = state_bytes(prepared.method_state()) / parameter_bytes
     return MemoryResult(
         peak=tracker.peak_held / parameter_bytes,
         during_passes=tracker.peak_held_during_passes / parameter_bytes,
         between_steps=between / parameter_bytes,
+        state=state,
     )

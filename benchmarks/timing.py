@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from benchmarks.contenders import Contender, NoHooks, Prepared
 from benchmarks.workloads import Workload
+from flatminima.step import Cost
 
 
 @dataclass
@@ -59,6 +60,34 @@ class TimingResult:
     """The overhead minus the base step's own overhead in the same round: what the
     sharpness-aware part adds to the base optimizer's arithmetic."""
     samples: int
+    passes: float
+    """Forward/backward passes per optimizer step in whole-batch units, averaged over the
+    timed steps: the compute the optimizer counted (a backward weighs two forwards, see
+    :class:`flatminima.step.Cost`) where it counts it, else the contender's closure calls."""
+    forward: float | None = None
+    """Forward passes per step in whole batches, as the optimizer counted them (or ``None``)."""
+    backward: float | None = None
+    """Backward passes per step in whole batches, as the optimizer counted them (or ``None``)."""
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "step_s": self.step.as_dict(),
+            "ratio_to_base": self.ratio_to_base.as_dict(),
+            "overhead_s": self.overhead.as_dict(),
+            "beyond_base_s": self.beyond_base.as_dict(),
+            "samples": self.samples,
+            "passes": self.passes,
+            "forward": self.forward,
+            "backward": self.backward,
+        }
+
+
+def _counted(prepared: Prepared) -> tuple[float, float] | None:
+    """(forward, backward) the optimizer counted so far, or ``None`` if it does not count."""
+    if prepared.cost is None:
+        return None
+    cost = prepared.cost()
+    return cost.forward, cost.backward
 
 
 def time_interleaved(
@@ -68,19 +97,24 @@ def time_interleaved(
     rounds: int,
     warmup: int,
     progress: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, TimingResult]:
     """Times ``rounds`` interleaved steps of every contender after ``warmup`` untimed rounds.
 
     ``contenders`` must include the ``passes`` and ``base`` rows: every other row is measured
-    against them.
+    against them. ``clock``: wall time by default (what a user waits); ``time.thread_time``
+    (this thread's CPU time) moves far less on a machine shared with other work, for
+    comparisons during development.
     """
     keys = [c.key for c in contenders]
     if "passes" not in keys or "base" not in keys:
         raise ValueError("the contenders must include 'passes' and 'base'")
     prepared: list[Prepared] = [c.build(workload, NoHooks()) for c in contenders]
     times: dict[str, list[float]] = {key: [] for key in keys}
-    clock = time.perf_counter
+    counted_before: list[tuple[float, float] | None] = [None] * len(prepared)
     for round_index in range(warmup + rounds):
+        if round_index == warmup:
+            counted_before = [_counted(p) for p in prepared]
         shift = round_index % len(contenders)
         order = list(range(shift, len(contenders))) + list(range(shift))
         measured: dict[str, float] = {}
@@ -105,16 +139,25 @@ def time_interleaved(
 
     passes, base = times["passes"], times["base"]
     results = {}
-    for contender in contenders:
+    for contender, built, before in zip(contenders, prepared, counted_before, strict=True):
         own = times[contender.key]
         rounds_ = list(zip(own, base, passes, strict=True))
+        forward = backward = None
+        per_step = contender.passes
+        after = _counted(built)
+        if before is not None and after is not None and rounds > 0:
+            steps = rounds * built.steps_per_call
+            forward = (after[0] - before[0]) / steps
+            backward = (after[1] - before[1]) / steps
+            per_step = Cost(forward, backward).passes
         results[contender.key] = TimingResult(
             step=Spread.of(own),
             ratio_to_base=Spread.of([t / b for t, b, _ in rounds_]),
-            overhead=Spread.of([t - contender.passes * p for t, _, p in rounds_]),
-            beyond_base=Spread.of(
-                [(t - contender.passes * p) - (b - p) for t, b, p in rounds_]
-            ),
+            overhead=Spread.of([t - per_step * p for t, _, p in rounds_]),
+            beyond_base=Spread.of([(t - per_step * p) - (b - p) for t, b, p in rounds_]),
             samples=len(own),
+            passes=per_step,
+            forward=forward,
+            backward=backward,
         )
     return results

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from flatminima import hyperparameters as hp
-from flatminima.directions import FriendlyDirection
+from flatminima import kernels, sharded
+from flatminima.directions import FRIENDLY_EMA, FriendlyDirection, State
 from flatminima.engine import SharpnessAwareOptimizer
-from flatminima.neighborhoods import EuclideanBall
+from flatminima.groups import GroupView, all_grads
+from flatminima.neighborhoods import GRADIENT_NORM_EPSILON, EuclideanBall, _scale_to_radius_
 
 
 class FriendlySAM(SharpnessAwareOptimizer):
@@ -75,11 +80,106 @@ class FriendlySAM(SharpnessAwareOptimizer):
         model: nn.Module | None = None,
         foreach: bool | None = None,
     ) -> None:
+        direction = _DeferredFriendlyDirection()
         super().__init__(
             base_optimizer,
             hyperparameters={"rho": rho, "sigma": sigma, "lmbda": lmbda},
-            direction=FriendlyDirection(),
-            neighborhood=EuclideanBall(),
+            direction=direction,
+            neighborhood=_CommittingBall(direction),
             model=model,
             foreach=foreach,
         )
+
+
+# -- the fast path: the EMA's update committed by the ball ---------------------------------
+#
+# FriendlyDirection reads every gradient once to check that it is finite (a non-finite one
+# must leave the EMA untouched), then sweeps g and m: d = g − σ·m into g, and the EMA updated
+# in place, which needs the old m saved on the way (three calls per chunk). Here the direction
+# writes the EMA's next value into the scratch memory the engine lends before the weights'
+# backup fills it, leaving m as it was (two calls per chunk, no check), and the ball, which
+# reads ‖d‖ anyway, commits the EMA by exchanging the two tensors' memory when the gradient
+# was finite: ‖d‖ finite means g was. When ‖d‖ is not usable, the EMA is committed if its next
+# value is finite (a non-finite g always makes it so). ε, the EMA and the weights are the
+# same, bit for bit, as FriendlyDirection's followed by EuclideanBall's; the one case that
+# differs is a finite gradient whose EMA update itself overflows (|g − m| beyond the dtype's
+# range), where FriendlyDirection stores the non-finite EMA and this path keeps the old one.
+# Anything else (the first step, the per-tensor loop, torch.compile, FSDP2's DTensors, a
+# backup already taken) takes FriendlyDirection and EuclideanBall unchanged.
+
+
+@dataclass
+class _PendingEma:
+    """The EMA's next value, computed but not committed yet."""
+
+    emas: list[Tensor]
+    next_values: list[Tensor]
+
+    def next_values_finite(self) -> bool:
+        return math.isfinite(kernels.global_norm(self.next_values, foreach=True))
+
+    def commit(self) -> None:
+        kernels._swap_storages_(self.emas, self.next_values)
+
+
+class _DeferredFriendlyDirection(FriendlyDirection):
+    """FriendlyDirection, deferring the EMA's update to :class:`_CommittingBall` where it can."""
+
+    def __init__(self) -> None:
+        self.pending: _PendingEma | None = None
+
+    def direction_(self, views: list[GroupView], state: State, *, foreach: bool) -> None:
+        self.pending = None
+        if not self._deferrable(views, state, foreach):
+            super().direction_(views, state, foreach=foreach)
+            return
+        pending = _PendingEma([], [])
+        for view in views:
+            emas = [state[p][FRIENDLY_EMA] for p in view.params]
+            scratch = view.scratch_or_new()  # the backup's memory, lent until it fills it
+            kernels._friendly_direction_deferred_(
+                view.grads,
+                emas,
+                scratch,
+                float(view.hyperparameters["sigma"]),
+                float(view.hyperparameters["lmbda"]),
+            )
+            pending.emas += emas
+            pending.next_values += scratch
+        self.pending = pending
+
+    @staticmethod
+    def _deferrable(views: list[GroupView], state: State, foreach: bool) -> bool:
+        if not foreach or torch.compiler.is_compiling() or not views:
+            return False
+        for view in views:
+            if getattr(view, "lender", None) is None and view.scratch is None:
+                return False  # nothing lent: a scratch copy would be a third parameter copy
+            if sharded.is_sharded(view.grads):
+                return False
+            for p, g in zip(view.params, view.grads, strict=True):
+                ema = state[p].get(FRIENDLY_EMA)
+                if ema is None or ema.dtype != g.dtype or ema.shape != g.shape:
+                    return False  # a first step (m = g) or a new parameter
+        return True
+
+
+class _CommittingBall(EuclideanBall):
+    """EuclideanBall that commits the EMA the direction left pending (see above)."""
+
+    def __init__(self, direction: _DeferredFriendlyDirection) -> None:
+        self.direction = direction
+
+    def perturbation_(self, views: list[GroupView], *, foreach: bool) -> None:
+        pending, self.direction.pending = self.direction.pending, None
+        if pending is None:
+            super().perturbation_(views, foreach=foreach)
+            return
+        norm, norm_tensor = kernels.norm_and_tensor(all_grads(views), foreach=foreach)
+        usable = math.isfinite(norm) and norm > 0.0
+        if usable or pending.next_values_finite():
+            pending.commit()
+        if not usable:
+            kernels.zero_(all_grads(views), foreach=foreach)
+            return
+        _scale_to_radius_(views, norm, norm_tensor, GRADIENT_NORM_EPSILON, foreach=foreach)
