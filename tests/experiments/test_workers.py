@@ -50,7 +50,7 @@ def test_every_task_starts_reports_progress_and_ends_with_its_result(jobs: int) 
         assert len({event.slot for event in mine}) == 1 and mine[0].slot < jobs
 
 
-def test_workers_that_all_exit_are_reported_not_waited_for() -> None:
+def test_a_worker_that_dies_is_reported_not_waited_for() -> None:
     with pytest.raises(WorkersExited, match=r"task\(s\): worker processes exited") as raised:
         _collect(2, task=_die_on_three, items=range(8))
     assert 1 <= raised.value.remaining <= 7

@@ -9,8 +9,10 @@ Workers are started with ``spawn``, not ``fork``: a forked copy of a process tha
 PyTorch's thread pools can deadlock, and spawn behaves the same on every platform. Each worker
 ignores Ctrl-C (it reaches the whole process group: the parent handles it and stops the
 workers, which would otherwise each print a traceback) and stops taking tasks once its parent
-is gone. A worker that dies does not hang the caller: once every worker has exited with tasks
-left, :class:`WorkersExited` says how many.
+is gone. A worker that dies does not hang the caller: :class:`WorkersExited` says how many
+tasks were left. One dead worker is enough to stop the pool, the others with it: killed at
+any moment, it may die holding the shared queues' lock, and every other worker would then
+block forever on its next report.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class Event:
 
 
 class WorkersExited(RuntimeError):
-    """Every worker process exited with tasks left (killed, or out of memory)."""
+    """A worker process died with tasks left (killed, or out of memory); the others are
+    stopped with it."""
 
     def __init__(self, remaining: int) -> None:
         super().__init__(f"{remaining} task(s): worker processes exited before finishing them")
@@ -96,7 +99,10 @@ def run_tasks(
             try:
                 event = events.get(timeout=1.0)
             except queue.Empty:
-                if not any(process.is_alive() for process in processes):
+                # A second of silence: whatever the workers had sent has been read. A worker
+                # that died (not one that finished its share) may hold the events queue's lock.
+                died = any(process.exitcode not in (None, 0) for process in processes)
+                if died or not any(process.is_alive() for process in processes):
                     raise WorkersExited(remaining) from None
                 continue
             on_event(event)
