@@ -31,11 +31,12 @@ when a Ray grid runs.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import sqlite3
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -46,6 +47,7 @@ from flatminima.experiments.config import ConfigError, RunConfig
 from flatminima.experiments.data import DatasetUnavailableError, fingerprint
 from flatminima.experiments.progress import GridProgress
 from flatminima.experiments.runner import (
+    EpochMetrics,
     GridStoppedError,
     GridSummary,
     _count,
@@ -91,59 +93,75 @@ def task_resources(config: RunConfig, threads: int) -> dict[str, float]:
     return {"num_cpus": threads * config.processes, "num_gpus": 0}
 
 
-@dataclass(frozen=True)
-class Report:
-    """What a task tells the driver while it trains."""
+Report = tuple[str, int, str, dict[str, Any]]
+"""What a task tells the driver while it trains: ``(kind, index, attempt, payload)``.
 
-    kind: str
-    """``start`` (payload: the worker's ``environment`` and ``data_fingerprint``) or ``epoch``
-    (payload: the epoch's metrics, keyed as the ``epochs`` table)."""
-    index: int
-    """The configuration's position in the driver's list of runs to train."""
-    attempt: str
-    """Unique to one execution of the task: the reports of an execution whose worker died
-    are told apart from its retry's."""
-    payload: dict[str, Any]
+``kind`` is ``start`` (payload: the worker's ``environment`` and ``data_fingerprint``) or
+``epoch`` (payload: the epoch's metrics, keyed as the ``epochs`` table); ``index`` the
+configuration's position in the driver's list of runs to train; ``attempt`` is unique to one
+execution of the task, so that the reports of an execution whose worker died are told apart
+from its retry's. Plain values: the inbox's process never needs flatminima to read them."""
 
 
-class Inbox:
-    """The reports of every task, in the order they arrived, until the driver takes them (a Ray
-    actor on the driver's node: it lives and dies with the driver)."""
+def _inbox_class() -> type:
+    """The inbox: every task's reports in the order they arrived, until the driver takes them
+    (a Ray actor on the driver's node, living and dying with the driver). Built here, not at
+    module level, so that Ray ships the class itself rather than an import of this module: the
+    actor's process then starts without importing flatminima and PyTorch (seconds on a busy
+    machine, every grid)."""
 
-    def __init__(self) -> None:
-        self._reports: list[Report] = []
+    class Inbox:
+        def __init__(self) -> None:
+            self.reports: list[Report] = []
 
-    def put(self, report: Report) -> None:
-        self._reports.append(report)
+        def put(self, report: Report) -> None:
+            self.reports.append(report)
 
-    def take(self) -> list[Report]:
-        reports, self._reports = self._reports, []
-        return reports
+        def take(self) -> list[Report]:
+            reports, self.reports = self.reports, []
+            return reports
+
+    return Inbox
 
 
 def train_on_worker(
     config: RunConfig, data_dir: Path | None, threads: int, inbox: Any, index: int
 ) -> dict[str, Any]:
-    """The body of a run's task: train ``config`` from scratch, reporting to ``inbox`` (the
-    reports are delivered before training goes on: the driver has them all once the task
-    ends); returns the final metrics and the weights, serialised."""
-    ray = import_ray()
+    """The body of a run's task: train ``config`` from scratch, reporting its start and every
+    epoch to ``inbox`` as they happen; returns all of it again (the reports are sent without
+    waiting, and may still be on their way when the task ends), the final metrics and the
+    weights, serialised."""
     attempt = uuid.uuid4().hex
+    epochs: list[dict[str, Any]] = []
 
     def report(kind: str, payload: dict[str, Any]) -> None:
-        ray.get(inbox.put.remote(Report(kind, index, attempt, payload)))
+        # Not waited for: a task blocked in Ray gives its CPU back, and Ray starts another
+        # worker process on it. Plain values (through JSON): reading torch's version string
+        # would make the inbox's process import PyTorch, holding every report up meanwhile.
+        inbox.put.remote((kind, index, attempt, json.loads(json.dumps(payload))))
+
+    def on_epoch(metrics: EpochMetrics) -> None:
+        epochs.append(asdict(metrics))
+        report("epoch", epochs[-1])
 
     with _torch_threads(threads):
         # Before the start is reported, as before a local claim: data that cannot be read is
         # not a failure of this configuration.
-        data_fingerprint = fingerprint(config.dataset, data_dir)
-        report("start", {"environment": environment(), "data_fingerprint": data_fingerprint})
-        outcome = load_and_train(
-            config, data_dir, on_epoch=lambda metrics: report("epoch", asdict(metrics))
-        )
+        start = {
+            "environment": environment(),
+            "data_fingerprint": fingerprint(config.dataset, data_dir),
+        }
+        report("start", start)
+        outcome = load_and_train(config, data_dir, on_epoch=on_epoch)
     weights = io.BytesIO()
     torch.save(outcome.state_dict, weights)
-    return {"attempt": attempt, "final": outcome.final, "weights": weights.getvalue()}
+    return {
+        "attempt": attempt,
+        "start": start,
+        "epochs": epochs,
+        "final": outcome.final,
+        "weights": weights.getvalue(),
+    }
 
 
 def run_grid_on_ray(
@@ -247,9 +265,11 @@ class _RayGrid:
     ) -> None:
         self.ray, self.store, self.pending, self.summary = ray, store, pending, summary
         self.bars, self.stale_after_s = bars, stale_after_s
-        self.tasks: dict[Any, int] = {}  # object reference of a task's result → its index
+        self.tasks: dict[int, Any] = {}  # index → the object reference of its task's result
         self.run_ids: dict[int, int] = {}  # claimed runs
         self.attempts: dict[int, str] = {}  # the execution of each task that counts now
+        self.seen: set[str] = set()  # every execution that reported its start
+        self.recorded: dict[int, int] = {}  # epochs in the database of that execution
         self.ended: set[int] = set()
         self.slots = _Slots(bars, len(bars.labels))
 
@@ -259,7 +279,7 @@ class _RayGrid:
 
         # On the driver's node, and needing no CPU: it must never wait behind the training.
         inbox = (
-            ray.remote(Inbox)
+            ray.remote(_inbox_class())
             .options(
                 num_cpus=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(
@@ -270,56 +290,62 @@ class _RayGrid:
         )
         task = ray.remote(train_on_worker)
         try:
+            # Up before the first task: reports sent to an actor still starting wait in the
+            # worker (and die with it), and the first epochs would reach the database late.
+            ray.get(inbox.take.remote())
             for index, config in enumerate(self.pending):
-                options = task.options(
+                self.tasks[index] = task.options(
                     **task_resources(config, threads),
                     max_retries=max_retries,
                     name=f"flatminima {config.label}",
-                )
-                self.tasks[options.remote(config, data_dir, threads, inbox, index)] = index
-            self.by_index = {index: ref for ref, index in self.tasks.items()}
+                ).remote(config, data_dir, threads, inbox, index)
+            index_of = {ref: index for index, ref in self.tasks.items()}
             while self.tasks and not self.summary.stopped:
-                done, _ = ray.wait(list(self.tasks), num_returns=1, timeout=POLL_S)
-                # Reports first: a task that ended has delivered all of its reports.
-                for report in ray.get(inbox.take.remote()):
+                done, _ = ray.wait(list(self.tasks.values()), num_returns=1, timeout=POLL_S)
+                for kind, index, attempt, payload in ray.get(inbox.take.remote()):
                     if self.summary.stopped:
                         break
-                    self._follow(report)
+                    self._follow(kind, index, attempt, payload)
                 for ref in done:
-                    if not self.summary.stopped:
-                        self._end(self.tasks.pop(ref), ref)
+                    index = index_of[ref]
+                    if index in self.tasks and not self.summary.stopped:
+                        del self.tasks[index]
+                        self._end(index, ref)
         finally:
             # A stop or an interruption: the runs still training stay `running` under this
             # process, and the next `compare` redoes them.
-            for ref in self.tasks:
+            for ref in self.tasks.values():
                 ray.cancel(ref, force=True)
             ray.kill(inbox)
             self.bars.close()
 
     # --- reports ------------------------------------------------------------------------------
 
-    def _follow(self, report: Report) -> None:
-        if report.index in self.ended:
-            return  # cancelled, or failed while its reports were on their way
-        if report.kind == "start":
-            self._start(report)
-        elif report.attempt == self.attempts.get(report.index):
-            self._epoch(report.index, report.payload)
+    def _follow(self, kind: str, index: int, attempt: str, payload: dict[str, Any]) -> None:
+        if index in self.ended:
+            return  # ended already: its result was recorded, or it was cancelled
+        if kind == "start":
+            self._start(index, attempt, payload)
+        elif attempt == self.attempts.get(index):
+            self._epoch(index, payload)
         # Else an epoch of an execution whose worker died, overtaken by its retry's start.
 
-    def _start(self, report: Report) -> None:
-        """Claim the run for this execution (again, for a retry: the claim deletes the epochs
-        a dead worker left and counts the attempt)."""
-        index, config = report.index, self.pending[report.index]
-        self.attempts[index] = report.attempt
+    def _start(self, index: int, attempt: str, payload: dict[str, Any]) -> None:
+        """Claim the run for this execution of its task (again, for a retry: the claim deletes
+        the epochs a dead worker left and counts the attempt)."""
+        if attempt in self.seen:
+            return  # a dead execution's start, overtaken by its retry's
+        self.seen.add(attempt)
+        config = self.pending[index]
+        self.attempts[index], self.recorded[index] = attempt, 0
         try:
             run_id = self.store.claim(
                 config.config_hash,
                 config.to_dict(),
-                report.payload["environment"],
+                payload["environment"],
                 get_method(config.method).passes_per_step(config.hyperparameters),
                 stale_after_s=self.stale_after_s,
-                data_fingerprint=report.payload["data_fingerprint"],
+                data_fingerprint=payload["data_fingerprint"],
             )
         except Exception as error:
             self._give_up(index, error)
@@ -340,14 +366,13 @@ class _RayGrid:
         except Exception as error:
             self._give_up(index, error)
             return
+        self.recorded[index] += 1
         self.slots.epoch(index, metrics["test_accuracy"])
 
     # --- ends ---------------------------------------------------------------------------------
 
     def _end(self, index: int, ref: Any) -> None:
         """The task of ``index`` ended: record what it returned, or why it failed."""
-        if index in self.ended:
-            return
         exceptions = self.ray.exceptions
         try:
             result = self.ray.get(ref)
@@ -358,13 +383,20 @@ class _RayGrid:
         except exceptions.RayError as error:  # its worker died past the retries, its node lost…
             self._give_up(index, error)
             return
-        config = self.pending[index]
+        # What the reports still on their way would have said.
+        if self.attempts.get(index) != result["attempt"]:
+            self._start(index, result["attempt"], result["start"])
+        for metrics in result["epochs"][self.recorded.get(index, 0) :]:
+            if index in self.ended:
+                return
+            self._epoch(index, metrics)
+        if index in self.ended:
+            return
+        config, run_id = self.pending[index], self.run_ids[index]
         try:
-            if index not in self.run_ids or result["attempt"] != self.attempts[index]:
-                raise RuntimeError("the task ended without having reported its start")
             state = torch.load(io.BytesIO(result["weights"]), weights_only=True)
-            path = self.store.save_weights(self.run_ids[index], config.config_hash, state)
-            self.store.finish(self.run_ids[index], result["final"], path)
+            path = self.store.save_weights(run_id, config.config_hash, state)
+            self.store.finish(run_id, result["final"], path)
         except RunLostError:
             logger.warning("%s was taken over by another process: stopped", config.label)
             self._finish(index, "skipped", None)
@@ -396,10 +428,9 @@ class _RayGrid:
     def _end_early(self, index: int, status: str, error: str | None = None) -> None:
         """End a run whose task may still be running: it is cancelled (a skipped run is
         another process's, a failed one has nothing more to give)."""
-        ref = self.by_index.get(index)
-        if ref in self.tasks:
+        ref = self.tasks.pop(index, None)
+        if ref is not None:
             self.ray.cancel(ref, force=True)
-            del self.tasks[ref]
         self._finish(index, status, error)
 
     def _finish(self, index: int, status: str, error: str | None) -> None:
