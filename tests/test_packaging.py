@@ -55,7 +55,7 @@ def test_extras_hold_the_runner_and_the_integrations():
     extras = PYPROJECT["project"]["optional-dependencies"]
     experiments = {re.split(r"[<>=!~\[ ]", r)[0] for r in extras["experiments"]}
     assert experiments == {"numpy", "tqdm", "matplotlib", "scikit-learn", "scipy", "mnist1d"}
-    for extra in ("lightning", "transformers", "accelerate", "docs", "test"):
+    for extra in ("lightning", "transformers", "accelerate", "ray", "docs", "test"):
         assert extras[extra], extra
     # No extra may pin torch: the exact pin lives in scripts/constraints.txt only.
     assert not any(r.startswith("torch") for reqs in extras.values() for r in reqs)

@@ -195,44 +195,46 @@ def run_grid_on_ray(
             f"--executor ray trains each run in one process; {many[0].label} asks for "
             f"{many[0].processes} (use the local executor for multi-process runs)"
         )
-    summary, pending = grid_to_run(configs, db_path, data_dir)
-    if not pending:
-        GridProgress(summary.total, summary.already_finished, 1, progress).close()
-        return summary
-    cpus_per_run = max(task_resources(config, threads)["num_cpus"] for config in pending)
-    started_here = _connect(ray, address, num_cpus=jobs * cpus_per_run)
+    # A cluster that cannot be joined is refused before the database is touched; a local
+    # instance is started only when there is something to train.
+    started_here = address is not None and _connect(ray, address)
     try:
+        summary, pending = grid_to_run(configs, db_path, data_dir)
+        if not pending:
+            GridProgress(summary.total, summary.already_finished, 1, progress).close()
+            return summary
+        cpus_per_run = max(task_resources(config, threads)["num_cpus"] for config in pending)
+        if address is None:
+            started_here = _connect(ray, None, num_cpus=jobs * cpus_per_run)
         capacity = int(ray.cluster_resources().get("CPU", 0) // cpus_per_run)
+        bars = GridProgress(
+            summary.total,
+            summary.already_finished,
+            max(1, min(capacity, len(pending))),
+            progress,
+        )
         with Store(db_path) as store:
-            grid = _RayGrid(
-                ray,
-                store,
-                pending,
-                summary,
-                GridProgress(
-                    summary.total,
-                    summary.already_finished,
-                    max(1, min(capacity, len(pending))),
-                    progress,
-                ),
-                stale_after_s,
+            _RayGrid(ray, store, pending, summary, bars, stale_after_s).run(
+                data_dir, threads, max_retries
             )
-            grid.run(data_dir, threads, max_retries)
     finally:
         if started_here:
             ray.shutdown()
     return summary
 
 
-def _connect(ray: ModuleType, address: str | None, *, num_cpus: float) -> bool:
+def _connect(ray: ModuleType, address: str | None, num_cpus: float = 0) -> bool:
     """Join the cluster at ``address``, or start a local instance of ``num_cpus`` CPUs; whether
-    this call started the session (and so ends it)."""
+    this call started the session (and so ends it): a session the caller started is used as
+    it is."""
     if ray.is_initialized():
         return False
     try:
         if address is None:
-            # No GPU: the runner trains on the CPU, and a task declaring none never waits for one.
+            # "local": a new instance even where RAY_ADDRESS names a cluster. No GPU: the
+            # runner trains on the CPU.
             ray.init(
+                address="local",
                 num_cpus=num_cpus,
                 num_gpus=0,
                 include_dashboard=False,
@@ -241,11 +243,13 @@ def _connect(ray: ModuleType, address: str | None, *, num_cpus: float) -> bool:
         else:
             ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if address is None:
+            raise RayUnavailableError(
+                f"cannot start a local Ray instance ({_one_line(error)})"
+            ) from None
         raise RayUnavailableError(
-            f"cannot start or join {where} ({type(error).__name__}: {first_line}); "
-            "check --ray-address (`ray status` on the head node prints it)"
+            f"cannot join the Ray cluster at --ray-address {address} ({_one_line(error)}); "
+            "`ray status` on its head node prints its address"
         ) from None
     return True
 
@@ -360,7 +364,8 @@ class _RayGrid:
         try:
             self.store.record_epoch(self.run_ids[index], metrics)
         except RunLostError:
-            logger.warning("%s was taken over by another process: stopped", self.pending[index])
+            label = self.pending[index].label
+            logger.warning("%s was taken over by another process: stopped", label)
             self._end_early(index, "skipped")
             return
         except Exception as error:
