@@ -176,12 +176,23 @@ def run_on_ray(ray_session: Any) -> Any:
 
 
 def test_a_ray_grid_stores_exactly_what_the_local_executor_stores(
-    run_on_ray: Any, local: dict[str, Any], tmp_path: Path
+    run_on_ray: Any,
+    local: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     db_path = tmp_path / "grid.db"
-    summary = run_on_ray(CONFIGS, db_path, progress=False)
+    summary = run_on_ray(CONFIGS, db_path, progress=True)
     assert (summary.finished, summary.failed, summary.stopped) == (4, [], None)
     assert _stored(db_path) == local
+    # The progress (plain lines: stderr is not a terminal here) follows the driver's records.
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    expected = {
+        f"{config.label}: finished after {TRAINING['epochs']} epoch(s), test accuracy "
+        f"{local[config.config_hash]['final']['final_test_accuracy']:.3f}"
+        for config in CONFIGS
+    }
+    assert {line.split("] ", 1)[1] for line in lines} == expected
     assert set(_attempts(db_path).values()) == {1}
     assert _no_partial_files(db_path)
     # The driver wrote every row: every run is owned by this process.

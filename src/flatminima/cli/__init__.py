@@ -5,6 +5,7 @@ all of them.
     flatminima demo                                   # the main job (see the README for times)
     flatminima run --method sam --param rho=0.1 --label-noise 0.4 --seed 0
     flatminima compare --methods base,sam --sweep rho=0.05,0.1,0.2 --seeds 0-2 --jobs 2
+    flatminima compare --methods base,sam --seeds 0-9 --executor ray --ray-address auto
     flatminima sharpness --db flatminima.db --landscape --jobs 2
     flatminima report --db flatminima.db --out flatminima-report
     flatminima forget 3f2a --db flatminima.db          # a run, its rows and weights (or --failed)

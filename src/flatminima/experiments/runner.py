@@ -7,7 +7,9 @@ are counted by the closure itself, so the cost column of the report is measured,
 A grid runs its configurations one after another, or on ``jobs`` worker processes
 (:mod:`~flatminima.experiments.workers`; one thread each: on a small machine one
 single-threaded process per core is both fastest and reproducible). Every worker writes its own
-run's rows in short transactions; the parent process only draws the progress.
+run's rows in short transactions; the parent process only draws the progress. A grid may also run
+on a Ray cluster (:mod:`~flatminima.experiments.ray_executor`), with the same checks and the same
+training code (:func:`grid_to_run`, :func:`load_and_train`).
 
 Before training, a grid checks once that it can write the database and the weights folder, and
 that the data each dataset loads here is the data the database's runs trained on (its
