@@ -11,7 +11,7 @@ PYTHON=${PYTHON:-python3}
 # requirement can make pip pick another torch. The package's own requirement is torch>=2.13.
 PIP=("$PYTHON" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" -c scripts/constraints.txt torch
-"${PIP[@]}" -c scripts/constraints.txt -e ".[experiments,test,lightning,transformers,accelerate,docs]"
+"${PIP[@]}" -c scripts/constraints.txt -e ".[experiments,test,lightning,transformers,accelerate,ray,docs]"
 
 # Fashion-MNIST comes from Debian (the original IDX files); data is never downloaded at run time.
 if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then

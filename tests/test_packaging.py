@@ -59,7 +59,7 @@ def test_extras_hold_the_runner_and_the_integrations():
     }  # fmt: skip
     # tomli only where tomllib is missing (Python 3.10): study files are TOML.
     assert "tomli>=1.1; python_version < '3.11'" in extras["experiments"]
-    for extra in ("lightning", "transformers", "accelerate", "docs", "test"):
+    for extra in ("lightning", "transformers", "accelerate", "ray", "docs", "test"):
         assert extras[extra], extra
     # No extra may pin torch: the exact pin lives in scripts/constraints.txt only.
     assert not any(r.startswith("torch") for reqs in extras.values() for r in reqs)

@@ -6,6 +6,7 @@ all of them.
     flatminima run --method sam --param rho=0.1 --label-noise 0.4 --seed 0
     flatminima compare --methods base,sam --sweep rho=0.05,0.1,0.2 --seeds 0-2 --jobs 2
     flatminima compare --study noisy-digits.toml --jobs 2   # the grid as a TOML file
+    flatminima compare --methods base,sam --seeds 0-9 --executor ray --ray-address auto
     flatminima sharpness --db flatminima.db --landscape --jobs 2
     flatminima report --db flatminima.db --out flatminima-report --select-by validation
     flatminima forget 3f2a --db flatminima.db          # a run, its rows and weights (or --failed)

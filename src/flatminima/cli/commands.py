@@ -20,6 +20,7 @@ from flatminima.experiments.config import ConfigError, RunConfig, make_run_confi
 from flatminima.experiments.data import check_dataset
 from flatminima.experiments.grid import Assignment, expand_grid, parse_list, parse_seeds
 from flatminima.experiments.labels import arm_labels
+from flatminima.experiments.ray_executor import run_grid_on_ray
 from flatminima.experiments.report import write_landscape, write_report
 from flatminima.experiments.runner import GridSummary, run_grid
 from flatminima.experiments.sharpness_runs import (
@@ -71,18 +72,32 @@ def _check_runtime(args: argparse.Namespace, configs: Sequence[RunConfig]) -> No
         check_dataset(dataset, args.data_dir)
 
 
-def _train(configs: list[RunConfig], args: argparse.Namespace, jobs: int) -> int:
+def _check_executor(args: argparse.Namespace) -> None:
+    if args.ray_address is not None and args.executor != "ray":
+        raise ConfigError("--ray-address needs --executor ray")
+    if args.ray_address is not None and args.jobs != 1:
+        raise ConfigError(
+            "--jobs sizes a local Ray instance; with --ray-address the cluster's CPUs decide how "
+            "many runs train at once (drop --jobs)"
+        )
+
+
+def _train(
+    configs: list[RunConfig], args: argparse.Namespace, jobs: int, executor: str = "local"
+) -> int:
     """Check the data, run the grid, print what happened; the exit status."""
     _check_runtime(args, configs)
-    summary = run_grid(
-        configs,
-        args.db,
-        data_dir=args.data_dir,
-        jobs=jobs,
-        threads=args.threads,
-        progress=not args.quiet,
-        stale_after_s=args.stale_after * 3600,
-    )
+    settings: dict[str, Any] = {
+        "data_dir": args.data_dir,
+        "jobs": jobs,
+        "threads": args.threads,
+        "progress": not args.quiet,
+        "stale_after_s": args.stale_after * 3600,
+    }
+    if executor == "ray":
+        summary = run_grid_on_ray(configs, args.db, address=args.ray_address, **settings)
+    else:
+        summary = run_grid(configs, args.db, **settings)
     _print_grid_summary(summary, args.db)
     _print_tracking_overhead(configs, args.db)
     return _grid_status(summary)
@@ -307,7 +322,8 @@ def command_compare(args: argparse.Namespace) -> int:
         select_by = args.select_by
         _check_selection(select_by, configs, args.report)
     _check_output_directory(args.report, "--report")
-    status = _train(configs, args, args.jobs)
+    _check_executor(args)
+    status = _train(configs, args, args.jobs, args.executor)
     if args.report is not None:
         _print_report(args.db, args.report, select_by)
     return status

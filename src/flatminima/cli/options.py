@@ -22,6 +22,7 @@ EXIT_INCOMPLETE = 3
 EXIT_INTERRUPTED = 130
 DEFAULT_DB = "flatminima.db"
 DEFAULT_REPORT_DIR = "flatminima-report"
+EXECUTORS = ("local", "ray")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -120,6 +121,25 @@ def _add_jobs(parser: argparse.ArgumentParser, default: int = 1) -> None:
         type=_positive_int,
         default=default,
         help=f"worker processes at once, one per core (default: {default})",
+    )
+
+
+def _add_executor(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="where the runs train: local worker processes (--jobs of them), or Ray tasks "
+        "(pip install 'flatminima[ray]'), on a local Ray instance of --jobs runs at once or on "
+        "the cluster at --ray-address; this process alone writes the database "
+        "(default: local)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="an existing Ray cluster's address (auto: the cluster this machine belongs to, "
+        "after `ray start`); with --executor ray only",
     )
 
 
@@ -341,6 +361,7 @@ def build_parser() -> OneLineParser:
         "grid is their product)",
     )
     _add_jobs(compare)
+    _add_executor(compare)
     compare.add_argument(
         "--report",
         type=Path,

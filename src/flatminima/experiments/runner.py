@@ -7,7 +7,9 @@ are counted by the closure itself, so the cost column of the report is measured,
 A grid runs its configurations one after another, or on ``jobs`` worker processes
 (:mod:`~flatminima.experiments.workers`; one thread each: on a small machine one
 single-threaded process per core is both fastest and reproducible). Every worker writes its own
-run's rows in short transactions; the parent process only draws the progress.
+run's rows in short transactions; the parent process only draws the progress. A grid may also run
+on a Ray cluster (:mod:`~flatminima.experiments.ray_executor`), with the same checks and the same
+training code (:func:`grid_to_run`, :func:`load_and_train`).
 
 Before training, a grid checks once that it can write the database and the weights folder, and
 that the data each dataset loads here is the data the database's runs trained on (its
@@ -414,6 +416,24 @@ def environment() -> dict[str, Any]:
     }
 
 
+def load_and_train(
+    config: RunConfig,
+    data_dir: Path | None = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+) -> TrainingOutcome:
+    """Load the data ``config`` trains on and train it: what every executor runs for a run,
+    here or on a Ray worker, so that both give the same numbers."""
+    data = load_dataset(
+        config.dataset,
+        seed=config.seed,
+        train_size=config.train_size,
+        label_noise=config.label_noise,
+        validation_size=config.validation_size,
+        data_dir=data_dir,
+    )
+    return train(config, data, on_epoch=on_epoch)
+
+
 class GridStoppedError(RuntimeError):
     """A fault every later run of the grid would meet too (a full disk, a database that cannot
     be written): the grid stops; what finished is kept, and the same command resumes."""
@@ -452,21 +472,13 @@ def execute_run(
     if run_id is None:
         return "skipped"
     try:
-        data = load_dataset(
-            config.dataset,
-            seed=config.seed,
-            train_size=config.train_size,
-            label_noise=config.label_noise,
-            validation_size=config.validation_size,
-            data_dir=data_dir,
-        )
 
         def record(metrics: EpochMetrics) -> None:
             store.record_epoch(run_id, asdict(metrics))
             if on_epoch is not None:
                 on_epoch(metrics)
 
-        outcome = train(config, data, on_epoch=record)
+        outcome = load_and_train(config, data_dir, on_epoch=record)
         weights_path = store.save_weights(run_id, config.config_hash, outcome.state_dict)
         store.finish(run_id, outcome.final, weights_path)
     except RunLostError:
@@ -541,6 +553,22 @@ def _torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def grid_to_run(
+    configs: Sequence[RunConfig], db_path: str | Path, data_dir: Path | None
+) -> tuple[GridSummary, list[RunConfig]]:
+    """The grid's summary before training (its distinct configurations, those already
+    finished) and the configurations left to train, after the checks every executor makes
+    first (see :func:`run_grid`)."""
+    todo = unique_configs(configs)
+    with Store(db_path) as store:
+        pending = [config for config in todo if not _finished(store, config.config_hash)]
+        if pending:
+            store.check_writable()
+            for dataset in sorted({config.dataset for config in pending}):
+                store.check_data(dataset, fingerprint(dataset, data_dir))
+    return GridSummary(total=len(todo), already_finished=len(todo) - len(pending)), pending
+
+
 def run_grid(
     configs: Sequence[RunConfig],
     db_path: str | Path,
@@ -570,13 +598,7 @@ def run_grid(
     from flatminima.experiments.distributed import check_process_budget  # imports this module
 
     check_process_budget(jobs, max((config.processes for config in todo), default=1))
-    with Store(db_path) as store:
-        pending = [config for config in todo if not _finished(store, config.config_hash)]
-        if pending:
-            store.check_writable()
-            for dataset in sorted({config.dataset for config in pending}):
-                store.check_data(dataset, fingerprint(dataset, data_dir))
-    summary = GridSummary(total=len(todo), already_finished=len(todo) - len(pending))
+    summary, pending = grid_to_run(configs, db_path, data_dir)
     workers = max(1, min(jobs, len(pending)))
     bars = GridProgress(summary.total, summary.already_finished, workers, progress)
 
