@@ -60,7 +60,9 @@ class ExpertBank(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x``: (experts, batch, width), one slice per expert."""
+        """``x``: (batch, experts, width), one slice per expert: batch first, as every loop
+        that slices examples off a batch (Sparse SAM's Fisher refresh) expects."""
+        x = x.transpose(0, 1)
         weights = torch.stack(list(self.weights))
         biases = torch.stack(list(self.biases)).unsqueeze(1)
         hidden = torch.tanh(torch.baddbmm(biases, x, weights))
@@ -90,7 +92,7 @@ def _classification_batch(
 def _expert_batch(experts: int, batch: int, width: int) -> Callable[[], tuple[Tensor, Tensor]]:
     def build() -> tuple[Tensor, Tensor]:
         generator = torch.Generator().manual_seed(1)
-        x = torch.randn(experts, batch, width, generator=generator)
+        x = torch.randn(batch, experts, width, generator=generator)
         y = torch.randint(0, 10, (batch,), generator=generator)
         return x, y
 
