@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from stored_grids import count_rows, stored_runs
 
 from flatminima.experiments.config import make_run_config
 from flatminima.experiments.runner import run_grid
-from flatminima.experiments.store import EPOCH_COLUMNS, FINAL_COLUMNS
 
 TRAINING = {
     "dataset": "digits",
@@ -40,8 +40,6 @@ SEEDS = (0, 1)
 EPOCH_ROWS = len(METHODS) * len(SEEDS) * TRAINING["epochs"]
 EPOCHS = "SELECT COUNT(*) FROM epochs"
 RUNNING = "SELECT COUNT(*) FROM runs WHERE status = 'running'"
-TIMED = {"train_time_s"}
-"""Wall-clock columns: the only ones allowed to differ between two trainings of a run."""
 
 
 def _command(db_path: Path, jobs: int) -> list[str]:
@@ -54,17 +52,6 @@ def _command(db_path: Path, jobs: int) -> list[str]:
         "--label-noise", str(TRAINING["label_noise"]),
         "--jobs", str(jobs), "--quiet", "--db", str(db_path),
     ]  # fmt: skip
-
-
-def _count(db_path: Path, query: str) -> int:
-    try:
-        connection = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
-        try:
-            return connection.execute(query).fetchone()[0]
-        finally:
-            connection.close()
-    except sqlite3.Error:  # not created yet, or its schema not yet written
-        return -1
 
 
 def _kill_at_random_moments(db_path: Path, jobs: int, kills: int, rng: random.Random) -> int:
@@ -83,7 +70,7 @@ def _kill_at_random_moments(db_path: Path, jobs: int, kills: int, rng: random.Ra
         )
         deadline = time.monotonic() + 120
         try:
-            while process.poll() is None and _count(db_path, EPOCHS) < target:
+            while process.poll() is None and count_rows(db_path, EPOCHS) < target:
                 assert time.monotonic() < deadline, "the grid made no progress"
                 time.sleep(0.01)
             time.sleep(rng.uniform(0.0, 0.05))
@@ -93,36 +80,8 @@ def _kill_at_random_moments(db_path: Path, jobs: int, kills: int, rng: random.Ra
             except ProcessLookupError:
                 pass
             process.wait()
-        mid_run += _count(db_path, RUNNING) > 0
+        mid_run += count_rows(db_path, RUNNING) > 0
     return mid_run
-
-
-def _contents(db_path: Path) -> dict[str, Any]:
-    """Every run by configuration hash: its row (times and bookkeeping aside), its epochs
-    (times aside) and its weights' bytes."""
-    connection = sqlite3.connect(db_path)
-    connection.row_factory = sqlite3.Row
-    try:
-        contents = {}
-        for run in connection.execute("SELECT * FROM runs ORDER BY config_hash"):
-            epochs = connection.execute(
-                f"SELECT {', '.join(EPOCH_COLUMNS)} FROM epochs WHERE run_id = ? ORDER BY epoch",
-                (run["id"],),
-            ).fetchall()
-            contents[run["config_hash"]] = {
-                "status": run["status"],
-                "config": run["config"],
-                "error": run["error"],
-                "data": run["data_fingerprint"] if "data_fingerprint" in run.keys() else None,
-                "final": {c: run[c] for c in FINAL_COLUMNS if c not in TIMED},
-                "epochs": [{c: row[c] for c in EPOCH_COLUMNS if c not in TIMED} for row in epochs],
-                "weights": (db_path.parent / run["weights_path"]).read_bytes()
-                if run["weights_path"]
-                else None,
-            }
-        return contents
-    finally:
-        connection.close()
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +90,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     configs = [make_run_config(method=m, seed=s, **TRAINING) for s in SEEDS for m in METHODS]
     summary = run_grid(configs, db_path, progress=False)
     assert summary.finished == len(configs)
-    return _contents(db_path)
+    return stored_runs(db_path)
 
 
 def _check_resumed_grid(db_path: Path, jobs: int, expected: dict[str, Any]) -> None:
@@ -139,7 +98,7 @@ def _check_resumed_grid(db_path: Path, jobs: int, expected: dict[str, Any]) -> N
         _command(db_path, jobs), env=os.environ.copy(), capture_output=True, text=True
     )
     assert final.returncode == 0, final.stderr
-    resumed = _contents(db_path)
+    resumed = stored_runs(db_path)
     assert sorted(resumed) == sorted(expected)
     for config_hash, run in expected.items():
         assert resumed[config_hash] == run, config_hash

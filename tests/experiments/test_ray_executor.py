@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from stored_grids import count_rows, stored_runs
 
 from flatminima.cli import main
 from flatminima.experiments.config import make_run_config
 from flatminima.experiments.runner import run_grid
-from flatminima.experiments.store import EPOCH_COLUMNS, FINAL_COLUMNS, Store
+from flatminima.experiments.store import Store
 
 TRAINING = {
     "dataset": "digits",
@@ -42,37 +43,6 @@ SEEDS = (0, 1)
 CONFIGS = [make_run_config(method=m, seed=s, **TRAINING) for s in SEEDS for m in METHODS]
 VICTIM = CONFIGS[1]
 """The configuration whose worker the fault tests kill."""
-TIMED = {"train_time_s"}
-"""Wall-clock columns: the only ones allowed to differ between two trainings of a run."""
-
-
-def _stored(db_path: Path) -> dict[str, Any]:
-    """Every run by configuration hash: its row (times and bookkeeping aside), its epochs
-    (times aside) and its weights' bytes."""
-    connection = sqlite3.connect(db_path)
-    connection.row_factory = sqlite3.Row
-    try:
-        stored = {}
-        for run in connection.execute("SELECT * FROM runs ORDER BY config_hash"):
-            epochs = connection.execute(
-                f"SELECT {', '.join(EPOCH_COLUMNS)} FROM epochs WHERE run_id = ? ORDER BY epoch",
-                (run["id"],),
-            ).fetchall()
-            stored[run["config_hash"]] = {
-                "status": run["status"],
-                "config": run["config"],
-                "error": run["error"],
-                "environment": run["environment"],
-                "data": run["data_fingerprint"],
-                "final": {c: run[c] for c in FINAL_COLUMNS if c not in TIMED},
-                "epochs": [{c: row[c] for c in EPOCH_COLUMNS if c not in TIMED} for row in epochs],
-                "weights": (db_path.parent / run["weights_path"]).read_bytes()
-                if run["weights_path"]
-                else None,
-            }
-        return stored
-    finally:
-        connection.close()
 
 
 def _attempts(db_path: Path) -> dict[str, int]:
@@ -90,7 +60,7 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     db_path = tmp_path_factory.mktemp("local") / "grid.db"
     summary = run_grid(CONFIGS, db_path, progress=False)
     assert summary.finished == len(CONFIGS)
-    return _stored(db_path)
+    return stored_runs(db_path, environment=True)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +154,7 @@ def test_a_ray_grid_stores_exactly_what_the_local_executor_stores(
     db_path = tmp_path / "grid.db"
     summary = run_on_ray(CONFIGS, db_path, progress=True)
     assert (summary.finished, summary.failed, summary.stopped) == (4, [], None)
-    assert _stored(db_path) == local
+    assert stored_runs(db_path, environment=True) == local
     # The progress (plain lines: stderr is not a terminal here) follows the driver's records.
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
     expected = {
@@ -217,7 +187,7 @@ def test_a_worker_killed_mid_run_is_retried_and_the_grid_equals_the_local_one(
     assert (summary.finished, summary.failed) == (4, [])
     # Trained again from scratch: epochs 1 and 2 of the dead worker were deleted.
     assert _attempts(db_path)[VICTIM.config_hash] == 2
-    assert _stored(db_path) == local
+    assert stored_runs(db_path, environment=True) == local
     assert _no_partial_files(db_path)
 
 
@@ -242,7 +212,7 @@ def test_a_worker_killed_past_its_retries_leaves_the_run_to_be_redone(
 
     resumed = run_on_ray(CONFIGS, db_path, progress=False)
     assert (resumed.already_finished, resumed.finished, resumed.failed) == (3, 1, [])
-    assert _stored(db_path) == local
+    assert stored_runs(db_path, environment=True) == local
     assert _attempts(db_path)[VICTIM.config_hash] == 2
 
 
@@ -277,17 +247,6 @@ def _compare_command(db_path: Path, address: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _count(db_path: Path, query: str) -> int:
-    try:
-        connection = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
-        try:
-            return connection.execute(query).fetchone()[0]
-        finally:
-            connection.close()
-    except sqlite3.Error:  # not created yet, or its schema not yet written
-        return -1
-
-
 def test_a_driver_killed_mid_grid_leaves_a_grid_the_same_command_completes(
     ray_session: Any, local: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -304,7 +263,7 @@ def test_a_driver_killed_mid_grid_leaves_a_grid_the_same_command_completes(
     try:
         # Killed once a run is part-way through: an epoch recorded, the run not finished.
         while (
-            _count(
+            count_rows(
                 db_path,
                 "SELECT COUNT(*) FROM runs WHERE status = 'running' AND "
                 "id IN (SELECT run_id FROM epochs)",
@@ -317,12 +276,12 @@ def test_a_driver_killed_mid_grid_leaves_a_grid_the_same_command_completes(
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    assert _count(db_path, "SELECT COUNT(*) FROM runs WHERE status = 'running'") >= 1
+    assert count_rows(db_path, "SELECT COUNT(*) FROM runs WHERE status = 'running'") >= 1
 
     # The same command again (here, in this process, on the module's Ray instance).
     status = main(_compare_command(db_path, address)[3:])
     assert status == 0
-    assert _stored(db_path) == local
+    assert stored_runs(db_path, environment=True) == local
     assert _no_partial_files(db_path)
 
 
