@@ -42,13 +42,13 @@ def stored_runs(db_path: Path, *, environment: bool = False) -> dict[str, Any]:
         connection.close()
 
 
-def count_rows(db_path: Path, query: str) -> int:
+def count_rows(db_path: Path, query: str, parameters: tuple[object, ...] = ()) -> int:
     """``query``'s count, read-only while a grid writes the database; -1 before the database or
     its schema exists."""
     try:
         connection = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
         try:
-            return connection.execute(query).fetchone()[0]
+            return connection.execute(query, parameters).fetchone()[0]
         finally:
             connection.close()
     except sqlite3.Error:  # not created yet, or its schema not yet written

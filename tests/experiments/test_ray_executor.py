@@ -82,6 +82,8 @@ def _plan(path: Path, action: str, epoch: int) -> Path:
 def _fault_hook(plan_path: str) -> Any:
     """The setup hook of every worker process (pickled by value: a closure)."""
 
+    HOLD_S = 120.0
+
     def install() -> None:
         import json
         import os
@@ -107,6 +109,11 @@ def _fault_hook(plan_path: str) -> Any:
                     and not marker.exists()
                 ):
                     marker.touch()
+                    if plan["action"] == "hold":
+                        # Stay part-way through (until the driver, and with it this task,
+                        # is killed): the driver-kill test needs a run caught mid-training,
+                        # whatever the machine's speed.
+                        time.sleep(HOLD_S)
                     if plan["action"] == "kill":
                         # Reports are sent without waiting: give them a moment to leave, so
                         # that the test can see the epochs recorded while the task ran.
@@ -234,9 +241,23 @@ def test_a_run_that_raises_on_its_worker_is_recorded_failed_as_locally(
         assert (victim.status, victim.error) == ("failed", "RuntimeError: injected failure")
 
 
-def _compare_command(db_path: Path, address: str) -> list[str]:
+DRIVER_WITH_FAULTS = """
+import sys
+import ray
+sys.path.insert(0, {tests!r})
+from test_ray_executor import _fault_hook
+ray.init(address={address!r}, logging_level="warning",
+         runtime_env={{"worker_process_setup_hook": _fault_hook({plan!r})}})
+from flatminima.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+"""A ``compare`` driver whose job's workers install the fault hook too: a driver that is
+another process is another Ray job, with its own workers and runtime environment."""
+
+
+def _compare_arguments(db_path: Path, address: str) -> list[str]:
     return [
-        sys.executable, "-m", "flatminima.cli", "compare",
+        "compare",
         "--methods", ",".join(METHODS), "--seeds", ",".join(map(str, SEEDS)),
         "--dataset", TRAINING["dataset"], "--model", TRAINING["model"],
         "--epochs", str(TRAINING["epochs"]), "--train-size", str(TRAINING["train_size"]),
@@ -248,12 +269,18 @@ def _compare_command(db_path: Path, address: str) -> list[str]:
 
 
 def test_a_driver_killed_mid_grid_leaves_a_grid_the_same_command_completes(
-    ray_session: Any, local: dict[str, Any], tmp_path: Path
+    ray_session: Any, local: dict[str, Any], fault_plan: Path, tmp_path: Path
 ) -> None:
     db_path = tmp_path / "grid.db"
     address = ray_session.get_runtime_context().gcs_address
+    # The victim's worker holds after its first epoch, so that the driver is killed with a run
+    # part-way through (recorded epochs, not finished) on a machine of any speed.
+    held = _plan(fault_plan, "hold", epoch=1)
+    launcher = DRIVER_WITH_FAULTS.format(
+        tests=str(Path(__file__).parent), address=address, plan=str(fault_plan)
+    )
     driver = subprocess.Popen(
-        _compare_command(db_path, address),
+        [sys.executable, "-c", launcher, *_compare_arguments(db_path, address)],
         env=os.environ.copy(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -261,25 +288,33 @@ def test_a_driver_killed_mid_grid_leaves_a_grid_the_same_command_completes(
     )
     deadline = time.monotonic() + 180
     try:
-        # Killed once a run is part-way through: an epoch recorded, the run not finished.
         while (
             count_rows(
                 db_path,
-                "SELECT COUNT(*) FROM runs WHERE status = 'running' AND "
-                "id IN (SELECT run_id FROM epochs)",
+                "SELECT COUNT(*) FROM runs WHERE status = 'running' AND config_hash = ? "
+                "AND id IN (SELECT run_id FROM epochs)",
+                (VICTIM.config_hash,),
             )
             < 1
         ):
             assert driver.poll() is None, driver.stderr.read().decode() if driver.stderr else ""
-            assert time.monotonic() < deadline, "the Ray grid recorded no epoch"
+            assert time.monotonic() < deadline, "the held run's first epoch was not recorded"
             time.sleep(0.02)
-    finally:
+        assert held.exists()
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    assert count_rows(db_path, "SELECT COUNT(*) FROM runs WHERE status = 'running'") >= 1
+        with Store(db_path) as store:
+            victim = store.find(VICTIM.config_hash)
+            assert victim is not None and victim.status == "running"
 
-    # The same command again (here, in this process, on the module's Ray instance).
-    status = main(_compare_command(db_path, address)[3:])
+        # The same command again (here, in this process, on the module's Ray instance); the
+        # plan has been carried out, so nothing holds this time.
+        status = main(_compare_arguments(db_path, address))
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+        fault_plan.unlink(missing_ok=True)
     assert status == 0
     assert stored_runs(db_path, environment=True) == local
     assert _no_partial_files(db_path)
@@ -290,7 +325,7 @@ def test_without_ray_the_ray_executor_is_one_line_naming_the_extra(
 ) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     db_path = tmp_path / "grid.db"
-    arguments = _compare_command(db_path, "auto")[3:-2]  # no --ray-address
+    arguments = _compare_arguments(db_path, "auto")[:-2]  # no --ray-address
     assert main(arguments) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [
