@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from flatminima.cli import build_parser, main
 from flatminima.cli.commands import STUDY_DEFINES, grid_configs
 from flatminima.experiments.config import ConfigError
 from flatminima.experiments.demo import demo_configs
+from flatminima.experiments.sharpness_runs import SharpnessSettings
 from flatminima.experiments.store import Store
 from flatminima.experiments.study import (
     TOP_LEVEL,
@@ -196,6 +198,23 @@ rho = [0.05, 0.1]
         ("rho = [0.05, 0.1]", "rho = 0.1\n[output]\ndb = 'x'", r"^s\.toml:11: output\.db: unk"),
         ("rho = [0.05, 0.1]", "rho = 0.1\n[output]\nreport = 3", r"^s\.toml:11: output\.report"),
         ("seeds = [0, 1]", 'seeds = "0-20000"', r"^s\.toml:1: seeds: gives more than 10000"),
+        ("rho = [0.05, 0.1]", "rho = 0.1\n[sharpness]\nprobes = 3", r"^s\.toml:11: sharpness\.pro"),
+        (
+            "rho = [0.05, 0.1]",
+            "rho = 0.1\n[sharpness]\nexamples = 1.5",
+            r"^s\.toml:11: sharpness\.examples: takes an integer",
+        ),
+        (
+            "rho = [0.05, 0.1]",
+            "rho = 0.1\n[sharpness]\nexamples = 64\ntop_k = 0",
+            r"^s\.toml:12: sharpness\.top_k: top_k \(--top-k\) must be an integer >= 1",
+        ),
+        (
+            "rho = [0.05, 0.1]",
+            "rho = 0.1\n[sharpness]\nrho = true",
+            r"^s\.toml:11: sharpness\.rho: takes a number, got a boolean",
+        ),
+        ("rho = [0.05, 0.1]", "rho = 0.1\nsharpness = 3", r"^s\.toml:10: methods\.sam\.sharp"),
     ],
 )
 def test_a_bad_study_is_one_line_naming_the_key_and_its_line(
@@ -301,9 +320,32 @@ def test_output_paths_are_relative_to_the_study_file(
 def test_report_reads_the_study_database_with_its_selection_rule(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    study_text = BASE.replace("[training]\n", "[training]\nvalidation_size = 100\n")
-    study_text = study_text.replace("seeds = [0, 1]", 'seeds = [0, 1]\nselect_by = "validation"')
-    study_text += '\n[output]\ndatabase = "planted.db"\nreport = "report"\n'
+    # The planted database's runs, as a study (its report shows the study's runs only).
+    study_text = textwrap.dedent("""\
+        seeds = [0, 1, 2]
+        select_by = "validation"
+
+        [training]
+        dataset = "mnist1d"
+        model = "cnn1d"
+        epochs = 2
+        batch_size = 64
+        train_size = 256
+        label_noise = 0.4
+        validation_size = 100
+
+        [methods.base]
+
+        [methods.sam]
+        rho = [0.05, 0.2]
+
+        [methods.friendly-sam]
+        rho = [0.05, 0.2]
+
+        [output]
+        database = "planted.db"
+        report = "report"
+        """)
     study = _write(tmp_path / "s.toml", study_text)
     plant(tmp_path / "planted.db")
     assert main(["report", "--study", str(study)]) == 0
@@ -336,3 +378,71 @@ def test_the_documented_study_is_valid_and_complete() -> None:
     assert set(study.training) == set(TRAINING_TYPES)
     assert study.database == Path("/studies/noisy-digits.db")
     assert any(isinstance(value, list) for h in study.methods.values() for value in h.values())
+
+
+def test_a_sharpness_table_sets_the_measurement_and_no_table_measures_nothing() -> None:
+    assert parse_study(BASE).sharpness is None
+    study = parse_study(BASE + "\n[sharpness]\nexamples = 256\nnum_probes = 4\nrho = 0.1\n")
+    assert study.sharpness == SharpnessSettings(examples=256, num_probes=4, rho=0.1)
+    assert parse_study(BASE + "\n[sharpness]\n").sharpness == SharpnessSettings()
+
+
+SHARED = """\
+seeds = [0, 1]
+select_by = "validation"
+
+[training]
+dataset = "digits"
+model = "mlp"
+epochs = 2
+train_size = 200
+validation_size = 100
+batch_size = 64
+
+[methods.base]
+
+[methods.{method}]
+rho = [0.05, 0.1]
+{sharpness}
+[output]
+database = "shared.db"
+report = "{method}-report"
+"""
+
+
+def test_studies_sharing_a_database_train_shared_runs_once_and_report_their_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two studies with one training block and one database: the second trains only what the
+    first did not (the base optimizer is shared), each report shows its own runs, and only the
+    study with a [sharpness] table measures, and only its own runs."""
+    sam = _write(
+        tmp_path / "sam.toml",
+        SHARED.format(method="sam", sharpness="\n[sharpness]\nexamples = 64\nnum_probes = 2\n"),
+    )
+    asam = _write(tmp_path / "asam.toml", SHARED.format(method="asam", sharpness=""))
+    assert main(["compare", "--study", str(asam), "--quiet", "--jobs", "1"]) == 0
+    assert main(["compare", "--study", str(sam), "--quiet", "--jobs", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "6 run(s): 4 trained, 2 already in" in printed
+    assert "6 run(s): 6 measured, 0 already measured" in printed
+
+    with Store(tmp_path / "shared.db", create=False) as store:
+        methods = {run.config_hash: run.config["method"] for run in store.runs()}
+        measured = set(store.sharpness(asdict(SharpnessSettings(examples=64, num_probes=2))))
+    assert sorted(methods.values()).count("base") == 2 and len(methods) == 10
+    sam_hashes = {config.config_hash for config in load_study(sam).configs()}
+    assert measured == sam_hashes
+
+    for study, own, other in ((sam, "sam", "asam"), (asam, "asam", "sam")):
+        assert main(["report", "--study", str(study)]) == 0
+        markdown = (tmp_path / f"{own}-report" / "report.md").read_text()
+        assert "6 finished runs (of the 6 runs asked for)" in markdown
+        assert f"| {own} ρ=0.05 " in markdown and f"| {other} ρ=0.05 " not in markdown
+    # Without --study, the report is the whole database's.
+    assert (
+        main(["report", "--db", str(tmp_path / "shared.db"), "--out", str(tmp_path / "all")]) == 0
+    )
+    whole = (tmp_path / "all" / "report.md").read_text()
+    assert "10 finished runs," in whole and "| asam ρ=0.05 " in whole and "| sam ρ=0.05 " in whole
+    capsys.readouterr()

@@ -205,8 +205,10 @@ def sharpness_table(runs: list[RunRecord], rows: dict[str, Any]) -> str:
     return text_table(SHARPNESS_TABLE_HEADERS, lines)
 
 
-def _print_report(db: Path, out: Path, select_by: str | None = None) -> None:
-    report = write_report(db, out, select_by=select_by)
+def _print_report(
+    db: Path, out: Path, select_by: str | None = None, only: Sequence[str] | None = None
+) -> None:
+    report = write_report(db, out, select_by=select_by, only=only)
     print()
     print(report.text)
     print()
@@ -309,9 +311,13 @@ def grid_configs(args: argparse.Namespace) -> list[RunConfig]:
 
 
 def command_compare(args: argparse.Namespace) -> int:
+    study: Study | None = None
+    only: list[str] | None = None
     if args.study is not None:
         study = _load_study(args)
         configs = study.configs()
+        # The study's report shows its own runs: the database may hold other studies' too.
+        only = [config.config_hash for config in configs]
         if not _given(args, "db") and study.database is not None:
             args.db = study.database
         if args.report is None:
@@ -324,8 +330,28 @@ def command_compare(args: argparse.Namespace) -> int:
     _check_output_directory(args.report, "--report")
     _check_executor(args)
     status = _train(configs, args, args.jobs, args.executor)
+    if study is not None and study.sharpness is not None and only is not None:
+        print(f"\nsharpness of the study's trained models ({study.name} [sharpness]):")
+        with Store(args.db, create=False) as store:
+            wanted = set(only)
+            finished = [
+                run.config_hash
+                for run in store.runs()
+                if run.config_hash in wanted and run.status == "finished"
+            ]
+        measured = measure_runs(
+            args.db,
+            study.sharpness,
+            runs=finished,
+            jobs=args.jobs,
+            data_dir=args.data_dir,
+            progress=not args.quiet,
+        )
+        _print_sharpness_summary(measured)
+        if measured.failed:
+            status = status or EXIT_RUN_FAILED
     if args.report is not None:
-        _print_report(args.db, args.report, select_by)
+        _print_report(args.db, args.report, select_by, only)
     return status
 
 
@@ -443,15 +469,17 @@ def command_sharpness(args: argparse.Namespace) -> int:
 
 def command_report(args: argparse.Namespace) -> int:
     select_by = args.select_by
+    only: list[str] | None = None
     if args.study is not None:
         study = _load_study(args)
+        only = [config.config_hash for config in study.configs()]
         if not _given(args, "db") and study.database is not None:
             args.db = study.database
         if not _given(args, "out") and study.report is not None:
             args.out = study.report
         select_by = study.select_by
     _check_output_directory(args.out, "--out")
-    _print_report(args.db, args.out, select_by)
+    _print_report(args.db, args.out, select_by, only)
     return 0
 
 

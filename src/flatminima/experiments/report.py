@@ -11,7 +11,7 @@ left there by an earlier report, so that no stale figure survives beside the new
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -270,18 +270,23 @@ def _selection_section(selections: list[Selection]) -> tuple[list[str], list[str
 
 
 def write_report(
-    db_path: str | Path, out_dir: str | Path, *, select_by: str | None = None
+    db_path: str | Path,
+    out_dir: str | Path,
+    *,
+    select_by: str | None = None,
+    only: Collection[str] | None = None,
 ) -> Report:
     """Summarise ``db_path`` into ``out_dir/report.md`` and its figures; with
     ``select_by="validation"`` each setting's main table gives every method at the
     hyperparameters chosen on validation data (:func:`~flatminima.experiments.summary.
-    select_by_validation`), the table of every arm run after it."""
+    select_by_validation`), the table of every arm run after it. ``only``: the configuration
+    hashes to report (a study's runs); ``None``, every run of the database."""
     check_selection_rule(select_by)
     db_path, out_dir = Path(db_path), Path(out_dir)
     # A missing file: FileNotFoundError; an empty or foreign one: StoreError.
     with Store(db_path, create=False) as store:
-        settings = summarize(store)
-        unfinished = unfinished_runs(store)
+        settings = summarize(store, only)
+        unfinished = unfinished_runs(store, only)
     # Every selection is made before anything is written: a setting without a validation
     # split is one error, not a half-written report.
     selections = {
@@ -290,10 +295,11 @@ def write_report(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     finished = sum(len(a.runs) for s in settings for a in s.arms)
+    of_which = "" if only is None else f" (of the {len(only)} runs asked for)"
     markdown = [
         "# flatminima report",
         "",
-        f"Database `{db_path}`, {finished} finished runs, written "
+        f"Database `{db_path}`, {finished} finished runs{of_which}, written "
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}.",
     ]
     text = []

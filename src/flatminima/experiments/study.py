@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from flatminima.experiments.config import (
     resolve_hyperparameters,
 )
 from flatminima.experiments.grid import Assignment, expand_grid, parse_seeds
+from flatminima.experiments.sharpness_runs import SharpnessSettings
 from flatminima.experiments.summary import SELECTION_RULES
 from flatminima.registry import canonical_method_name, get_method
 
@@ -73,7 +74,7 @@ TRAINING_TYPES: dict[str, tuple[type, ...]] = {
 """The keys of ``[training]`` (``make_run_config``'s arguments) and the TOML types they take."""
 
 REQUIRED_TRAINING = ("dataset", "model", "epochs")
-TOP_LEVEL = ("seeds", "select_by", "training", "methods", "output")
+TOP_LEVEL = ("seeds", "select_by", "training", "methods", "sharpness", "output")
 OUTPUT_KEYS = ("database", "report")
 
 ERROR_PHRASES = {"lr": "learning rate"}
@@ -99,6 +100,9 @@ class Study:
     """Where the study's runs go by default (``[output] database``, resolved against the
     study file's directory); ``None``: the command's own default."""
     report: Path | None = None
+    sharpness: SharpnessSettings | None = None
+    """How to measure the sharpness of the study's trained models (``[sharpness]``, the
+    ``sharpness`` command's settings); ``None``: not measured."""
     lines: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -258,14 +262,46 @@ def parse_study(text: str, name: str = "<study>", directory: Path | None = None)
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise reader.error(f"output.{key}", f"must be a path (a string), got {value!r}")
         paths[key] = None if value is None else (directory or Path()) / value
+    sharpness = _read_sharpness(reader, document)
     study = Study(
-        name, seeds, methods, training, select_by, paths["database"], paths["report"], reader.lines
+        name,
+        seeds,
+        methods,
+        training,
+        select_by,
+        paths["database"],
+        paths["report"],
+        sharpness,
+        reader.lines,
     )
     try:
         study.configs()  # the whole grid, as `compare` checks it (its size, every combination)
     except ConfigError as error:
         raise ConfigError(f"{name}: {error}") from None
     return study
+
+
+def _read_sharpness(reader: _Reader, document: Mapping[str, Any]) -> SharpnessSettings | None:
+    """``[sharpness]``: the measurement's settings, each of the type of its default; an empty
+    table measures at the defaults, no table not at all."""
+    if "sharpness" not in document:
+        return None
+    table = reader.table(document, "sharpness")
+    defaults = {item.name: item.default for item in fields(SharpnessSettings)}
+    reader.known(table, "sharpness", tuple(defaults))
+    for key, value in table.items():
+        types: tuple[type, ...] = (int,) if isinstance(defaults[key], int) else (int, float)
+        if not _is(value, types):
+            raise reader.error(
+                f"sharpness.{key}", f"takes {_type_words(types)}, got {_kind(value)} ({value!r})"
+            )
+    settings = SharpnessSettings(**table)
+    try:
+        settings.check()
+    except ConfigError as error:
+        key = next((key for key in table if str(error).startswith(key)), "")
+        raise reader.error(f"sharpness.{key}" if key else "sharpness", str(error)) from None
+    return settings
 
 
 def _read_training(reader: _Reader, table: Mapping[str, Any]) -> dict[str, Any]:

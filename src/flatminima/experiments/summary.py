@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -278,11 +278,12 @@ def _slug(config: dict[str, Any], index: int) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text)
 
 
-def summarize(store: Store) -> list[Setting]:
+def summarize(store: Store, only: Collection[str] | None = None) -> list[Setting]:
     """Every setting with its arms, statistics and costs, from the finished runs; the failed
     runs are counted in their arms (a setting or an arm whose runs all failed is kept, so the
     report shows that it was tried). Running and interrupted runs are left out (see
-    :func:`unfinished_runs`)."""
+    :func:`unfinished_runs`). ``only``: the configuration hashes to summarise (a study's runs,
+    in a database other studies share); ``None``, every run."""
     grouped: dict[str, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     setting_configs: dict[str, dict[str, Any]] = {}
     sharpness: dict[str, dict[str, SharpnessRecord]] = defaultdict(dict)
@@ -290,6 +291,8 @@ def summarize(store: Store) -> list[Setting]:
         sharpness[record.config_hash][settings_key(record.settings)] = record
     for run in store.runs():
         if run.status not in ("finished", "failed"):
+            continue
+        if only is not None and run.config_hash not in only:
             continue
         setting = {k: v for k, v in run.config.items() if k not in ARM_KEYS}
         setting_key = json.dumps(setting, sort_keys=True)
@@ -348,13 +351,15 @@ def _as_float(value: float | None) -> float:
     return math.nan if value is None else float(value)
 
 
-def unfinished_runs(store: Store) -> dict[str, int]:
+def unfinished_runs(store: Store, only: Collection[str] | None = None) -> dict[str, int]:
     """Runs in no statistic, by state: ``failed`` (also counted in their arms' rows),
     ``running`` (its process is alive) and ``interrupted`` (left running by a process that is
-    gone: the next ``compare`` redoes it)."""
+    gone: the next ``compare`` redoes it). ``only`` as in :func:`summarize`."""
     live = store.live_runs()
     counts: dict[str, int] = defaultdict(int)
     for run in store.runs():
+        if only is not None and run.config_hash not in only:
+            continue
         if run.status == "running":
             counts["running" if run.config_hash in live else "interrupted"] += 1
         elif run.status != "finished":
