@@ -186,3 +186,27 @@ def test_a_study_without_claims_or_runs_is_one_error_line(
     assert line.startswith("claims: error: mnist1d · cnn1d") and line.endswith(
         "no finished run of fisher-sam"
     )
+
+
+@pytest.mark.parametrize(("behind", "expected"), [(0.005, REPRODUCED), (0.03, NOT_REPRODUCED)])
+def test_as_accurate_as_allows_the_stated_margin_and_no_more(
+    tmp_path: Path, behind: float, expected: str
+) -> None:
+    _plant(
+        tmp_path,
+        {
+            ("base", ()): (0.50, 0.50),
+            ("sam", (("rho", 0.1),)): (0.70, 0.70),
+            ("momentum-sam", (("rho", 1.0),)): (0.70 - behind, 0.70),
+        },
+    )
+    study = _study(
+        tmp_path,
+        "family_x",
+        "[methods.base]\n[methods.sam]\nrho = 0.1\n[methods.momentum-sam]\nrho = 1.0\n",
+    )
+    setting = claims.study_setting(load_study(study))
+    verdict = claims.as_accurate_as("momentum-sam", "sam")(setting)
+    assert verdict.effect.mean == pytest.approx(claims.EQUIVALENCE_MARGIN - 100 * behind)
+    assert verdict.verdict == expected
+    assert verdict.claim == "momentum-sam as accurate as sam (within 1 point)"

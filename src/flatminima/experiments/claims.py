@@ -13,6 +13,8 @@ The claims, in the form they are measured:
 
 * :func:`more_accurate`: the method's test accuracy exceeds the other's, each at the
   hyperparameters chosen on validation data (never on the test set).
+* :func:`as_accurate_as`: the method's test accuracy is at most :data:`EQUIVALENCE_MARGIN`
+  points below the other's (the claim of the cheaper members), both chosen on validation.
 * :func:`less_sensitive_to_rho`: over the ρ values both methods ran, the spread of the
   method's test accuracy (best ρ minus worst ρ, per seed) is smaller than the other's.
 * :func:`flatter_at_larger_tilt`: a sharpness measure of the trained model (λ_max, tr(H)) is
@@ -107,6 +109,38 @@ def more_accurate(method: str, other: str) -> Claim:
             effect,
             "points",
             f"test accuracy of {mine.label} − {theirs.label} (each chosen on validation)",
+        )
+
+    return judge
+
+
+EQUIVALENCE_MARGIN = 1.0
+"""How far below the other's accuracy, in points, still counts as "as accurate" (fixed before
+any study ran)."""
+
+
+def as_accurate_as(method: str, other: str) -> Claim:
+    """The method's test accuracy minus the other's plus :data:`EQUIVALENCE_MARGIN`, both at
+    their validation-chosen hyperparameters, in points: positive when the method is at most
+    that margin behind (the claim of the cheaper members: the other's accuracy at less cost)."""
+
+    def judge(setting: Setting) -> Verdict:
+        mine, theirs = _chosen(setting, method), _chosen(setting, other)
+        difference = _points(paired_difference(mine.final_accuracy, theirs.final_accuracy), method)
+        margin = EQUIVALENCE_MARGIN
+        effect = Interval(
+            difference.mean + margin,
+            difference.low + margin,
+            difference.high + margin,
+            difference.n,
+        )
+        return Verdict(
+            f"{method} as accurate as {other} (within {margin:g} point)",
+            setting.title,
+            effect,
+            "points",
+            f"test accuracy of {mine.label} − {theirs.label} + {margin:g} (each chosen on "
+            "validation)",
         )
 
     return judge
@@ -223,6 +257,14 @@ PAPER_CLAIMS: dict[str, list[Claim]] = {
         flatter_at_larger_tilt("tilted-sam", "hessian_trace"),
         more_accurate("tilted-sam", "sam"),
         closer_to_reference_at_larger_tilt("tilted-sam", "sam"),
+    ],
+    "family": [
+        more_accurate("gsam", "sam"),
+        more_accurate("wsam", "sam"),
+        more_accurate("bilateral-sam", "sam"),
+        as_accurate_as("momentum-sam", "sam"),
+        as_accurate_as("esam", "sam"),
+        as_accurate_as("looksam", "sam"),
     ],
 }
 """The claims each study judges, by the start of its file name (``fisher_sam_mnist1d.toml``
