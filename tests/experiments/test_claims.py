@@ -93,6 +93,7 @@ def test_more_accurate_judges_the_validation_chosen_settings(
     assert fisher_vs_sam.verdict == expected
     assert fisher_vs_asam.effect.mean == pytest.approx(100 * (fisher_test - 0.65))
     assert "sam ρ=0.05" in fisher_vs_sam.measured and "fisher-sam ρ=0.2" in fisher_vs_sam.measured
+    assert "edge" not in fisher_vs_sam.measured  # sweeps of two values have no inside
 
 
 def test_an_interval_containing_zero_is_inconclusive(tmp_path: Path) -> None:
@@ -167,6 +168,7 @@ def test_tilted_claims_read_the_smallest_and_largest_tilt(tmp_path: Path) -> Non
     assert top.measured == "λ_max of tilted-sam ρ=0.1 tilt=0 − tilted-sam ρ=0.1 tilt=100"
     # Chosen on validation: t = 100 (0.69) against SAM (0.70).
     assert accuracy.effect.mean == pytest.approx(-1.0)
+    assert accuracy.measured.endswith("; chosen tilted-sam ρ=0.1 tilt=100 at its grid's edge")
     assert approach.effect.mean == pytest.approx(10.0 - 1.0)
     assert approach.verdict == REPRODUCED
     table = verdict_table([top, approach])

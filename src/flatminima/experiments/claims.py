@@ -41,7 +41,13 @@ from flatminima.experiments.files import write_text_atomically
 from flatminima.experiments.statistics import Interval, paired_difference
 from flatminima.experiments.store import Store
 from flatminima.experiments.study import Study, load_study
-from flatminima.experiments.summary import Arm, Setting, select_by_validation, summarize
+from flatminima.experiments.summary import (
+    Arm,
+    Selection,
+    Setting,
+    select_by_validation,
+    summarize,
+)
 
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced at this scale"
@@ -83,11 +89,33 @@ def _arms(setting: Setting, method: str) -> list[Arm]:
     return arms
 
 
-def _chosen(setting: Setting, method: str) -> Arm:
+def _selection(setting: Setting, method: str) -> Selection:
     for selection in select_by_validation(setting):
         if selection.method == method:
-            return selection.chosen
+            return selection
     raise ClaimError(f"{setting.title}: no finished run of {method}")
+
+
+def _chosen(setting: Setting, method: str) -> Arm:
+    return _selection(setting, method).chosen
+
+
+def edge_choices(setting: Setting, methods: Sequence[str]) -> list[str]:
+    """The methods among ``methods`` whose validation choice is the first or last of a sweep
+    of three or more values (in the report's order, smallest first): their best may lie
+    outside the grid, which a verdict must say."""
+    edges = []
+    for method in methods:
+        selection = _selection(setting, method)
+        candidates = selection.candidates
+        if len(candidates) >= 3 and selection.chosen in (candidates[0], candidates[-1]):
+            edges.append(f"{selection.chosen.label} at its grid's edge")
+    return edges
+
+
+def _with_edges(measured: str, setting: Setting, methods: Sequence[str]) -> str:
+    edges = edge_choices(setting, methods)
+    return f"{measured}; chosen {', '.join(edges)}" if edges else measured
 
 
 def _points(interval: Interval | None, what: str) -> Interval:
@@ -108,7 +136,11 @@ def more_accurate(method: str, other: str) -> Claim:
             setting.title,
             effect,
             "points",
-            f"test accuracy of {mine.label} − {theirs.label} (each chosen on validation)",
+            _with_edges(
+                f"test accuracy of {mine.label} − {theirs.label} (each chosen on validation)",
+                setting,
+                (method, other),
+            ),
         )
 
     return judge
@@ -139,8 +171,12 @@ def as_accurate_as(method: str, other: str) -> Claim:
             setting.title,
             effect,
             "points",
-            f"test accuracy of {mine.label} − {theirs.label} + {margin:g} (each chosen on "
-            "validation)",
+            _with_edges(
+                f"test accuracy of {mine.label} − {theirs.label} + {margin:g} (each chosen on "
+                "validation)",
+                setting,
+                (method, other),
+            ),
         )
 
     return judge
