@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -203,17 +204,24 @@ def clone_model(model: nn.Module) -> nn.Module:
 # -- memory of one method, in parameter copies (GSAM and WSAM, issue 9) ---------------------------
 
 
-def parameter_copies_held(method: str, hyperparameters: dict[str, Any], steps: int = 3):
+def parameter_copies_held(
+    method: str, hyperparameters: dict[str, Any], steps: int = 3, *, hidden: tuple[int, ...] = (64,)
+):
     """What a registered method holds during and between its steps, in copies of the model's
-    parameters, measured by the benchmarks' allocation tracker (exact on CPU) on a 2.8 k
-    parameter MLP (large enough that the 0-d tensors of norms are < 1 % of a copy)."""
+    parameters, measured by the benchmarks' allocation tracker (exact on CPU) on an MLP
+    32 → ``hidden`` → 10 with tanh between layers (by default 2.8 k parameters: large enough
+    that the 0-d tensors of norms are < 1 % of a copy)."""
     from benchmarks.contenders import Contender, _build_flatminima
     from benchmarks.memory import measure
     from benchmarks.workloads import Workload
 
     def build_model() -> nn.Module:
         torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 10))
+        widths = [32, *hidden]
+        layers: list[nn.Module] = []
+        for width_in, width_out in itertools.pairwise(widths):
+            layers += [nn.Linear(width_in, width_out), nn.Tanh()]
+        return nn.Sequential(*layers, nn.Linear(widths[-1], 10))
 
     def build_batch() -> Batch:
         generator = torch.Generator().manual_seed(0)

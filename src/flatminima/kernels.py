@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -340,8 +340,10 @@ def empty_like(tensors: TensorList) -> list[Tensor]:
 # steps per coordinate (Fisher SAM: g², 1 + ηg², g/f, a sum, a scale), so the fast path below
 # walks each large tensor in cache-sized chunks and runs all of a chunk's steps while it sits
 # in the cache; memory sees one read (and, where the result is written, one write) per sweep.
-# Small tensors keep the foreach path: per-chunk calls would cost more than they save. The
-# per-tensor loop (``foreach=False``) stays the readable oracle of the same formulas.
+# Small tensors keep the foreach path: per-chunk calls would cost more than they save. Where
+# it allocates temporaries, it runs in batches of bounded size, so that they stay a fraction
+# of a parameter copy whatever the number of small tensors. The per-tensor loop
+# (``foreach=False``) stays the readable oracle of the same formulas.
 
 FUSED_MIN_NUMEL = 1 << 16
 """Tensors with at least this many elements take the chunked path (foreach below)."""
@@ -413,22 +415,61 @@ def fisher_precondition_(grads: TensorList, eta: float, *, foreach: bool) -> flo
             u = torch.div(wide, f, out=u_buffer[:size])
             total += float(torch.dot(wide, u))
             chunk.copy_(u)
-    for index_group in _index_groups(grads, small):
-        members = [grads[i] for i in index_group]
-        wide = [t.to(accumulation_dtype(t.dtype)) for t in members]
-        f = [torch.ones_like(w) for w in wide]
-        torch._foreach_addcmul_(f, wide, wide, value=eta)
-        u = torch._foreach_div(wide, f)
-        for product in torch._foreach_mul(wide, u):
-            total += float(product.sum())
-        torch._foreach_copy_(members, u)
+    # Small tensors: foreach in batches of bounded size, because of the temporaries. A batch
+    # holds two lists of them of its own size at once (f and u, then u and the products;
+    # three in half precision, with the widened copy); one list over every small tensor held
+    # three copies of them all (3 P on ResNet-20, whose tensors are all small). A batch holds
+    # at most 1/8 of the small tensors' elements, so on a model of many small tensors the
+    # temporaries stay near P/4, well under the backup's 1 P, and at most FUSED_MIN_NUMEL,
+    # as the chunked path's two buffers are bounded; a tensor above the bound is a batch of
+    # its own. Every operation is elementwise and the shares are added in the same order as
+    # with one list, so the batching changes no bit of u or of the sum.
+    index_groups = _index_groups(grads, small)
+    sizes = [[grads[i].numel() for i in index_group] for index_group in index_groups]
+    bound = min(FUSED_MIN_NUMEL, max(1, sum(map(sum, sizes)) // 8))
+    for index_group, group_sizes in zip(index_groups, sizes, strict=True):
+        for batch in _batches(index_group, group_sizes, bound):
+            total = _fisher_precondition_batch_([grads[i] for i in batch], eta, total)
     return total
 
 
+def _fisher_precondition_batch_(members: list[Tensor], eta: float, total: float) -> float:
+    """:func:`fisher_precondition_`'s foreach path on one batch of same-dtype tensors: g ← u
+    in place, and ``total`` plus their shares of gᵀF⁻¹g, added one tensor at a time. Its
+    temporaries are freed when it returns, before the next batch allocates its own."""
+    wide = [t.to(accumulation_dtype(t.dtype)) for t in members]
+    f = [torch.ones_like(w) for w in wide]
+    torch._foreach_addcmul_(f, wide, wide, value=eta)
+    u = torch._foreach_div(wide, f)
+    del f  # freed before the products are allocated
+    for product in torch._foreach_mul(wide, u):
+        total += float(product.sum())
+    torch._foreach_copy_(members, u)
+    return total
+
+
+def _batches(indices: list[int], sizes: list[int], max_numel: int) -> Iterator[list[int]]:
+    """``indices`` cut, in order, into runs whose tensors (of ``sizes`` elements, one size per
+    index) hold at most ``max_numel`` elements together; a tensor larger than that forms a
+    run of its own."""
+    batch: list[int] = []
+    held = 0
+    for i, numel in zip(indices, sizes, strict=True):
+        if batch and held + numel > max_numel:
+            yield batch
+            batch, held = [], 0
+        batch.append(i)
+        held += numel
+    if batch:
+        yield batch
+
+
 def _index_groups(tensors: TensorList, indices: list[int]) -> list[list[int]]:
-    """``indices`` split by (device, dtype) of their tensors."""
+    """``indices`` split by (device, dtype) of their tensors, each group in their order."""
     if not indices:
         return []
+    if _one_device_and_dtype([tensors[i] for i in indices]):  # the usual case, checked fast
+        return [list(indices)]
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i in indices:
         groups[(tensors[i].device, tensors[i].dtype)].append(i)
@@ -636,22 +677,11 @@ def apply_packed_mask_(tensors: TensorList, packed: TensorList, *, foreach: bool
         return
     # Small tensors: foreach over batches of at most CHUNK_NUMEL coordinates, so that the
     # unpacked bools of one batch are all that exists at once.
-    batch: list[int] = []
-    held = 0
-    for i in [*small, -1]:
-        if i < 0 or (batch and held + tensors[i].numel() > CHUNK_NUMEL):
-            if batch:
-                torch._foreach_mul_(
-                    [tensors[j] for j in batch],
-                    [
-                        unpack_mask(packed[j], tensors[j].numel()).view(tensors[j].shape)
-                        for j in batch
-                    ],
-                )
-            batch, held = [], 0
-        if i >= 0:
-            batch.append(i)
-            held += tensors[i].numel()
+    for batch in _batches(small, [tensors[i].numel() for i in small], CHUNK_NUMEL):
+        torch._foreach_mul_(
+            [tensors[j] for j in batch],
+            [unpack_mask(packed[j], tensors[j].numel()).view(tensors[j].shape) for j in batch],
+        )
 
 
 @sharded.on_local_shards

@@ -3,10 +3,18 @@ what the per-tensor oracle computes."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from benchmarks.memory import AllocationTracker
+
 from flatminima import kernels
+from flatminima.experiments.models import ResNet20
 
 # One tensor large enough for the chunked path (several chunks and a ragged last one), a
 # non-contiguous one (foreach path) and small ones (foreach path).
@@ -61,6 +69,90 @@ def test_fisher_precondition_in_float16_does_not_overflow_the_square():
         assert quadratic == pytest.approx((LARGE + 3) * 1e6 / (1 + 1e6), rel=1e-3)
         for g in grads:
             assert torch.allclose(g.float(), torch.full_like(g.float(), 1e-3), rtol=1e-3)
+
+
+def resnet20_like(dtype, seed=0, scale=1.0):
+    """Gradients shaped like ResNet-20's 65 parameters (0.27 M entries, the largest 36 864):
+    every one below FUSED_MIN_NUMEL, so all take the small tensors' batched foreach path."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [p.shape for p in ResNet20((3, 32, 32), num_classes=10).parameters()]
+    grads = [
+        (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+        for shape in shapes
+    ]
+    assert max(g.numel() for g in grads) < kernels.FUSED_MIN_NUMEL
+    return grads
+
+
+def fisher_reference_(grads, eta):
+    """§4.2 tensor by tensor, in list order: f = 1 + η·g⊙g, u = g/f, g ← u, and Σ g·u summed
+    per tensor, then over the tensors in float64. Half precision is widened to float32 first.
+    f is computed by ``addcmul``, one rounding for η·g·g + 1 as the kernel does (``1 + eta *
+    g * g`` in three operations rounds differently in the last bit)."""
+    total = 0.0
+    for g in grads:
+        wide = g.to(torch.float64 if g.dtype == torch.float64 else torch.float32)
+        f = torch.addcmul(torch.ones_like(wide), wide, wide, value=eta)
+        u = wide / f
+        total += float((wide * u).sum())
+        g.copy_(u)
+    return total
+
+
+def random_small_tensors(dtype, seed):
+    """Many small tensors of random shapes, some transposed (non-contiguous), a few empty."""
+    generator = torch.Generator().manual_seed(seed)
+    grads = []
+    for _ in range(200):
+        dims = torch.randint(0, 4, (), generator=generator).item()
+        shape = [int(torch.randint(0, 40, (), generator=generator)) for _ in range(dims)]
+        g = (torch.randn(shape, generator=generator, dtype=torch.float64) * 10.0).to(dtype)
+        grads.append(g.t() if g.dim() == 2 and len(grads) % 3 == 0 else g)
+    return grads
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("eta", [0.0, 1.0, 0.37])
+@pytest.mark.parametrize("shapes", ["resnet20", "random"])
+def test_fisher_precondition_in_batches_is_the_per_tensor_formula_bit_for_bit(dtype, eta, shapes):
+    """The small tensors go through foreach in bounded batches (several here): every entry of
+    u and the sum are bit for bit the per-tensor formula's, as they were with one foreach
+    list over all the tensors."""
+    grads = (
+        resnet20_like(dtype, scale=3.0)
+        if shapes == "resnet20"
+        else random_small_tensors(dtype, seed=4)
+    )
+    expected = [g.clone(memory_format=torch.preserve_format) for g in grads]
+    expected_total = fisher_reference_(expected, eta)
+    total = kernels.fisher_precondition_(grads, eta, foreach=True)
+    assert total == expected_total
+    for g, e in zip(grads, expected, strict=True):
+        assert g.dtype == e.dtype and g.stride() == e.stride()
+        assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "lists"),
+    [(torch.float32, 2), (torch.float64, 2), (torch.float16, 3), (torch.bfloat16, 3)],
+)
+def test_fisher_precondition_temporaries_stay_a_fraction_of_a_copy_on_small_tensors(dtype, lists):
+    """Peak memory the kernel allocates (every ATen allocation, tracked exactly by the
+    benchmarks' tracker), in copies of the gradients: with one foreach list over every small
+    tensor it held three float32 copies (f, u and the products; 3 P on ResNet-20, the whole
+    model, and 8 P in half precision); in batches it holds two lists of one batch's size
+    (three with half precision's widened copy), a batch being at most 1/8 of the elements or
+    one tensor."""
+    grads = resnet20_like(dtype)
+    size = sum(g.numel() * g.element_size() for g in grads)
+    wide_bytes = 8 if dtype == torch.float64 else 4
+    largest_batch = max(sum(g.numel() for g in grads) / 8, max(g.numel() for g in grads))
+    tracker = AllocationTracker()
+    with tracker:
+        kernels.fisher_precondition_(grads, 1.0, foreach=True)
+    held = tracker.peak_held / size
+    assert held <= lists * largest_batch * wide_bytes / size + 0.001
+    assert held < 0.9  # well under the one copy the engine's backup takes
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
