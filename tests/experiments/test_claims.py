@@ -185,9 +185,7 @@ def test_a_study_without_claims_or_runs_is_one_error_line(
     missing = _study(tmp_path, "fisher_sam_y", FISHER)
     assert claims.main([str(missing)]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("claims: error: mnist1d · cnn1d") and line.endswith(
-        "no finished run of fisher-sam"
-    )
+    assert line.startswith("claims: error: ") and "5 of its 35 runs have ended" in line
 
 
 @pytest.mark.parametrize(("behind", "expected"), [(0.005, REPRODUCED), (0.03, NOT_REPRODUCED)])
@@ -212,3 +210,15 @@ def test_as_accurate_as_allows_the_stated_margin_and_no_more(
     assert verdict.effect.mean == pytest.approx(claims.EQUIVALENCE_MARGIN - 100 * behind)
     assert verdict.verdict == expected
     assert verdict.claim == "momentum-sam as accurate as sam (within 1 point)"
+
+
+def test_a_study_with_runs_still_to_train_gets_no_verdict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _plant(tmp_path, {("base", ()): (0.5, 0.5), ("sam", (("rho", 0.1),)): (0.7, 0.7)})
+    methods = "[methods.base]\n[methods.sam]\nrho = [0.1, 0.2]\n[methods.monge-sam]\nrho = 0.1\n"
+    study = _study(tmp_path, "monge_sam_z", methods)
+    assert claims.main([str(study)]) == 2
+    assert "10 of its 20 runs have ended; run `flatminima compare --study" in (
+        capsys.readouterr().err
+    )

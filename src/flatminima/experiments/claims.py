@@ -311,8 +311,16 @@ def study_setting(study: Study) -> Setting:
     """The one setting of a study's finished runs."""
     if study.database is None:
         raise ClaimError(f"{study.name}: no [output] database to read")
+    hashes = [config.config_hash for config in study.configs()]
     with Store(study.database, create=False) as store:
-        settings = summarize(store, [config.config_hash for config in study.configs()])
+        ended = [run for run in store.runs() if run.config_hash in set(hashes)]
+        ended = [run for run in ended if run.status in ("finished", "failed")]
+        if len(ended) < len(hashes):  # a verdict on part of the grid is no verdict
+            raise ClaimError(
+                f"{study.name}: {len(ended)} of its {len(hashes)} runs have ended; run "
+                f"`flatminima compare --study {study.name}` first"
+            )
+        settings = summarize(store, hashes)
     if len(settings) != 1:
         raise ClaimError(f"{study.name}: {len(settings)} settings with finished runs, not 1")
     return settings[0]
