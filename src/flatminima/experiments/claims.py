@@ -291,7 +291,8 @@ PAPER_CLAIMS: dict[str, list[Claim]] = {
     "tilted_sam": [
         flatter_at_larger_tilt("tilted-sam", "hessian_top_eigenvalue"),
         flatter_at_larger_tilt("tilted-sam", "hessian_trace"),
-        more_accurate("tilted-sam", "sam"),
+        # Accuracy against t is the report's table and plot, not a verdict: the study keeps
+        # rho fixed for every t, so it is no fair accuracy contest with a tuned SAM.
         closer_to_reference_at_larger_tilt("tilted-sam", "sam"),
     ],
     "family": [
