@@ -438,6 +438,8 @@ def test_studies_sharing_a_database_train_shared_runs_once_and_report_their_own(
         assert main(["report", "--study", str(study)]) == 0
         markdown = (tmp_path / f"{own}-report" / "report.md").read_text()
         assert "6 finished runs (of the 6 runs asked for)" in markdown
+        rerun = f"`flatminima compare --study {study}`"
+        assert f"Rerun (trains what is missing, then writes this report): {rerun}." in markdown
         assert f"| {own} ρ=0.05 " in markdown and f"| {other} ρ=0.05 " not in markdown
     # Without --study, the report is the whole database's.
     assert (

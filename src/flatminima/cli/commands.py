@@ -206,9 +206,14 @@ def sharpness_table(runs: list[RunRecord], rows: dict[str, Any]) -> str:
 
 
 def _print_report(
-    db: Path, out: Path, select_by: str | None = None, only: Sequence[str] | None = None
+    db: Path,
+    out: Path,
+    select_by: str | None = None,
+    only: Sequence[str] | None = None,
+    study: Path | None = None,
 ) -> None:
-    report = write_report(db, out, select_by=select_by, only=only)
+    rerun = None if study is None else f"flatminima compare --study {study}"
+    report = write_report(db, out, select_by=select_by, only=only, rerun=rerun)
     print()
     print(report.text)
     print()
@@ -351,7 +356,7 @@ def command_compare(args: argparse.Namespace) -> int:
         if measured.failed:
             status = status or EXIT_RUN_FAILED
     if args.report is not None:
-        _print_report(args.db, args.report, select_by, only)
+        _print_report(args.db, args.report, select_by, only, args.study)
     return status
 
 
@@ -479,7 +484,7 @@ def command_report(args: argparse.Namespace) -> int:
             args.out = study.report
         select_by = study.select_by
     _check_output_directory(args.out, "--out")
-    _print_report(args.db, args.out, select_by, only)
+    _print_report(args.db, args.out, select_by, only, args.study)
     return 0
 
 

@@ -275,12 +275,15 @@ def write_report(
     *,
     select_by: str | None = None,
     only: Collection[str] | None = None,
+    rerun: str | None = None,
 ) -> Report:
     """Summarise ``db_path`` into ``out_dir/report.md`` and its figures; with
     ``select_by="validation"`` each setting's main table gives every method at the
     hyperparameters chosen on validation data (:func:`~flatminima.experiments.summary.
     select_by_validation`), the table of every arm run after it. ``only``: the configuration
-    hashes to report (a study's runs); ``None``, every run of the database."""
+    hashes to report (a study's runs); ``None``, every run of the database. ``rerun``: the
+    command that trains what is missing and writes this report again (a study's), named under
+    the title."""
     check_selection_rule(select_by)
     db_path, out_dir = Path(db_path), Path(out_dir)
     # A missing file: FileNotFoundError; an empty or foreign one: StoreError.
@@ -302,6 +305,8 @@ def write_report(
         f"Database `{db_path}`, {finished} finished runs{of_which}, written "
         f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}.",
     ]
+    if rerun is not None:
+        markdown.append(f"Rerun (trains what is missing, then writes this report): `{rerun}`.")
     text = []
     if unfinished:
         markdown.append(unfinished_line(unfinished))
