@@ -50,12 +50,11 @@ from flatminima.experiments.runner import (
     EpochMetrics,
     GridStoppedError,
     GridSummary,
-    _count,
-    _stop_if_storage_fault,
-    _torch_threads,
     environment,
     grid_to_run,
     load_and_train,
+    storage_fault_stop,
+    torch_threads,
 )
 from flatminima.experiments.store import DEFAULT_STALE_AFTER_S, RunLostError, Store, StoreError
 from flatminima.registry import get_method
@@ -144,7 +143,7 @@ def train_on_worker(
         epochs.append(asdict(metrics))
         report("epoch", epochs[-1])
 
-    with _torch_threads(threads):
+    with torch_threads(threads):
         # Before the start is reported, as before a local claim: data that cannot be read is
         # not a failure of this configuration.
         start = {
@@ -413,7 +412,7 @@ class _RayGrid:
     def _give_up(self, index: int, error: BaseException) -> None:
         """Record a run's failure as the local executor does: the run failed (and the grid goes
         on), or, for a fault every later run would meet too, the grid stops."""
-        stop = _stop_if_storage_fault(error)
+        stop = storage_fault_stop(error)
         if stop is None and isinstance(
             error, (GridStoppedError, StoreError, DatasetUnavailableError)
         ):
@@ -426,7 +425,7 @@ class _RayGrid:
             except sqlite3.Error as storage_error:
                 # The disk is full or the database unwritable: the run stays `running` under
                 # this process, and the next `compare` redoes it.
-                stop = _stop_if_storage_fault(storage_error)
+                stop = storage_fault_stop(storage_error)
                 message = str(stop) if stop is not None else _one_line(storage_error)
         self._end_early(index, "stopped" if stop is not None else "failed", message)
 
@@ -440,7 +439,7 @@ class _RayGrid:
 
     def _finish(self, index: int, status: str, error: str | None) -> None:
         self.ended.add(index)
-        _count(self.summary, self.pending[index].label, status, error)
+        self.summary.record(self.pending[index].label, status, error)
         self.slots.end(index, self.pending[index], status)
 
 

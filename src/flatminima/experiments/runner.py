@@ -465,7 +465,7 @@ def execute_run(
             data_fingerprint=data_fingerprint,
         )
     except sqlite3.Error as error:
-        stop = _stop_if_storage_fault(error)
+        stop = storage_fault_stop(error)
         if stop is None:
             raise
         raise stop from error
@@ -486,7 +486,7 @@ def execute_run(
         logger.warning("%s was taken over by another process: stopped", config.label)
         return "skipped"
     except Exception as error:
-        stop = _stop_if_storage_fault(error)
+        stop = storage_fault_stop(error)
         try:
             store.fail(run_id, f"{type(error).__name__}: {error}")
         except sqlite3.Error:
@@ -500,7 +500,7 @@ def execute_run(
     return "finished"
 
 
-def _stop_if_storage_fault(error: BaseException) -> GridStoppedError | None:
+def storage_fault_stop(error: BaseException) -> GridStoppedError | None:
     """The error that stops the grid when ``error`` is a storage fault every later run would
     meet too, else ``None`` (``error`` is this run's own failure)."""
     if out_of_space(error):
@@ -534,6 +534,17 @@ class GridSummary:
         """Whether every configuration of the grid is finished in the database now."""
         return self.already_finished + self.finished == self.total
 
+    def record(self, label: str, status: str, error: str | None) -> None:
+        """Count one run's outcome (``finished``, ``skipped``, ``stopped`` or a failure)."""
+        if status == "finished":
+            self.finished += 1
+        elif status == "skipped":
+            self.skipped += 1
+        elif status == "stopped":
+            self.stopped = self.stopped or error
+        else:
+            self.failed.append(f"{label}: {error}")
+
 
 def unique_configs(configs: Sequence[RunConfig]) -> list[RunConfig]:
     """``configs`` without repeats (a ρ sweep repeats the base optimizer's run), order kept."""
@@ -544,7 +555,8 @@ def unique_configs(configs: Sequence[RunConfig]) -> list[RunConfig]:
 
 
 @contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
+def torch_threads(threads: int) -> Iterator[None]:
+    """PyTorch's intra-op thread count set to ``threads`` inside the block, restored after."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -609,7 +621,7 @@ def run_grid(
         elif event.kind == "progress":
             bars.epoch(event.slot, event.payload)
         else:
-            _count(summary, config.label, *event.payload)
+            summary.record(config.label, *event.payload)
             bars.end(event.slot, event.payload[0])
 
     try:
@@ -638,7 +650,7 @@ def _training_process(
     db_path: Path, data_dir: Path | None, threads: int, stale_after_s: float
 ) -> Iterator[tuple[Store, Path | None, float]]:
     """What a training process holds for its runs: its database connection and settings."""
-    with _torch_threads(threads), Store(db_path) as store:
+    with torch_threads(threads), Store(db_path) as store:
         yield store, data_dir, stale_after_s
 
 
@@ -670,14 +682,3 @@ def _attempt(
 def _finished(store: Store, config_hash: str) -> bool:
     run = store.find(config_hash)
     return run is not None and run.status == "finished"
-
-
-def _count(summary: GridSummary, label: str, status: str, error: str | None) -> None:
-    if status == "finished":
-        summary.finished += 1
-    elif status == "skipped":
-        summary.skipped += 1
-    elif status == "stopped":
-        summary.stopped = summary.stopped or error
-    else:
-        summary.failed.append(f"{label}: {error}")
