@@ -124,11 +124,18 @@ def test_less_sensitive_to_rho_compares_the_spread_over_the_shared_rhos(tmp_path
     _plant(tmp_path, arms)
     methods = "[methods.base]\n[methods.sam]\nrho = [0.05, 0.1, 0.5]\n"
     methods += "[methods.monge-sam]\nrho = [0.05, 0.1, 0.5]\n"
-    [verdict] = judge_study(_study(tmp_path, "monge_sam_x", methods))
+    decade, verdict = judge_study(_study(tmp_path, "monge_sam_x", methods))
     # The same jitter on every arm of a seed: the spreads are exact.
     assert verdict.effect.mean == pytest.approx(15.0 - 2.0)
     assert verdict.verdict == REPRODUCED
     assert "ρ ∈ {0.05, 0.1, 0.5}" in verdict.measured
+    # Up to 0.5: the same three values here.
+    assert decade.effect == verdict.effect
+    narrower = claims.less_sensitive_to_rho("monge-sam", "sam", up_to=0.1)(
+        claims.study_setting(load_study(tmp_path / "monge_sam_x.toml"))
+    )
+    assert narrower.effect.mean == pytest.approx(15.0 - 2.0)  # SAM 0.60-0.75, Monge 0.70-0.72
+    assert "ρ ∈ {0.05, 0.1}" in narrower.measured
 
 
 def _measure(store: Store, method: str, tilt: float, values: list[float]) -> None:
@@ -174,6 +181,7 @@ def test_tilted_claims_read_the_smallest_and_largest_tilt(tmp_path: Path) -> Non
     assert accuracy.measured.endswith("; chosen tilted-sam ρ=0.1 tilt=100 at its grid's edge")
     assert approach.effect.mean == pytest.approx(10.0 - 1.0)
     assert approach.verdict == REPRODUCED
+    assert "|" not in approach.measured  # a cell of a markdown table
     table = verdict_table([top, approach])
     assert table.count("\n") == 3 and f"**{NOT_REPRODUCED}**" in table
 
