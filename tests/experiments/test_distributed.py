@@ -249,6 +249,17 @@ def _gone(pid: int) -> bool:
         return True
 
 
+DEFAULT_CTRL_C = (
+    "import signal, sys\n"
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    "from flatminima.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+"""`flatminima` with Ctrl-C raising KeyboardInterrupt, as in a terminal's foreground job, even
+when the test suite itself runs as a background job of a shell without job control (which
+starts it with SIGINT ignored, a disposition every child inherits)."""
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 @pytest.mark.parametrize(
     "stop",
@@ -263,7 +274,7 @@ def test_stopping_the_command_stops_every_process(tmp_path: Path, stop: str) -> 
     only, which ends its training processes; after SIGKILL they notice it is gone and stop."""
     db = tmp_path / "runs.db"
     command = [
-        sys.executable, "-m", "flatminima", "run", "--processes", "2", "--dataset", "digits",
+        sys.executable, "-c", DEFAULT_CTRL_C, "run", "--processes", "2", "--dataset", "digits",
         "--model", "mlp", "--epochs", "500", "--train-size", "600", "--db", str(db), "--quiet",
     ]  # fmt: skip
     # Its own process group, as a terminal's foreground job.
