@@ -9,7 +9,7 @@ import inspect
 import shutil
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -209,7 +209,7 @@ def _print_report(
     db: Path,
     out: Path,
     select_by: str | None = None,
-    only: Sequence[str] | None = None,
+    only: Collection[str] | None = None,
     study: Path | None = None,
 ) -> None:
     rerun = None if study is None else f"flatminima compare --study {study}"
@@ -317,12 +317,12 @@ def grid_configs(args: argparse.Namespace) -> list[RunConfig]:
 
 def command_compare(args: argparse.Namespace) -> int:
     study: Study | None = None
-    only: list[str] | None = None
+    only: frozenset[str] | None = None
     if args.study is not None:
         study = _load_study(args)
         configs = study.configs()
         # The study's report shows its own runs: the database may hold other studies' too.
-        only = [config.config_hash for config in configs]
+        only = study.config_hashes
         if not _given(args, "db") and study.database is not None:
             args.db = study.database
         if args.report is None:
@@ -338,11 +338,10 @@ def command_compare(args: argparse.Namespace) -> int:
     if study is not None and study.sharpness is not None and only is not None:
         print(f"\nsharpness of the study's trained models ({study.name} [sharpness]):")
         with Store(args.db, create=False) as store:
-            wanted = set(only)
             finished = [
                 run.config_hash
                 for run in store.runs()
-                if run.config_hash in wanted and run.status == "finished"
+                if run.config_hash in only and run.status == "finished"
             ]
         measured = measure_runs(
             args.db,
@@ -474,10 +473,10 @@ def command_sharpness(args: argparse.Namespace) -> int:
 
 def command_report(args: argparse.Namespace) -> int:
     select_by = args.select_by
-    only: list[str] | None = None
+    only: frozenset[str] | None = None
     if args.study is not None:
         study = _load_study(args)
-        only = [config.config_hash for config in study.configs()]
+        only = study.config_hashes
         if not _given(args, "db") and study.database is not None:
             args.db = study.database
         if not _given(args, "out") and study.report is not None:

@@ -89,33 +89,21 @@ def _arms(setting: Setting, method: str) -> list[Arm]:
     return arms
 
 
-def _selection(setting: Setting, method: str) -> Selection:
-    for selection in select_by_validation(setting):
-        if selection.method == method:
-            return selection
-    raise ClaimError(f"{setting.title}: no finished run of {method}")
+def _chosen_pair(setting: Setting, method: str, other: str) -> tuple[Selection, Selection]:
+    """The validation choices of ``method`` and ``other`` (one selection of the setting)."""
+    selections = {selection.method: selection for selection in select_by_validation(setting)}
+    for name in (method, other):
+        if name not in selections:
+            raise ClaimError(f"{setting.title}: no finished run of {name}")
+    return selections[method], selections[other]
 
 
-def _chosen(setting: Setting, method: str) -> Arm:
-    return _selection(setting, method).chosen
-
-
-def edge_choices(setting: Setting, methods: Sequence[str]) -> list[str]:
-    """The methods among ``methods`` whose validation choice is the first or last of a sweep
-    of three or more values (in the report's order, smallest first): their best may lie
-    outside the grid, which a verdict must say."""
-    edges = []
-    for method in methods:
-        selection = _selection(setting, method)
-        candidates = selection.candidates
-        if len(candidates) >= 3 and selection.chosen in (candidates[0], candidates[-1]):
-            edges.append(f"{selection.chosen.label} at its grid's edge")
-    return edges
-
-
-def _with_edges(measured: str, setting: Setting, methods: Sequence[str]) -> str:
-    edges = edge_choices(setting, methods)
-    return f"{measured}; chosen {', '.join(edges)}" if edges else measured
+def _at_grid_edge(selection: Selection) -> bool:
+    """Whether the choice is the first or last of a sweep of three or more values (in the
+    report's order, smallest first): the best may then lie outside the grid, which a verdict
+    must say."""
+    candidates = selection.candidates
+    return len(candidates) >= 3 and selection.chosen in (candidates[0], candidates[-1])
 
 
 def _points(interval: Interval | None, what: str) -> Interval:
@@ -124,62 +112,55 @@ def _points(interval: Interval | None, what: str) -> Interval:
     return interval.scaled(100.0)
 
 
-def more_accurate(method: str, other: str) -> Claim:
-    """The method's test accuracy minus the other's, both at their validation-chosen
-    hyperparameters, in points."""
-
-    def judge(setting: Setting) -> Verdict:
-        mine, theirs = _chosen(setting, method), _chosen(setting, other)
-        effect = _points(paired_difference(mine.final_accuracy, theirs.final_accuracy), method)
-        return Verdict(
-            f"{method} more accurate than {other}",
-            setting.title,
-            effect,
-            "points",
-            _with_edges(
-                f"test accuracy of {mine.label} − {theirs.label} (each chosen on validation)",
-                setting,
-                (method, other),
-            ),
-        )
-
-    return judge
-
-
 EQUIVALENCE_MARGIN = 1.0
 """How far below the other's accuracy, in points, still counts as "as accurate" (fixed before
 any study ran)."""
 
 
-def as_accurate_as(method: str, other: str) -> Claim:
-    """The method's test accuracy minus the other's plus :data:`EQUIVALENCE_MARGIN`, both at
-    their validation-chosen hyperparameters, in points: positive when the method is at most
-    that margin behind (the claim of the cheaper members: the other's accuracy at less cost)."""
+def _accuracy_contest(method: str, other: str, margin: float, claim: str) -> Claim:
+    """The method's test accuracy minus the other's, plus ``margin``, both at their
+    validation-chosen hyperparameters, in points."""
 
     def judge(setting: Setting) -> Verdict:
-        mine, theirs = _chosen(setting, method), _chosen(setting, other)
-        difference = _points(paired_difference(mine.final_accuracy, theirs.final_accuracy), method)
-        margin = EQUIVALENCE_MARGIN
+        mine, theirs = _chosen_pair(setting, method, other)
+        difference = _points(
+            paired_difference(mine.chosen.final_accuracy, theirs.chosen.final_accuracy), method
+        )
         effect = Interval(
             difference.mean + margin,
             difference.low + margin,
             difference.high + margin,
             difference.n,
         )
-        return Verdict(
-            f"{method} as accurate as {other} (within {margin:g} point)",
-            setting.title,
-            effect,
-            "points",
-            _with_edges(
-                f"test accuracy of {mine.label} − {theirs.label} + {margin:g} (each chosen on "
-                "validation)",
-                setting,
-                (method, other),
-            ),
+        plus = f" + {margin:g}" if margin else ""
+        measured = (
+            f"test accuracy of {mine.chosen.label} − {theirs.chosen.label}{plus} (each chosen "
+            "on validation)"
         )
+        edges = [
+            f"{selection.chosen.label} at its grid's edge"
+            for selection in (mine, theirs)
+            if _at_grid_edge(selection)
+        ]
+        if edges:
+            measured += f"; chosen {', '.join(edges)}"
+        return Verdict(claim, setting.title, effect, "points", measured)
 
     return judge
+
+
+def more_accurate(method: str, other: str) -> Claim:
+    """The method's test accuracy minus the other's, both at their validation-chosen
+    hyperparameters, in points."""
+    return _accuracy_contest(method, other, 0.0, f"{method} more accurate than {other}")
+
+
+def as_accurate_as(method: str, other: str) -> Claim:
+    """The method's test accuracy minus the other's plus :data:`EQUIVALENCE_MARGIN`, both at
+    their validation-chosen hyperparameters, in points: positive when the method is at most
+    that margin behind (the claim of the cheaper members: the other's accuracy at less cost)."""
+    claim = f"{method} as accurate as {other} (within {EQUIVALENCE_MARGIN:g} point)"
+    return _accuracy_contest(method, other, EQUIVALENCE_MARGIN, claim)
 
 
 def _spread(arms: Sequence[Arm], rhos: Sequence[float]) -> dict[int, float]:
@@ -260,7 +241,7 @@ def closer_to_reference_at_larger_tilt(method: str, reference: str) -> Claim:
 
     def judge(setting: Setting) -> Verdict:
         low, high = _by_tilt(setting, method)
-        [ref] = _arms(setting, reference)[:1]
+        ref = _arms(setting, reference)[0]
 
         def gap(arm: Arm) -> dict[int, float]:
             theirs = ref.final_accuracy
@@ -323,10 +304,13 @@ def study_setting(study: Study) -> Setting:
     """The one setting of a study's finished runs."""
     if study.database is None:
         raise ClaimError(f"{study.name}: no [output] database to read")
-    hashes = [config.config_hash for config in study.configs()]
+    hashes = study.config_hashes
     with Store(study.database, create=False) as store:
-        ended = [run for run in store.runs() if run.config_hash in set(hashes)]
-        ended = [run for run in ended if run.status in ("finished", "failed")]
+        ended = [
+            run
+            for run in store.runs()
+            if run.config_hash in hashes and run.status in ("finished", "failed")
+        ]
         if len(ended) < len(hashes):  # a verdict on part of the grid is no verdict
             raise ClaimError(
                 f"{study.name}: {len(ended)} of its {len(hashes)} runs have ended; run "

@@ -129,6 +129,12 @@ class Study:
         """Every run of the study, as ``flatminima compare`` would plan it."""
         return expand_grid(list(self.methods), self.seeds, self.fixed, self.sweeps, self.training)
 
+    @property
+    def config_hashes(self) -> frozenset[str]:
+        """The configuration hashes of the study's runs: what its report and verdicts read in a
+        database other studies may share."""
+        return frozenset(config.config_hash for config in self.configs())
+
     def with_budget(self, *, seeds: list[int] | None = None, epochs: int | None = None) -> Study:
         """The study with other seeds or another number of epochs (the demo's options)."""
         training = self.training if epochs is None else {**self.training, "epochs": epochs}
